@@ -1,0 +1,93 @@
+"""Plain samples that backends yield and the collector turns into metric families.
+
+Backends know how to read a hypervisor; they never see a metric name. Every value is in
+base units (seconds, bytes, counts) so the collector has nothing to convert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class DiskSample:
+    """Cumulative counters of one virtual disk, named as the hypervisor's tooling names it."""
+
+    disk: str
+    read_bytes: int
+    written_bytes: int
+    reads_completed: int
+    writes_completed: int
+
+
+@dataclass(frozen=True, slots=True)
+class InterfaceSample:
+    """Cumulative counters of one virtual NIC (from the guest's point of view)."""
+
+    interface: str
+    receive_bytes: int
+    transmit_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class VMSample:
+    """One VM at one scrape.
+
+    `vm` is the identity: the Proxmox VMID or the libvirt domain name. `name` is display
+    only and may be anything a tenant typed.
+    """
+
+    vm: str
+    name: str
+    uuid: str
+    cpu_seconds: float
+    vcpus: int
+    memory_max_bytes: int
+    memory_used_bytes: int
+    memory_rss_bytes: int | None = None
+    disks: tuple[DiskSample, ...] = ()
+    interfaces: tuple[InterfaceSample, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSample:
+    """The hypervisor host itself."""
+
+    cpus: int
+    memory_bytes: int
+    version: str
+
+
+@dataclass(slots=True)
+class ScrapeResult:
+    """What one backend scrape produced.
+
+    `up` is False when the backend itself could not be reached (libvirt down, QMP dir
+    unreadable); `vm_errors` counts VMs skipped this scrape because they errored, hung or
+    vanished while the rest were read.
+    """
+
+    up: bool
+    node: NodeSample | None = None
+    vms: list[VMSample] = field(default_factory=list)
+    vm_errors: int = 0
+    error: str | None = None
+
+
+class Backend(Protocol):
+    """A source of samples: one per hypervisor technology."""
+
+    name: str
+
+    def scrape(self, timeout: float) -> ScrapeResult:
+        """Read every VM; return within `timeout` seconds plus a small margin."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; safe to call twice."""
+        ...
+
+
+class BackendError(Exception):
+    """A backend cannot be set up (bad URI, unreadable directory): a one-line reason."""

@@ -1,0 +1,103 @@
+"""The cluster snapshot: what every stage after the Prometheus source works from.
+
+Two pandas frames and a little metadata. The engine, the renderers and the report see only
+this, so they are tested and benchmarked without any server.
+
+`nodes` — index `node` (str); one column per resource holding the node's *capacity* in the
+resource's unit (NaN: unknown), and `maintenance` (bool).
+
+`vms` — index `vm` (str: Proxmox VMID or libvirt domain name); `name` (display only,
+untrusted), `node` (where its latest sample was), one column per resource holding the VM's
+*load* (NaN: unknown), `memory_max_bytes` (assigned memory, what a migration copies),
+`burst_ratio` (short-window rate over long-window rate of its busiest resource, NaN when
+unknown) and `last_migration` (unix seconds of the last node change seen, NaN if none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+
+RESOURCES: tuple[str, ...] = ("cpu", "memory", "disk_bytes", "disk_ops", "network")
+
+RESOURCE_UNITS: dict[str, str] = {
+    "cpu": "cores",
+    "memory": "bytes",
+    "disk_bytes": "bytes/s",
+    "disk_ops": "ops/s",
+    "network": "bytes/s",
+}
+
+NODE_COLUMNS: tuple[str, ...] = (*RESOURCES, "maintenance")
+VM_COLUMNS: tuple[str, ...] = (
+    "name",
+    "node",
+    *RESOURCES,
+    "memory_max_bytes",
+    "burst_ratio",
+    "last_migration",
+)
+
+
+@dataclass
+class Snapshot:
+    """Nodes and VMs at one time, plus where they came from and what was missing."""
+
+    nodes: pd.DataFrame
+    vms: pd.DataFrame
+    taken_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    source: str = "unknown"
+    window: str = "1h"
+    estimator: str = "mean"
+    warnings: list[str] = field(default_factory=list)
+
+
+def empty_nodes() -> pd.DataFrame:
+    frame = pd.DataFrame({r: pd.Series(dtype=float) for r in RESOURCES})
+    frame["maintenance"] = pd.Series(dtype=bool)
+    frame.index = pd.Index([], name="node", dtype=object)
+    return frame
+
+
+def empty_vms() -> pd.DataFrame:
+    columns: dict[str, pd.Series] = {
+        "name": pd.Series(dtype=object),
+        "node": pd.Series(dtype=object),
+    }
+    for column in (*RESOURCES, "memory_max_bytes", "burst_ratio", "last_migration"):
+        columns[column] = pd.Series(dtype=float)
+    frame = pd.DataFrame(columns)
+    frame.index = pd.Index([], name="vm", dtype=object)
+    return frame
+
+
+def make_nodes(rows: dict[str, dict[str, float | bool]]) -> pd.DataFrame:
+    """Build a nodes frame from {node: {resource: capacity, "maintenance": bool}}."""
+    frame = empty_nodes()
+    for node, values in rows.items():
+        frame.loc[node] = [float(values.get(r, np.nan)) for r in RESOURCES] + [
+            bool(values.get("maintenance", False))
+        ]
+    frame["maintenance"] = frame["maintenance"].astype(bool)
+    return frame
+
+
+def make_vms(rows: dict[str, dict[str, object]]) -> pd.DataFrame:
+    """Build a VMs frame from {vm: {"node": ..., resource: load, ...}}; missing loads are NaN."""
+    records = []
+    for vm, values in rows.items():
+        record: dict[str, object] = {
+            "vm": str(vm),
+            "name": str(values.get("name", vm)),
+            "node": str(values["node"]),
+        }
+        for column in (*RESOURCES, "memory_max_bytes", "burst_ratio", "last_migration"):
+            value = values.get(column, np.nan)
+            record[column] = np.nan if value is None else float(value)  # type: ignore[arg-type]
+        records.append(record)
+    if not records:
+        return empty_vms()
+    return pd.DataFrame.from_records(records, index="vm")[list(VM_COLUMNS)]
