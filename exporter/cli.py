@@ -1,0 +1,138 @@
+"""`vmbalance-exporter`: pick a backend, register the collector, serve until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from prometheus_client.registry import CollectorRegistry
+
+from exporter import __version__
+from exporter.collector import VMCollector
+from exporter.samples import Backend, BackendError
+from exporter.web import WebConfig, WebConfigError, landing_page, load_web_config, make_app, serve
+
+DEFAULT_LISTEN = ":9641"
+PVE_CONF_DIR = "/etc/pve/qemu-server"
+PVE_RUN_DIR = "/var/run/qemu-server"
+PVE_LOCAL_LINK = "/etc/pve/local"
+
+log = logging.getLogger("vmbalance-exporter")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmbalance-exporter",
+        description="Publish each VM's block I/O, CPU time and memory for Prometheus.",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "libvirt", "qmp"),
+        default="auto",
+        help="auto: qmp when the Proxmox config dir exists, else libvirt (default: auto)",
+    )
+    parser.add_argument("--libvirt-uri", default="qemu:///system", help="libvirt connection URI")
+    parser.add_argument(
+        "--qmp-run-dir", default=PVE_RUN_DIR, help="directory of <vmid>.qmp and <vmid>.pid"
+    )
+    parser.add_argument(
+        "--pve-conf-dir", default=PVE_CONF_DIR, help="directory of <vmid>.conf VM configs"
+    )
+    parser.add_argument(
+        "--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT to serve on (default {DEFAULT_LISTEN})"
+    )
+    parser.add_argument(
+        "--web-config", help="exporter-toolkit web config file (TLS, basic auth users)"
+    )
+    parser.add_argument(
+        "--node-name", help="node label (default: Proxmox node name, else short hostname)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds one scrape may take (default 5)"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=8, help="VMs read at once (default 8)"
+    )
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def default_node_name(pve_local: str = PVE_LOCAL_LINK) -> str:
+    """Proxmox's /etc/pve/local points at nodes/<name>; elsewhere the short hostname."""
+    try:
+        target = os.readlink(pve_local)
+    except OSError:
+        return socket.gethostname().split(".")[0]
+    return Path(target).name
+
+
+def choose_backend(args: argparse.Namespace) -> str:
+    if args.backend != "auto":
+        return args.backend
+    return "qmp" if Path(args.pve_conf_dir).is_dir() else "libvirt"
+
+
+def make_backend(kind: str, args: argparse.Namespace) -> Backend:
+    if kind == "qmp":
+        from exporter.qmp import QmpBackend
+
+        return QmpBackend(
+            run_dir=args.qmp_run_dir, conf_dir=args.pve_conf_dir, concurrency=args.concurrency
+        )
+    from exporter.libvirt import LibvirtBackend
+
+    return LibvirtBackend(uri=args.libvirt_uri, concurrency=args.concurrency)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.timeout <= 0 or args.concurrency < 1:
+        return fail("--timeout must be > 0 and --concurrency >= 1")
+    try:
+        web = load_web_config(args.web_config) if args.web_config else WebConfig()
+        kind = choose_backend(args)
+        backend = make_backend(kind, args)
+    except (WebConfigError, BackendError) as exc:
+        return fail(str(exc))
+
+    node = args.node_name or default_node_name()
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(VMCollector(backend, node=node, timeout=args.timeout))
+    details = {"node": node, "backend": kind, "version": __version__}
+    details["source"] = args.libvirt_uri if kind == "libvirt" else args.qmp_run_dir
+    app = make_app(registry, landing_page("vmbalance-exporter", details), web)
+    try:
+        httpd, _thread = serve(args.listen, app, web)
+    except WebConfigError as exc:
+        backend.close()
+        return fail(str(exc))
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    scheme = "https" if web.tls else "http"
+    log.info("serving %s://%s/metrics for node %s (%s backend)", scheme, args.listen, node, kind)
+    stop.wait()
+    httpd.shutdown()
+    httpd.server_close()
+    backend.close()
+    return 0
+
+
+def fail(message: str) -> int:
+    print(f"vmbalance-exporter: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
