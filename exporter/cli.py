@@ -56,9 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=5.0, help="seconds one scrape may take (default 5)"
     )
-    parser.add_argument(
-        "--concurrency", type=int, default=8, help="VMs read at once (default 8)"
-    )
+    parser.add_argument("--concurrency", type=int, default=8, help="VMs read at once (default 8)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser

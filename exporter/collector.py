@@ -72,7 +72,7 @@ class VMCollector(Collector):
         """A backend must not raise; if one does anyway, report it as down, not as HTTP 500."""
         try:
             return self._backend.scrape(self._timeout)
-        except Exception as exc:  # noqa: BLE001 — the scrape must still be served
+        except Exception as exc:  # the scrape must still be served
             return ScrapeResult(up=False, error=f"{type(exc).__name__}: {exc}")
 
     def _families(self) -> list[Metric]:

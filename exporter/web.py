@@ -266,7 +266,7 @@ def make_app(registry: CollectorRegistry, landing: bytes, web: WebConfig) -> WSG
 class _QuietHandler(WSGIRequestHandler):
     """No access log on stderr: a scrape every 15 s is not news."""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 — base signature
+    def log_message(self, format: str, *args: Any) -> None:
         return
 
 
@@ -287,9 +287,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def serve(
-    listen: str, app: WSGIApp, web: WebConfig
-) -> tuple[WSGIServer, threading.Thread]:
+def serve(listen: str, app: WSGIApp, web: WebConfig) -> tuple[WSGIServer, threading.Thread]:
     """Start serving in a daemon thread; the TLS handshake runs in each request's thread."""
     host, port = parse_listen(listen)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

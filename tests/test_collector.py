@@ -65,9 +65,7 @@ def scrape(collector: VMCollector) -> dict[str, list]:
     registry = CollectorRegistry()
     registry.register(collector)
     text = generate_latest(registry).decode()
-    return {
-        family.name: family.samples for family in text_string_to_metric_families(text)
-    }
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
 
 
 def test_every_contract_family_is_published() -> None:
