@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.log_level != "debug":
+        # qemu.qmp logs every hung or refused socket as an ERROR; the collector counts those.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     if args.timeout <= 0 or args.concurrency < 1:
         return fail("--timeout must be > 0 and --concurrency >= 1")
     try:

@@ -1,0 +1,624 @@
+"""Proxmox VE backend: each running VM read over its own QMP socket, plus /proc and sysfs.
+
+Proxmox's QEMU serves one QMP client at a time and pvestatd polls it too, so every VM gets a
+short session per scrape: connect, negotiate, one pipelined batch of read-only queries, hang
+up. Nothing is kept open between scrapes, so the exporter never starves `qm` or pvestatd.
+
+Only commands in `ALLOWED_COMMANDS` ever reach a VM: `execute` is the one path every command
+(negotiation included) goes through, and it refuses anything else before a byte is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from qemu.qmp import ExecuteError, Message, QMPClient, Runstate
+
+from exporter.samples import (
+    BackendError,
+    DiskSample,
+    InterfaceSample,
+    NodeSample,
+    ScrapeResult,
+    VMSample,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Every QMP command the exporter may send: all of them only read state.
+ALLOWED_COMMANDS: Final[frozenset[str]] = frozenset(
+    {
+        "qmp_capabilities",
+        "query-blockstats",
+        "query-balloon",
+        "query-cpus-fast",
+        "query-version",
+        "query-name",
+        "query-uuid",
+        "query-memory-size-summary",
+        "qom-get",
+    }
+)
+
+#: Where Proxmox puts its balloon device (`-device virtio-balloon-pci,id=balloon0`); its
+#: `guest-stats` property holds the guest's own memory figures on an unpatched QEMU.
+BALLOON_QOM_PATH: Final = "/machine/peripheral/balloon0"
+
+_MIB: Final = 1024 * 1024
+# How long cancelled VM sessions get to hang up before the scrape returns without them.
+_CANCEL_GRACE: Final = 0.2
+# QEMU reports a guest statistic it has not received as -1 in an unsigned 64-bit field.
+_STAT_UNSET: Final = 2**63
+# Block devices whose qdev path is not the Proxmox drive name (OVMF code and vars).
+_QDEV_ALIASES: Final = {"/machine/system.flash0": "pflash0", "/machine/system.flash1": "efidisk0"}
+_CONF_LINE = re.compile(r"^([a-z][a-z0-9_-]*)\s*:\s*(.*?)\s*$")
+_NET_KEY = re.compile(r"^net(\d+)$")
+
+
+class CommandNotAllowedError(Exception):
+    """A QMP command outside `ALLOWED_COMMANDS` was about to be sent."""
+
+
+async def execute(
+    client: QMPClient, command: str, arguments: Mapping[str, object] | None = None
+) -> object:
+    """Send one QMP command; the single gate that keeps the exporter read-only."""
+    if command not in ALLOWED_COMMANDS:
+        raise CommandNotAllowedError(f"QMP command {command!r} is not in ALLOWED_COMMANDS")
+    return await client.execute(command, arguments)
+
+
+class _Client(QMPClient):
+    """QMPClient that formats messages for its debug log only when that log is on.
+
+    The library's message hooks pretty-print every message with `json.dumps(indent=2)`
+    before the logger decides to drop it; at 200 VMs that was most of a scrape's CPU time.
+    """
+
+    def _cb_outbound(self, msg: Message) -> Message:
+        return super()._cb_outbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
+
+    def _cb_inbound(self, msg: Message) -> Message:
+        return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
+
+
+# --------------------------------------------------------------------------- .conf files
+
+
+@dataclass(frozen=True, slots=True)
+class VMConfig:
+    """What the exporter uses from the main section of a Proxmox `<vmid>.conf`."""
+
+    name: str | None = None
+    memory_bytes: int | None = None
+    vcpus: int | None = None
+    sockets: int | None = None
+    cores: int | None = None
+    uuid: str | None = None
+    nets: tuple[int, ...] = ()
+
+    @property
+    def cpu_count(self) -> int:
+        """vCPUs as Proxmox starts the VM: `vcpus:` when set, else sockets x cores."""
+        if self.vcpus:
+            return self.vcpus
+        return (self.sockets or 1) * (self.cores or 1)
+
+
+def parse_config(text: str) -> VMConfig:
+    """Parse a Proxmox VM config; only the main section, which describes the running VM.
+
+    Sections such as `[snapshot]`, `[PENDING]` or `[special:cloudinit]` follow the main
+    section and describe other states, so parsing stops at the first one.
+    """
+    fields: dict[str, str] = {}
+    nets: list[int] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("["):
+            break
+        if not line or line.startswith("#"):
+            continue
+        match = _CONF_LINE.match(line)
+        if match is None:
+            continue
+        key, value = match.groups()
+        fields[key] = value
+        net = _NET_KEY.match(key)
+        if net is not None:
+            nets.append(int(net.group(1)))
+    memory_mib = _positive_int(_property_string(fields.get("memory", ""), "current").get("current"))
+    return VMConfig(
+        name=fields.get("name") or None,
+        memory_bytes=memory_mib * _MIB if memory_mib else None,
+        vcpus=_positive_int(fields.get("vcpus")),
+        sockets=_positive_int(fields.get("sockets")),
+        cores=_positive_int(fields.get("cores")),
+        uuid=_property_string(fields.get("smbios1", "")).get("uuid") or None,
+        nets=tuple(sorted(set(nets))),
+    )
+
+
+def read_config(path: str | os.PathLike[str]) -> VMConfig:
+    """Read a `.conf`; a missing or unreadable one (a VM mid-migration) gives defaults."""
+    try:
+        return parse_config(Path(path).read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return VMConfig()
+
+
+def _property_string(value: str, default_key: str | None = None) -> dict[str, str]:
+    """Split a Proxmox property string (`current=4096,foo=bar` or a bare default value)."""
+    result: dict[str, str] = {}
+    for part in value.split(","):
+        key, sep, val = part.partition("=")
+        if sep:
+            result[key.strip()] = val.strip()
+        elif default_key is not None and part.strip():
+            result[default_key] = part.strip()
+    return result
+
+
+def _positive_int(value: object) -> int | None:
+    try:
+        number = int(str(value))
+    except ValueError:
+        return None
+    return number if number > 0 else None
+
+
+# --------------------------------------------------------------------------- QMP replies
+
+
+def disk_name(device: str | None, qdev: str | None) -> str | None:
+    """The disk as Proxmox names it, from a `query-blockstats` entry.
+
+    `-drive` disks carry `device: drive-scsi0`; `-blockdev` disks have an empty `device` and
+    only the qdev: a bare id (`scsi0`) for SCSI/SATA/IDE, a QOM path for virtio-blk
+    (`/machine/peripheral/virtio0/virtio-backend`). None when there is no name at all.
+    """
+    if device:
+        return device.removeprefix("drive-")
+    if not qdev:
+        return None
+    if qdev in _QDEV_ALIASES:
+        return _QDEV_ALIASES[qdev]
+    parts = [part for part in qdev.split("/") if part and part != "virtio-backend"]
+    return parts[-1] if parts else None
+
+
+def disks_from_blockstats(entries: object) -> tuple[DiskSample, ...]:
+    """Disk counters from a `query-blockstats` reply; nameless or repeated entries dropped."""
+    if not isinstance(entries, list):
+        raise TypeError("query-blockstats did not return a list")
+    disks: dict[str, DiskSample] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        name = disk_name(entry.get("device"), entry.get("qdev"))
+        stats = entry.get("stats")
+        if not name or name in disks or not isinstance(stats, dict):
+            continue
+        disks[name] = DiskSample(
+            disk=name,
+            read_bytes=int(stats.get("rd_bytes", 0)),
+            written_bytes=int(stats.get("wr_bytes", 0)),
+            reads_completed=int(stats.get("rd_operations", 0)),
+            writes_completed=int(stats.get("wr_operations", 0)),
+        )
+    return tuple(disks.values())
+
+
+def _stat(value: object) -> int | None:
+    """A guest memory figure, or None when the guest has not reported it."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _STAT_UNSET:
+        return value
+    return None
+
+
+def _used(total: object, free: object) -> int | None:
+    total_bytes, free_bytes = _stat(total), _stat(free)
+    if not total_bytes or free_bytes is None or free_bytes > total_bytes:
+        return None
+    return total_bytes - free_bytes
+
+
+def guest_memory_used(balloon: Mapping[str, object] | None, guest_stats: object) -> int | None:
+    """Guest-visible memory in use (total - free), as Proxmox computes it.
+
+    Proxmox's QEMU adds `total_mem`/`free_mem` to `query-balloon`; an upstream QEMU has the
+    same figures in the balloon's `guest-stats` QOM property once the guest reports them.
+    """
+    if balloon is not None:
+        used = _used(balloon.get("total_mem"), balloon.get("free_mem"))
+        if used is not None:
+            return used
+    if isinstance(guest_stats, dict) and guest_stats.get("last-update"):
+        stats = guest_stats.get("stats")
+        if isinstance(stats, dict):
+            return _used(stats.get("stat-total-memory"), stats.get("stat-free-memory"))
+    return None
+
+
+def memory_max(conf: VMConfig, balloon: Mapping[str, object] | None, summary: object) -> int:
+    """Memory assigned to the VM: QEMU's balloon maximum, else the config, else QEMU's RAM."""
+    if balloon is not None and (max_mem := _stat(balloon.get("max_mem"))):
+        return max_mem
+    if conf.memory_bytes:
+        return conf.memory_bytes
+    if isinstance(summary, dict):
+        base = _stat(summary.get("base-memory")) or 0
+        plugged = _stat(summary.get("plugged-memory")) or 0
+        if base + plugged:
+            return base + plugged
+    if balloon is not None and (actual := _stat(balloon.get("actual"))):
+        return actual
+    return 0
+
+
+def _qemu_version(reply: object) -> tuple[int, int, int] | None:
+    if not isinstance(reply, dict) or not isinstance(reply.get("qemu"), dict):
+        return None
+    qemu = reply["qemu"]
+    try:
+        return int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- host files
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessUsage:
+    """CPU time and resident memory of one QEMU process."""
+
+    cpu_seconds: float
+    rss_bytes: int
+
+
+def read_process_usage(proc_root: str, pid: int) -> ProcessUsage:
+    """utime+stime and RSS of a process; FileNotFoundError when it is gone (or a zombie)."""
+    stat = Path(proc_root, str(pid), "stat").read_text()
+    # The command name may contain spaces and parentheses: fields start after the last ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        raise FileNotFoundError(f"process {pid} has exited")
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+    cpu_seconds = ticks / os.sysconf("SC_CLK_TCK")
+    rss: int | None = None
+    for line in Path(proc_root, str(pid), "status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) * 1024
+            break
+    if rss is None:
+        statm = Path(proc_root, str(pid), "statm").read_text().split()
+        rss = int(statm[1]) * os.sysconf("SC_PAGE_SIZE")
+    return ProcessUsage(cpu_seconds=cpu_seconds, rss_bytes=rss)
+
+
+def read_tap_counters(
+    net_root: str, vmid: str, nets: tuple[int, ...]
+) -> tuple[InterfaceSample, ...]:
+    """Counters of the VM's Proxmox tap devices (`tap<vmid>i<N>`), labelled `net<N>`.
+
+    A tap counts from the host side: what it receives the guest sent, so rx and tx swap.
+    A missing tap (link down, not yet plugged) gives no sample.
+    """
+    samples = []
+    for index in nets:
+        base = Path(net_root, f"tap{vmid}i{index}", "statistics")
+        try:
+            host_rx = int((base / "rx_bytes").read_text())
+            host_tx = int((base / "tx_bytes").read_text())
+        except (OSError, ValueError):
+            continue
+        samples.append(
+            InterfaceSample(interface=f"net{index}", receive_bytes=host_tx, transmit_bytes=host_rx)
+        )
+    return tuple(samples)
+
+
+def _mem_total(proc_root: str) -> int:
+    for line in Path(proc_root, "meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no MemTotal in {proc_root}/meminfo")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+# --------------------------------------------------------------------------- the backend
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """A VM found in the run directory: its pid names a live process and its socket exists."""
+
+    vmid: str
+    pid: int
+    socket: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    sample: VMSample
+    version: tuple[int, int, int] | None
+
+
+class QmpBackend:
+    """Reads the VMs Proxmox VE runs on this node, over QMP, /proc and sysfs."""
+
+    name = "qmp"
+
+    def __init__(
+        self,
+        run_dir: str = "/var/run/qemu-server",
+        conf_dir: str = "/etc/pve/qemu-server",
+        proc_root: str = "/proc",
+        concurrency: int = 16,
+        node_sample: NodeSample | None = None,
+        net_root: str = "/sys/class/net",
+        vm_timeout: float = 2.0,
+    ) -> None:
+        """Check the directories now so a wrong path fails at start, not at every scrape.
+
+        `node_sample` fixes the node facts instead of reading `proc_root` and QEMU's version;
+        `vm_timeout` caps one VM's session so a hung VM holds a slot only that long.
+        """
+        self.run_dir = run_dir
+        self.conf_dir = conf_dir
+        self.proc_root = proc_root
+        self.net_root = net_root
+        self.concurrency = concurrency
+        self.vm_timeout = vm_timeout
+        self._node_sample = node_sample
+        self._last_version: str | None = None
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise BackendError (one line) unless the directories the backend reads are usable."""
+        if self.concurrency < 1:
+            raise BackendError(f"QMP concurrency must be at least 1, got {self.concurrency}")
+        if self.vm_timeout <= 0:
+            raise BackendError(f"QMP per-VM timeout must be positive, got {self.vm_timeout}")
+        for what, path in (
+            ("QMP run directory", self.run_dir),
+            ("Proxmox VM config directory", self.conf_dir),
+            ("proc root", self.proc_root),
+        ):
+            try:
+                with os.scandir(path):
+                    pass
+            except OSError as exc:
+                raise BackendError(
+                    _one_line(f"{what} {path} is not readable: {exc.strerror or exc}")
+                ) from None
+
+    def scrape(self, timeout: float) -> ScrapeResult:
+        """Read every running VM; return within `timeout` plus a fraction of a second."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        try:
+            return self._scrape(deadline)
+        except Exception as exc:  # the Backend contract: report trouble, never raise
+            logger.exception("QMP scrape failed")
+            return ScrapeResult(up=False, error=_one_line(f"QMP scrape failed: {exc}"))
+
+    def close(self) -> None:
+        """Nothing to release: every QMP session is closed within the scrape that opened it."""
+
+    # ------------------------------------------------------------------ internals
+
+    def _scrape(self, deadline: float) -> ScrapeResult:
+        try:
+            targets, listing_errors = self._list_vms()
+        except OSError as exc:
+            return ScrapeResult(
+                up=False,
+                error=_one_line(
+                    f"cannot list QMP run directory {self.run_dir}: {exc.strerror or exc}"
+                ),
+            )
+        readings, failed = self._read_all(targets, deadline)
+        versions = [r.version for r in readings if r.version is not None]
+        if versions:
+            self._last_version = ".".join(map(str, max(versions)))
+        try:
+            node = self._node(self._last_version or "unknown")
+        except (OSError, ValueError) as exc:
+            return ScrapeResult(up=False, error=_one_line(f"cannot read node facts: {exc}"))
+        return ScrapeResult(
+            up=True,
+            node=node,
+            vms=[r.sample for r in readings],
+            vm_errors=listing_errors + failed,
+        )
+
+    def _node(self, version: str) -> NodeSample:
+        if self._node_sample is not None:
+            return self._node_sample
+        return NodeSample(
+            cpus=os.cpu_count() or 1, memory_bytes=_mem_total(self.proc_root), version=version
+        )
+
+    def _list_vms(self) -> tuple[list[_Target], int]:
+        """VMs with a pid file naming a live process and a QMP socket, and the broken ones.
+
+        A pid file whose process is dead is a VM that crashed (QEMU removes the file when it
+        exits cleanly): it counts as an error. A live process without a socket yet is a VM
+        still starting and is left for the next scrape.
+        """
+        with os.scandir(self.run_dir) as entries:
+            names = [entry.name for entry in entries]
+        # Only `<vmid>.pid`: Proxmox also keeps swtpm pid files and `-1.pid` for probes.
+        stems = (stem for stem, _, ext in (n.partition(".") for n in names) if ext == "pid")
+        vmids = sorted((stem for stem in stems if stem.isdigit()), key=int)
+        targets: list[_Target] = []
+        errors = 0
+        for vmid in vmids:
+            try:
+                pid = int(Path(self.run_dir, f"{vmid}.pid").read_text().strip())
+            except FileNotFoundError:
+                continue  # stopped between listing and reading
+            except (OSError, ValueError) as exc:
+                logger.debug("VM %s: unusable pid file: %s", vmid, _describe(exc))
+                errors += 1
+                continue
+            if not os.path.exists(os.path.join(self.proc_root, str(pid), "stat")):
+                logger.debug("VM %s: stale pid file, process %d is gone", vmid, pid)
+                errors += 1
+                continue
+            socket = os.path.join(self.run_dir, f"{vmid}.qmp")
+            if not os.path.exists(socket):
+                continue
+            targets.append(_Target(vmid=vmid, pid=pid, socket=socket))
+        return targets, errors
+
+    def _read_all(self, targets: list[_Target], deadline: float) -> tuple[list[_Reading], int]:
+        """One event loop per scrape; a loop left over from an earlier scrape can't leak in."""
+        if not targets:
+            return [], 0
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(self._gather(targets, deadline))
+        finally:
+            loop.close()
+
+    async def _gather(self, targets: list[_Target], deadline: float) -> tuple[list[_Reading], int]:
+        semaphore = asyncio.Semaphore(self.concurrency)
+
+        async def bounded(target: _Target) -> _Reading:
+            async with semaphore:
+                budget = min(self.vm_timeout, deadline - time.monotonic())
+                if budget <= 0:
+                    raise TimeoutError("scrape deadline passed before this VM's turn")
+                return await asyncio.wait_for(self._read_vm(target), budget)
+
+        tasks = [asyncio.create_task(bounded(t), name=f"qmp-{t.vmid}") for t in targets]
+        # wait_for already bounds each VM; this is the backstop for the scrape as a whole.
+        _, pending = await asyncio.wait(
+            tasks, timeout=max(0.0, deadline - time.monotonic()) + _CANCEL_GRACE
+        )
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=_CANCEL_GRACE)
+        readings: list[_Reading] = []
+        failed = 0
+        for target, task in zip(targets, tasks, strict=True):
+            if not task.done() or task.cancelled():
+                failed += 1
+                logger.debug("VM %s skipped: cancelled at the scrape deadline", target.vmid)
+            elif (exc := task.exception()) is not None:
+                failed += 1
+                logger.debug("VM %s skipped: %s", target.vmid, _describe(exc))
+            else:
+                readings.append(task.result())
+        return readings, failed
+
+    async def _read_vm(self, target: _Target) -> _Reading:
+        conf = read_config(os.path.join(self.conf_dir, f"{target.vmid}.conf"))
+        queries: dict[str, Mapping[str, object] | None] = {
+            "query-blockstats": None,
+            "query-balloon": None,
+            "query-cpus-fast": None,
+            "query-version": None,
+        }
+        if conf.name is None:
+            queries["query-name"] = None
+        if conf.uuid is None:
+            queries["query-uuid"] = None
+        if conf.memory_bytes is None:
+            queries["query-memory-size-summary"] = None
+
+        client = _Client(f"vm{target.vmid}")
+        client.negotiate = False  # negotiated below, through execute(), like every command
+        try:
+            await client.connect(target.socket)
+            await execute(client, "qmp_capabilities")
+            replies = await _batch(client, queries)
+            balloon = replies["query-balloon"]
+            balloon_info = balloon if isinstance(balloon, dict) else None
+            guest_stats: object = None
+            if balloon_info is not None and guest_memory_used(balloon_info, None) is None:
+                with contextlib.suppress(ExecuteError):
+                    guest_stats = await execute(
+                        client, "qom-get", {"path": BALLOON_QOM_PATH, "property": "guest-stats"}
+                    )
+        finally:
+            await _hang_up(client)
+
+        blockstats = replies["query-blockstats"]
+        if isinstance(blockstats, ExecuteError):
+            raise blockstats
+        disks = disks_from_blockstats(blockstats)
+        # Read /proc after the session: it also proves the process outlived the queries.
+        usage = read_process_usage(self.proc_root, target.pid)
+        cpus = replies["query-cpus-fast"]
+        name_reply = replies.get("query-name")
+        uuid_reply = replies.get("query-uuid")
+        qmp_name = name_reply.get("name") if isinstance(name_reply, dict) else None
+        qmp_uuid = uuid_reply.get("UUID") if isinstance(uuid_reply, dict) else None
+        if qmp_uuid and not str(qmp_uuid).strip("0-"):
+            qmp_uuid = None  # QEMU's default all-zero UUID says nothing
+        used = guest_memory_used(balloon_info, guest_stats)
+        sample = VMSample(
+            vm=target.vmid,
+            name=conf.name or (str(qmp_name) if qmp_name else f"VM {target.vmid}"),
+            uuid=conf.uuid or (str(qmp_uuid) if qmp_uuid else ""),
+            cpu_seconds=usage.cpu_seconds,
+            vcpus=len(cpus) if isinstance(cpus, list) and cpus else conf.cpu_count,
+            memory_max_bytes=memory_max(
+                conf, balloon_info, replies.get("query-memory-size-summary")
+            ),
+            memory_used_bytes=used if used is not None else usage.rss_bytes,
+            memory_rss_bytes=usage.rss_bytes,
+            disks=disks,
+            interfaces=read_tap_counters(self.net_root, target.vmid, conf.nets),
+        )
+        return _Reading(sample=sample, version=_qemu_version(replies["query-version"]))
+
+
+async def _batch(
+    client: QMPClient, queries: Mapping[str, Mapping[str, object] | None]
+) -> dict[str, object]:
+    """Send all queries at once (QEMU answers in order) to keep the session short.
+
+    A command QEMU refuses (no balloon device, say) yields its ExecuteError in place of a
+    reply; a lost connection raises.
+    """
+    names = list(queries)
+    results = await asyncio.gather(
+        *(execute(client, name, queries[name]) for name in names), return_exceptions=True
+    )
+    replies: dict[str, object] = {}
+    for name, result in zip(names, results, strict=True):
+        if isinstance(result, BaseException) and not isinstance(result, ExecuteError):
+            raise result
+        replies[name] = result
+    return replies
+
+
+async def _hang_up(client: QMPClient) -> None:
+    """Close the session at once so the socket is free for pvestatd and `qm`."""
+    if client.runstate == Runstate.IDLE:
+        return
+    with contextlib.suppress(Exception):
+        await client.disconnect()
