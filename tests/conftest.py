@@ -13,16 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Headless charts everywhere, and no stray user config leaking into the tests.
 os.environ.setdefault("MPLBACKEND", "Agg")
-
-
-def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -47,7 +43,7 @@ class ExporterProcess:
 
 def start_exporter(args: list[str], log: Path, ready_timeout: float = 20.0) -> ExporterProcess:
     """Run `vmbalance-exporter ARGS --listen 127.0.0.1:<free port>` until it accepts TCP."""
-    port = free_tcp_port()
+    port = free_port()
     handle = log.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "exporter.cli", *args, "--listen", f"127.0.0.1:{port}"],

@@ -1,0 +1,258 @@
+"""Real Prometheus and VictoriaMetrics servers on loopback for tests.
+
+Plain context managers (not fixtures) so any test module can use them; each server logs to a
+file under the test's tmp_path and shows the log's tail when it fails to start.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import requests
+import yaml
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+VICTORIA_METRICS = shutil.which("victoria-metrics") or "/usr/bin/victoria-metrics"
+
+START_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def backfill(openmetrics_path: str | os.PathLike[str], data_dir: str | os.PathLike[str]) -> None:
+    """Write TSDB blocks for an OpenMetrics file into `data_dir` (promtool's backfill)."""
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [
+            PROMTOOL,
+            "tsdb",
+            "create-blocks-from",
+            "openmetrics",
+            str(openmetrics_path),
+            str(data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-20:])
+        raise RuntimeError(f"promtool backfill failed ({result.returncode}):\n{tail}")
+
+
+class _Server(ABC):
+    """Start a process, wait until `ready_path` answers 200, stop it on exit."""
+
+    name = "server"
+    ready_path = "/"
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = Path(tmp_path)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.tmp_path / f"{self.name}-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @abstractmethod
+    def command(self) -> list[str]:
+        """The server's argv."""
+
+    def __enter__(self) -> _Server:
+        self.tmp_path.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        assert self.process is not None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.process.returncode} on startup; log tail:\n"
+                    f"{_tail(self.log_path)}"
+                )
+            try:
+                if requests.get(self.url + self.ready_path, timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(
+            f"{self.name} not ready after {START_TIMEOUT:.0f}s; log tail:\n{_tail(self.log_path)}"
+        )
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def query(self, promql: str, time: float | None = None) -> list[dict[str, Any]]:
+        """Instant query; returns the `result` list (raises on a non-success answer)."""
+        params: dict[str, str | float] = {"query": promql}
+        if time is not None:
+            params["time"] = time
+        response = requests.get(self.url + "/api/v1/query", params=params, timeout=30)
+        body = response.json()
+        if response.status_code != 200 or body.get("status") != "success":
+            raise RuntimeError(f"{promql!r}: HTTP {response.status_code}: {body.get('error')}")
+        return list(body["data"]["result"])
+
+    def wait_for(
+        self,
+        promql: str,
+        predicate: Callable[[list[dict[str, Any]]], bool],
+        timeout: float = 30.0,
+    ) -> list[dict[str, Any]]:
+        """Poll `promql` until `predicate(result)` holds; returns that result."""
+        deadline = time.monotonic() + timeout
+        result: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            try:
+                result = self.query(promql)
+            except (RuntimeError, requests.RequestException, ValueError):
+                result = []
+            if predicate(result):
+                return result
+            time.sleep(0.2)
+        raise TimeoutError(f"{promql!r} did not satisfy the predicate in {timeout}s: {result}")
+
+
+class PrometheusServer(_Server):
+    """`prometheus` on 127.0.0.1:<free port> with a generated config.
+
+    `data_dir` lets a test start on blocks written by `backfill`; `scrape_configs` and
+    `rule_files` go into the generated prometheus.yml as given.
+    """
+
+    name = "prometheus"
+    ready_path = "/-/ready"
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        scrape_configs: list[dict[str, Any]] | None = None,
+        rule_files: Iterable[str | os.PathLike[str]] = (),
+        data_dir: str | os.PathLike[str] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        super().__init__(tmp_path)
+        self.scrape_configs = list(scrape_configs or [])
+        self.rule_files = [str(p) for p in rule_files]
+        self.data_dir = Path(data_dir) if data_dir is not None else self.tmp_path / "prom-data"
+        self.extra_args = list(extra_args)
+        self.config_path = self.tmp_path / f"prometheus-{self.port}.yml"
+
+    def command(self) -> list[str]:
+        config: dict[str, Any] = {
+            "global": {"scrape_interval": "15s", "evaluation_interval": "15s"},
+            "scrape_configs": self.scrape_configs,
+        }
+        if self.rule_files:
+            config["rule_files"] = self.rule_files
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return [
+            PROMETHEUS,
+            f"--config.file={self.config_path}",
+            f"--storage.tsdb.path={self.data_dir}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--storage.tsdb.retention.time=30d",
+            *self.extra_args,
+        ]
+
+    def __enter__(self) -> PrometheusServer:
+        super().__enter__()
+        return self
+
+
+class VictoriaMetricsServer(_Server):
+    """Single-node `victoria-metrics` on 127.0.0.1:<free port>.
+
+    Started with `-search.latencyOffset=0` (data is visible at once, also for queries at a
+    past `time`) and `-search.disableCache` (imported history must not be shadowed by cached
+    results).
+    """
+
+    name = "victoria-metrics"
+    ready_path = "/health"
+
+    def __init__(self, tmp_path: Path, extra_args: Sequence[str] = ()) -> None:
+        super().__init__(tmp_path)
+        self.data_dir = self.tmp_path / f"vm-data-{self.port}"
+        self.extra_args = list(extra_args)
+
+    def command(self) -> list[str]:
+        return [
+            VICTORIA_METRICS,
+            f"-httpListenAddr=127.0.0.1:{self.port}",
+            f"-storageDataPath={self.data_dir}",
+            "-retentionPeriod=1y",
+            "-search.latencyOffset=0s",
+            "-search.disableCache",
+            *self.extra_args,
+        ]
+
+    def __enter__(self) -> VictoriaMetricsServer:
+        super().__enter__()
+        return self
+
+    def import_prometheus(self, data: str | os.PathLike[str] | Path) -> None:
+        """POST Prometheus text (millisecond timestamps) to `/api/v1/import/prometheus`; a
+        `Path` is streamed from disk. Flushes so the samples are searchable at once."""
+        url = self.url + "/api/v1/import/prometheus"
+        if isinstance(data, str) and not isinstance(data, os.PathLike):
+            response = requests.post(url, data=data.encode("utf-8"), timeout=300)
+        else:
+            with open(data, "rb") as handle:
+                response = requests.post(url, data=handle, timeout=300)
+        if response.status_code not in (200, 204):
+            raise RuntimeError(f"import failed: HTTP {response.status_code}: {response.text}")
+        self.flush()
+
+    def flush(self) -> None:
+        response = requests.get(self.url + "/internal/force_flush", timeout=60)
+        response.raise_for_status()

@@ -1,0 +1,151 @@
+"""The exporter as operators run it: a process on loopback, scraped over HTTP(S)."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from pathlib import Path
+
+import bcrypt
+import pytest
+
+from tests.conftest import REPO, ExporterProcess
+
+TEST_URI = "test:///default"
+
+
+def fetch(url: str, *, auth: tuple[str, str] | None = None, cafile: Path | None = None):
+    request = urllib.request.Request(url)
+    if auth is not None:
+        token = b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "exporter.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+
+
+def test_landing_page_and_metrics(exporter_factory) -> None:
+    exporter: ExporterProcess = exporter_factory(
+        "--backend", "libvirt", "--libvirt-uri", TEST_URI, "--node-name", "lab1"
+    )
+    status, page = fetch(f"http://{exporter.address}/")
+    assert status == 200 and "metrics" in page and "lab1" in page
+    status, body = fetch(f"http://{exporter.address}/metrics")
+    assert status == 200
+    assert 'vmbalance_up{node="lab1"} 1.0' in body
+    assert 'vmbalance_vm_info{backend="libvirt",name="test",node="lab1"' in body
+    assert fetch(f"http://{exporter.address}/nope")[0] == 404
+
+
+def test_promtool_check_metrics_on_a_real_scrape(exporter_factory) -> None:
+    exporter = exporter_factory("--backend", "libvirt", "--libvirt-uri", TEST_URI)
+    _, body = fetch(f"http://{exporter.address}/metrics")
+    checked = subprocess.run(
+        ["promtool", "check", "metrics"], input=body, capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 0
+    assert checked.stdout == "" and checked.stderr == ""
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_and_basic_auth(exporter_factory, tmp_path: Path, tls_files) -> None:
+    cert, key = tls_files
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=6)).decode()
+    hashed = "$2y$" + hashed[4:]  # htpasswd writes $2y$; accept it like exporter-toolkit does
+    web_config = tmp_path / "web.yml"
+    web_config.write_text(
+        "tls_server_config:\n"
+        f"  cert_file: {cert.name}\n"
+        f"  key_file: {key.name}\n"
+        "basic_auth_users:\n"
+        f"  prometheus: '{hashed}'\n"
+    )
+    exporter = exporter_factory(
+        "--backend", "libvirt", "--libvirt-uri", TEST_URI, "--web-config", str(web_config)
+    )
+    url = f"https://{exporter.address}/metrics"
+    assert fetch(url, cafile=cert)[0] == 401
+    assert fetch(url, auth=("prometheus", "wrong"), cafile=cert)[0] == 401
+    assert fetch(url, auth=("nobody", "s3cret"), cafile=cert)[0] == 401
+    status, body = fetch(url, auth=("prometheus", "s3cret"), cafile=cert)
+    assert status == 200 and "vmbalance_up" in body
+    # The cached credential must not let a wrong password in afterwards.
+    assert fetch(url, auth=("prometheus", "s3cret!"), cafile=cert)[0] == 401
+    with pytest.raises(OSError):
+        fetch(f"http://{exporter.address}/metrics", auth=("prometheus", "s3cret"))
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("tls_server_config:\n  cert_file: a.crt\n", "tls_server_config.key_file"),
+        ("basic_auth_users:\n  admin: plaintext\n", "not a bcrypt hash"),
+        ("tls_config: {}\n", "tls_config"),
+        ("basic_auth_users: [\n", "web config"),
+        (
+            "tls_server_config:\n  cert_file: missing.crt\n  key_file: missing.key\n",
+            "cannot load TLS files",
+        ),
+    ],
+)
+def test_bad_web_config_is_one_line(tmp_path: Path, content: str, expected: str) -> None:
+    web_config = tmp_path / "web.yml"
+    web_config.write_text(content)
+    result = run_cli("--backend", "libvirt", "--libvirt-uri", TEST_URI, "--web-config",
+                     str(web_config), "--listen", "127.0.0.1:0")  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_uri_and_unreadable_dirs_are_one_line(tmp_path: Path) -> None:
+    for args in (
+        ["--backend", "libvirt", "--libvirt-uri", "nosuchdriver:///nowhere"],
+        [
+            "--backend",
+            "qmp",
+            "--qmp-run-dir",
+            str(tmp_path / "absent"),
+            "--pve-conf-dir",
+            str(tmp_path),
+        ],
+        ["--listen", "not-an-address", "--backend", "libvirt", "--libvirt-uri", TEST_URI],
+    ):
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("vmbalance-exporter: "), result.stderr
+        assert "Traceback" not in result.stderr
