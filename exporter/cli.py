@@ -108,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
 
     node = args.node_name or default_node_name()
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(VMCollector(backend, node=node, timeout=args.timeout))
+    collector = VMCollector(backend, node=node, timeout=args.timeout)
+    registry.register(collector)
     details = {"node": node, "backend": kind, "version": __version__}
     details["source"] = args.libvirt_uri if kind == "libvirt" else args.qmp_run_dir
-    app = make_app(registry, landing_page("vmbalance-exporter", details), web)
+    app = make_app(registry, landing_page("vmbalance-exporter", details), web, collector.exposition)
     try:
         httpd, _thread = serve(args.listen, app, web)
     except WebConfigError as exc:

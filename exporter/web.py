@@ -32,6 +32,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
+TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 TLS_VERSIONS = {
@@ -239,8 +241,17 @@ def landing_page(title: str, details: dict[str, str]) -> bytes:
     ).encode()
 
 
-def make_app(registry: CollectorRegistry, landing: bytes, web: WebConfig) -> WSGIApp:
-    """Route `/` to the landing page and `/metrics` to client_python's exposition app."""
+def make_app(
+    registry: CollectorRegistry,
+    landing: bytes,
+    web: WebConfig,
+    text_exposition: Callable[[], bytes] | None = None,
+) -> WSGIApp:
+    """Route `/` to the landing page and `/metrics` to the exposition.
+
+    `text_exposition`, when given, renders the classic text format directly; client_python's
+    app still answers OpenMetrics requests, `name[]` filters and HEAD-less variants.
+    """
     metrics_app = make_wsgi_app(registry)
     auth = BasicAuth(web.basic_auth_users) if web.basic_auth_users else None
 
@@ -253,6 +264,13 @@ def make_app(registry: CollectorRegistry, landing: bytes, web: WebConfig) -> WSG
             return [b"Unauthorized\n"]
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
+            if text_exposition is not None and _wants_plain_text(environ):
+                body = text_exposition()
+                start_response(
+                    "200 OK",
+                    [("Content-Type", TEXT_CONTENT_TYPE), ("Content-Length", str(len(body)))],
+                )
+                return [body]
             return metrics_app(environ, start_response)
         if path in ("/", ""):
             start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
@@ -261,6 +279,11 @@ def make_app(registry: CollectorRegistry, landing: bytes, web: WebConfig) -> WSG
         return [b"Not Found\n"]
 
     return app
+
+
+def _wants_plain_text(environ: dict[str, Any]) -> bool:
+    accept = environ.get("HTTP_ACCEPT", "")
+    return "application/openmetrics-text" not in accept and not environ.get("QUERY_STRING")
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -153,3 +153,41 @@ def test_promtool_accepts_exposition() -> None:
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout == b"" and checked.stderr == b""
+
+
+def parsed(text: str) -> dict[str, set]:
+    return {
+        family.name: {
+            (sample.name, tuple(sorted(sample.labels.items())), sample.value)
+            for sample in family.samples
+        }
+        for family in text_string_to_metric_families(text)
+    }
+
+
+def test_fast_text_exposition_equals_client_python() -> None:
+    no_rss = VMSample(
+        vm="7", name="", uuid="u", cpu_seconds=0.5, vcpus=1,
+        memory_max_bytes=10**17, memory_used_bytes=1, memory_rss_bytes=None,
+    )  # fmt: skip
+    for outcome in (
+        result(vm("101", HOSTILE), vm('1"0\\2\n'), no_rss, vm_errors=1),
+        ScrapeResult(up=False, error="down"),
+    ):
+        slow = VMCollector(StaticBackend(outcome), node='pve"1', timeout=1)
+        fast = VMCollector(StaticBackend(outcome), node='pve"1', timeout=1)
+        registry = CollectorRegistry()
+        registry.register(slow)
+        expected = parsed(generate_latest(registry).decode())
+        got = parsed(fast.exposition().decode())
+        expected.pop("vmbalance_scrape_duration_seconds")
+        got.pop("vmbalance_scrape_duration_seconds")
+        assert got == expected
+
+
+def test_fast_exposition_passes_promtool() -> None:
+    fast = VMCollector(StaticBackend(result(vm("101", HOSTILE))), node="pve1", timeout=1)
+    checked = subprocess.run(
+        ["promtool", "check", "metrics"], input=fast.exposition(), capture_output=True, check=False
+    )
+    assert checked.returncode == 0 and checked.stdout == b"" and checked.stderr == b""

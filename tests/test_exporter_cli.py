@@ -12,6 +12,7 @@ from pathlib import Path
 
 import bcrypt
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, ExporterProcess
 
@@ -51,7 +52,11 @@ def test_landing_page_and_metrics(exporter_factory) -> None:
     status, body = fetch(f"http://{exporter.address}/metrics")
     assert status == 200
     assert 'vmbalance_up{node="lab1"} 1.0' in body
-    assert 'vmbalance_vm_info{backend="libvirt",name="test",node="lab1"' in body
+    (info,) = next(
+        f for f in text_string_to_metric_families(body) if f.name == "vmbalance_vm_info"
+    ).samples
+    assert info.labels["name"] == "test" and info.labels["node"] == "lab1"
+    assert info.labels["backend"] == "libvirt"
     assert fetch(f"http://{exporter.address}/nope")[0] == 404
 
 
