@@ -1,0 +1,66 @@
+"""Markdown that tenant-chosen names cannot break: jinja2 filters for table cells and text.
+
+A VM name can hold pipes, backticks, brackets, HTML and newlines. In a table cell each of
+those would end the cell, open a code span, start a link or inject markup; so every name goes
+through `md_cell` (or `md_text` outside tables), which turns them into inert characters.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jinja2
+
+# Characters with a meaning somewhere in CommonMark/GFM inline syntax.
+_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>&$=:])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def md_text(value: object) -> str:
+    """Inline text: control characters (newlines too) become one space, syntax is escaped."""
+    text = _CONTROL.sub(" ", str(value)).strip()
+    # A backslash before every syntax character (`<` included) makes it literal text.
+    return _SPECIAL.sub(r"\\\1", text)
+
+
+def md_cell(value: object) -> str:
+    """A GFM table cell: like md_text, and never empty (an empty cell shifts nothing, but
+    reads as missing data)."""
+    return md_text(value) or "—"
+
+
+def md_fenced(block: str, info: str = "sh") -> str:
+    """A fenced code block whose fence is longer than any backtick run inside it, so a name
+    holding ``` cannot close it early."""
+    longest = max((len(run) for run in re.findall(r"`+", block)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{info}\n{block.rstrip()}\n{fence}"
+
+
+def md_alt(value: object) -> str:
+    """Image alt text: no brackets or newlines that could close the image syntax."""
+    return re.sub(r"[\[\]\\\n\r]", " ", str(value)).strip()
+
+
+def percent(value: float | None, digits: int = 1) -> str:
+    if value is None or value != value:
+        return "n/a"
+    return f"{100 * value:.{digits}f}%"
+
+
+def environment() -> jinja2.Environment:
+    """The jinja2 environment of every Markdown template, with the escaping filters."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        autoescape=False,  # Markdown, not HTML: escaping is explicit through the filters
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(md_text=md_text, md_cell=md_cell, md_fenced=md_fenced, md_alt=md_alt)
+    env.filters["percent"] = percent
+    return env

@@ -1,0 +1,84 @@
+"""Hostile names through the Markdown filters: parsed back, the structure is unchanged."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from markdown_it import MarkdownIt
+
+from recommender.markdown import md_alt, md_cell, md_fenced
+
+HOSTILE = [
+    "a|b",
+    "`code`",
+    "[link](http://x)",
+    "<script>alert(1)</script>",
+    "line\nbreak\r\n| x | y |",
+    "**bold** _it_ ~~s~~",
+    "![img](x.png)",
+    "\\|",
+    "```",
+    "# heading",
+    "- item",
+    "&amp; &#124;",
+]
+
+names = st.one_of(st.sampled_from(HOSTILE), st.text(max_size=30))
+
+
+def table_of(cells: list[str]) -> str:
+    header = "| vm | node |\n| --- | --- |\n"
+    return header + "".join(f"| {md_cell(c)} | pve1 |\n" for c in cells)
+
+
+def cells_of(markdown: str) -> list[list[str]]:
+    tokens = MarkdownIt("commonmark").enable("table").parse(markdown)
+    rows: list[list[str]] = []
+    for token in tokens:
+        if token.type == "tr_open":
+            rows.append([])
+        elif token.type == "inline" and rows:
+            rows[-1].append(token.content)
+    return rows
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(names, min_size=1, max_size=4))
+def test_table_keeps_its_shape_and_no_markup_appears(values: list[str]) -> None:
+    markdown = table_of(values)
+    md = MarkdownIt("commonmark").enable("table")
+    tokens = md.parse(markdown)
+    assert [t.type for t in tokens].count("tr_open") == len(values) + 1
+    rows = cells_of(markdown)
+    assert all(len(row) == 2 and row[1] == "pve1" for row in rows[1:])
+    rendered = md.render(markdown)
+    for tag in ("<script", "<a ", "<img", "<code", "<strong", "<em", "<h1"):
+        assert tag not in rendered
+
+
+@settings(max_examples=100, deadline=None)
+@given(names)
+def test_text_survives_as_plain_text(value: str) -> None:
+    md = MarkdownIt("commonmark").enable("table")
+    inline = [t for t in md.parse(f"| x |\n| - |\n| {md_cell(value)} |\n") if t.type == "inline"]
+    children = inline[-1].children or []
+    assert all(child.type == "text" for child in children)
+    text = "".join(child.content for child in children)
+    expected = " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", value).split())
+    assert " ".join(text.split()) == (expected or "—")
+
+
+def test_fence_cannot_be_closed_early() -> None:
+    block = md_fenced("virsh migrate --domain='a```b'\necho done")
+    tokens = MarkdownIt("commonmark").parse(block + "\n\nafter\n")
+    fences = [t for t in tokens if t.type == "fence"]
+    assert len(fences) == 1 and "echo done" in fences[0].content
+
+
+def test_alt_text_cannot_close_the_image() -> None:
+    markdown = f"![{md_alt('load ] (x) [ on pve1')}](chart.png)"
+    tokens = MarkdownIt("commonmark").parse(markdown)
+    images = [c for t in tokens if t.children for c in t.children if c.type == "image"]
+    assert len(images) == 1 and images[0].attrs["src"] == "chart.png"
