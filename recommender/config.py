@@ -6,17 +6,40 @@ file; `vmbalance config check FILE` runs just that.
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from recommender.model import RESOURCES
 
 GIB = 1024**3
 
+_DURATION = re.compile(r"^([0-9]+)([smhdw])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds of a PromQL-style duration with one unit ("90s", "5m", "1h", "7d")."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 5m, 1h, 7d)")
+    return float(int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # VMIDs and node names are often written as bare numbers in YAML; accept them as strings.
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
 
 class PrometheusSettings(StrictModel):
@@ -43,6 +66,21 @@ class QuerySettings(StrictModel):
     short_window: str = Field("5m", pattern=r"^[0-9]+[smhdw]$")
     # How far back migrations are looked for (cooldown evidence); at least the cooldown.
     history: str = Field("24h", pattern=r"^[0-9]+[smhdw]$")
+
+    @field_validator("window", "short_window", "history")
+    @classmethod
+    def _positive(cls, value: str) -> str:
+        if duration_seconds(value) <= 0:
+            raise ValueError("must be longer than 0s")
+        return value
+
+    @model_validator(mode="after")
+    def _short_inside_window(self) -> QuerySettings:
+        if duration_seconds(self.short_window) >= duration_seconds(self.window):
+            raise ValueError(
+                f"short_window ({self.short_window}) must be shorter than window ({self.window})"
+            )
+        return self
 
 
 class CapacitySettings(StrictModel):
@@ -98,6 +136,10 @@ class BalanceSettings(StrictModel):
     burst_ratio: float = Field(3.0, gt=1)
     # Waves: at most this many migrations touching one node (as source or target) at once.
     max_parallel_per_node: int = Field(1, ge=1)
+    # Exact minimum-migration plans (mixed-integer program, needs highspy) for clusters with
+    # at most `exact_max_vms` movable VMs; larger clusters are planned heuristically.
+    exact: Literal["auto", "off"] = "auto"
+    exact_max_vms: int = Field(60, ge=0)
 
     @field_validator("weights")
     @classmethod
@@ -170,3 +212,109 @@ class Config(StrictModel):
     rules: RuleSettings = Field(default_factory=RuleSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; `str()` is one line per problem, `file:line: ...`."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:  # type: ignore[override]
+        seen: dict[object, int] = {}
+        for key_node, _value_node in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen[key] = key_node.start_mark.line
+            except TypeError:
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _line_of(root: yaml.Node | None, loc: Sequence[int | str]) -> int:
+    """1-based line of the YAML node a pydantic error path points at (the deepest that
+    exists: a missing field points at its parent; a mapping entry at its key)."""
+    if root is None:
+        return 1
+    node: yaml.Node = root
+    line = node.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.value == str(part):
+                    line = key_node.start_mark.line + 1
+                    node = value_node
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if not 0 <= part < len(node.value):
+                return line
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read a YAML config; an empty file gives the defaults.
+
+    Raises ConfigError listing every problem as `file:line: dotted.path: message`.
+    """
+    name = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([f"{name}: cannot read: {_one_line(reason)}"]) from None
+    loader = _LineLoader(text)
+    try:
+        root = loader.get_single_node()
+        data = loader.construct_document(root) if root is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError([f"{name}:{line}: {_one_line(problem)}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{name}: {_one_line(str(exc))}"]) from None
+    finally:
+        loader.dispose()
+    if data is None:
+        return Config()
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise ConfigError([f"{name}:1: expected a mapping of sections, got {kind}"])
+    # A section written with nothing under it (`balance:`) means its defaults.
+    data = {key: value for key, value in data.items() if value is not None}
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        found: list[tuple[int, str]] = []
+        for error in exc.errors(include_url=False):
+            loc = error["loc"]
+            where = ".".join(str(p) for p in loc) or "(top level)"
+            message = error["msg"]
+            if message.startswith("Value error, "):
+                message = message[len("Value error, ") :]
+            line = _line_of(root, loc)
+            found.append((line, f"{name}:{line}: {where}: {_one_line(message)}"))
+        raise ConfigError([text for _, text in sorted(found, key=lambda item: item[0])]) from None

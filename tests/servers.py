@@ -42,25 +42,25 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 
 def backfill(openmetrics_path: str | os.PathLike[str], data_dir: str | os.PathLike[str]) -> None:
-    """Write TSDB blocks for an OpenMetrics file into `data_dir` (promtool's backfill)."""
+    """Write TSDB blocks for an OpenMetrics file into `data_dir` (promtool's backfill).
+
+    A directory means every `*.om` file in it, in name order (what
+    `recommender.simulate.to_openmetrics_blocks` writes for long histories).
+    """
     Path(data_dir).mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [
-            PROMTOOL,
-            "tsdb",
-            "create-blocks-from",
-            "openmetrics",
-            str(openmetrics_path),
-            str(data_dir),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    if result.returncode != 0:
-        tail = "\n".join((result.stdout + result.stderr).splitlines()[-20:])
-        raise RuntimeError(f"promtool backfill failed ({result.returncode}):\n{tail}")
+    source = Path(openmetrics_path)
+    files = sorted(source.glob("*.om")) if source.is_dir() else [source]
+    for path in files:
+        result = subprocess.run(
+            [PROMTOOL, "tsdb", "create-blocks-from", "openmetrics", "-q", str(path), str(data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if result.returncode != 0:
+            tail = "\n".join((result.stdout + result.stderr).splitlines()[-20:])
+            raise RuntimeError(f"promtool backfill of {path} failed ({result.returncode}):\n{tail}")
 
 
 class _Server(ABC):
@@ -111,10 +111,11 @@ class _Server(ABC):
                     f"{_tail(self.log_path)}"
                 )
             try:
-                if requests.get(self.url + self.ready_path, timeout=1).status_code == 200:
-                    return
+                ready = requests.get(self.url + self.ready_path, timeout=1).status_code == 200
             except requests.RequestException:
-                pass
+                ready = False
+            if ready:
+                return
             time.sleep(0.1)
         raise RuntimeError(
             f"{self.name} not ready after {START_TIMEOUT:.0f}s; log tail:\n{_tail(self.log_path)}"

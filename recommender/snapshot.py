@@ -1,0 +1,286 @@
+"""The snapshot file: a Snapshot (and optionally the settings and rules it was planned with) as
+versioned JSON, so a plan can be replayed, reviewed or computed offline. Format: docs/snapshot.md.
+
+Files are written as ASCII JSON (anything else escaped as \\uXXXX) so any VM name a tenant
+typed, even one that is not valid UTF-8 text, survives the round trip. Unknown numbers (NaN)
+are written as null.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import numpy as np
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from recommender.config import Config
+from recommender.model import RESOURCES, Snapshot, make_nodes, make_vms
+
+FORMAT = "vmbalance-snapshot"
+VERSION = 1
+
+# Never written into a snapshot file: they would leak with it.
+_SECRET_FIELDS = {"prometheus": {"bearer_token", "password"}}
+
+
+class SnapshotError(Exception):
+    """A snapshot file that cannot be used; the message is one line."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _check_resources(value: Mapping[str, float | None]) -> Mapping[str, float | None]:
+    for resource, amount in value.items():
+        if resource not in RESOURCES:
+            raise ValueError(f"unknown resource {resource!r} (known: {', '.join(RESOURCES)})")
+        if amount is not None and amount < 0:
+            raise ValueError(f"{resource}: must be >= 0")
+    return value
+
+
+class NodeEntry(_Model):
+    name: str = Field(min_length=1)
+    capacity: dict[str, float | None] = Field(default_factory=dict)
+    maintenance: bool = False
+
+    _resources = field_validator("capacity")(_check_resources)
+
+
+class VMEntry(_Model):
+    vm: str = Field(min_length=1)
+    name: str | None = None
+    node: str = Field(min_length=1)
+    load: dict[str, float | None] = Field(default_factory=dict)
+    memory_max_bytes: float | None = Field(None, ge=0)
+    burst_ratio: float | None = Field(None, ge=0)
+    last_migration: AwareDatetime | None = None
+
+    _resources = field_validator("load")(_check_resources)
+
+
+class SnapshotFile(_Model):
+    """The whole file (version 1)."""
+
+    format: Literal["vmbalance-snapshot"]
+    version: Literal[1]
+    taken_at: AwareDatetime
+    source: str = "unknown"
+    window: str = "1h"
+    estimator: str = "mean"
+    warnings: list[str] = Field(default_factory=list)
+    nodes: list[NodeEntry]
+    vms: list[VMEntry]
+    config: Config | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SnapshotFile:
+        names = [n.name for n in self.nodes]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"nodes: duplicate node {dup!r}")
+        ids = [v.vm for v in self.vms]
+        if len(set(ids)) != len(ids):
+            dup = next(v for v in ids if ids.count(v) > 1)
+            raise ValueError(f"vms: duplicate vm {dup!r}")
+        known = set(names)
+        for i, entry in enumerate(self.vms):
+            if entry.node not in known:
+                raise ValueError(f"vms.{i}.node: {entry.node!r} is not in nodes")
+        return self
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for NaN/inf/missing (JSON has no NaN)."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _timestamp(value: Any) -> datetime | None:
+    number = _number(value)
+    return None if number is None else datetime.fromtimestamp(number, UTC)
+
+
+def _document(snapshot: Snapshot, config: Config | None) -> dict[str, Any]:
+    nodes = [
+        {
+            "name": str(node),
+            "capacity": {r: _number(row[r]) for r in RESOURCES},
+            "maintenance": bool(row["maintenance"]),
+        }
+        for node, row in snapshot.nodes.iterrows()
+    ]
+    vms = []
+    for vm, row in snapshot.vms.iterrows():
+        migrated = _timestamp(row["last_migration"])
+        vms.append(
+            {
+                "vm": str(vm),
+                "name": str(row["name"]),
+                "node": str(row["node"]),
+                "load": {r: _number(row[r]) for r in RESOURCES},
+                "memory_max_bytes": _number(row["memory_max_bytes"]),
+                "burst_ratio": _number(row["burst_ratio"]),
+                "last_migration": migrated.isoformat() if migrated else None,
+            }
+        )
+    taken_at = snapshot.taken_at
+    if taken_at.tzinfo is None:
+        taken_at = taken_at.replace(tzinfo=UTC)
+    document: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "taken_at": taken_at.astimezone(UTC).isoformat(),
+        "source": snapshot.source,
+        "window": snapshot.window,
+        "estimator": snapshot.estimator,
+        "warnings": list(snapshot.warnings),
+        "nodes": nodes,
+        "vms": vms,
+    }
+    if config is not None:
+        document["config"] = config.model_dump(mode="json", exclude=_SECRET_FIELDS)
+    return document
+
+
+def save_snapshot(
+    snapshot: Snapshot,
+    path_or_file: str | os.PathLike[str] | IO[str],
+    config: Config | None = None,
+) -> None:
+    """Write the snapshot (and `config`, minus credentials) as JSON.
+
+    A path is written atomically (temporary file, then rename); an open text file is
+    written as is.
+    """
+    text = json.dumps(_document(snapshot, config), indent=2, ensure_ascii=True, allow_nan=False)
+    text += "\n"
+    if not isinstance(path_or_file, str | os.PathLike):
+        path_or_file.write(text)
+        return
+    target = Path(path_or_file)
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="ascii", newline="\n") as handle:
+            handle.write(text)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _validation_message(name: str, exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    more = f" (and {len(parts) - 3} more)" if len(parts) > 3 else ""
+    return _one_line(f"{name}: {'; '.join(parts[:3])}{more}")
+
+
+def parse_snapshot(document: Any, name: str = "snapshot") -> tuple[Snapshot, Config | None]:
+    """Validate an already-decoded snapshot document (see `load_snapshot`)."""
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise SnapshotError(f'{name}: not a vmbalance snapshot (no "format": "{FORMAT}")')
+    version = document.get("version")
+    if version != VERSION:
+        raise SnapshotError(
+            f"{name}: snapshot version {version!r} is not supported (this vmbalance reads "
+            f"version {VERSION})"
+        )
+    try:
+        parsed = SnapshotFile.model_validate(document)
+    except ValidationError as exc:
+        raise SnapshotError(_validation_message(name, exc)) from None
+
+    nodes = make_nodes(
+        {
+            entry.name: {
+                **{r: np.nan if v is None else v for r, v in entry.capacity.items()},
+                "maintenance": entry.maintenance,
+            }
+            for entry in parsed.nodes
+        }
+    )
+    vms = make_vms(
+        {
+            entry.vm: {
+                "name": entry.vm if entry.name is None else entry.name,
+                "node": entry.node,
+                **entry.load,
+                "memory_max_bytes": entry.memory_max_bytes,
+                "burst_ratio": entry.burst_ratio,
+                "last_migration": (
+                    entry.last_migration.timestamp() if entry.last_migration else None
+                ),
+            }
+            for entry in parsed.vms
+        }
+    )
+    snapshot = Snapshot(
+        nodes=nodes,
+        vms=vms,
+        taken_at=parsed.taken_at.astimezone(UTC),
+        source=parsed.source,
+        window=parsed.window,
+        estimator=parsed.estimator,
+        warnings=list(parsed.warnings),
+    )
+    return snapshot, parsed.config
+
+
+def load_snapshot(path: str | os.PathLike[str] | IO[str]) -> tuple[Snapshot, Config | None]:
+    """Read a snapshot file; returns the snapshot and the config stored with it (or None).
+
+    Raises SnapshotError with one line naming the file and the bad field.
+    """
+    if isinstance(path, str | os.PathLike):
+        name = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise SnapshotError(f"{name}: cannot read: {_one_line(reason)}") from None
+    else:
+        name = getattr(path, "name", "snapshot")
+        text = path.read()
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SnapshotError(f"{name}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    return parse_snapshot(document, name)
+
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "SnapshotError",
+    "SnapshotFile",
+    "load_snapshot",
+    "parse_snapshot",
+    "save_snapshot",
+]

@@ -1,0 +1,86 @@
+"""The source's query plan and pure helpers, without a server."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from recommender.config import Config
+from recommender.model import make_nodes
+from recommender.prometheus import PrometheusSource, SnapshotQueries, burst_ratios
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def documented_metrics() -> set[str]:
+    text = (ROOT / "docs" / "metrics.md").read_text(encoding="utf-8")
+    return set(re.findall(r"^\| `(vmbalance_[a-z_]+)` \|", text, re.MULTILINE))
+
+
+def test_queries_use_only_the_metric_contract() -> None:
+    documented = documented_metrics()
+    for estimator in ("mean", "quantile"):
+        config = Config.model_validate({"query": {"estimator": estimator}})
+        for promql in SnapshotQueries.for_config(config).queries.values():
+            used = set(re.findall(r"\bvmbalance_[a-z_]+", promql))
+            assert used and used <= documented, promql
+
+
+def test_query_plan_is_fixed_and_follows_the_config() -> None:
+    mean = SnapshotQueries.for_config(Config())
+    assert len(mean.queries) == 14
+    assert mean.queries["load_cpu"] == (
+        "(sum by (node, vm) (increase(vmbalance_vm_cpu_seconds_total[1h]))) / 3600"
+    )
+    assert "[24h:1m]" in mean.queries["vm_last_seen"]
+    config = Config.model_validate(
+        {
+            "query": {
+                "window": "2h",
+                "short_window": "10m",
+                "history": "30m",
+                "estimator": "quantile",
+                "quantile": 0.9,
+            }
+        }
+    )
+    plan = SnapshotQueries.for_config(config)
+    assert len(plan.queries) == 17
+    # History shorter than the window: the subquery still spans the window (first samples).
+    assert "[2h:1m]" in plan.queries["vm_first_seen"] and plan.history == 1800
+    assert plan.queries["load_cpu"].startswith("quantile_over_time(0.9, (")
+    assert plan.queries["load_cpu"].endswith(") / 600)[2h:10m])")
+
+
+def test_credentials_in_the_url_are_not_shown() -> None:
+    config = Config.model_validate({"prometheus": {"url": "https://user:pw@prom.example:9090/"}})
+    source = PrometheusSource(config.prometheus)
+    assert source.display_url == "https://prom.example:9090/"
+    assert source.queries_issued == 0
+
+
+def test_burst_ratio_is_judged_on_the_busiest_resource() -> None:
+    nodes = make_nodes(
+        {"a": {"cpu": 10, "disk_bytes": 100.0, "network": 1000.0}, "b": {"cpu": np.nan}}
+    )
+    mean = pd.DataFrame(
+        {
+            "node": ["a", "a", "b", "a"],
+            "cpu": [5.0, 0.1, 1.0, 0.0],
+            "disk_bytes": [1.0, 50.0, 10.0, 0.0],
+            "network": [0.0, 10.0, 0.0, 0.0],
+        },
+        index=pd.Index(["cpu-heavy", "disk-heavy", "unknown-capacity", "idle"], name="vm"),
+    )
+    short = pd.DataFrame(
+        {"cpu": [10.0, 0.1, 4.0, 0.0], "disk_bytes": [9.0, 100.0, 1.0, 0.0], "network": 0.0},
+        index=mean.index,
+    )
+    weights = {"cpu": 1.0, "disk_bytes": 2.0, "network": 2.0}
+    ratios = burst_ratios(mean, short, nodes, weights)
+    assert ratios["cpu-heavy"] == 2.0  # cpu 50 % of the node beats disk 2 %
+    assert ratios["disk-heavy"] == 2.0  # disk 100 % weighted beats cpu 1 %
+    assert np.isnan(ratios["unknown-capacity"]) and np.isnan(ratios["idle"])
