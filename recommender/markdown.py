@@ -12,8 +12,10 @@ from pathlib import Path
 
 import jinja2
 
-# Characters with a meaning somewhere in CommonMark/GFM inline syntax.
-_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>&$=:])")
+# Characters with a meaning anywhere in CommonMark/GFM inline syntax ...
+_INLINE = re.compile(r"([\\`*_\[\]<>|~!&])")
+# ... and those that only mean something at the start of a block (headings, lists, quotes).
+_LEADING = re.compile(r"^([#+\-=>])|^(\d+)([.)])")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -22,8 +24,9 @@ TEMPLATES = Path(__file__).parent / "templates"
 def md_text(value: object) -> str:
     """Inline text: control characters (newlines too) become one space, syntax is escaped."""
     text = _CONTROL.sub(" ", str(value)).strip()
-    # A backslash before every syntax character (`<` included) makes it literal text.
-    return _SPECIAL.sub(r"\\\1", text)
+    # A backslash before a syntax character (`<` included) makes it literal text.
+    escaped = _INLINE.sub(r"\\\1", text)
+    return _LEADING.sub(lambda m: f"\\{m[1]}" if m[1] else f"{m[2]}\\{m[3]}", escaped)
 
 
 def md_cell(value: object) -> str:

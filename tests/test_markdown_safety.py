@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 
-from recommender.markdown import md_alt, md_cell, md_fenced
+from recommender.markdown import md_alt, md_cell, md_fenced, md_text
 
 HOSTILE = [
     "a|b",
@@ -82,3 +82,14 @@ def test_alt_text_cannot_close_the_image() -> None:
     tokens = MarkdownIt("commonmark").parse(markdown)
     images = [c for t in tokens if t.children for c in t.children if c.type == "image"]
     assert len(images) == 1 and images[0].attrs["src"] == "chart.png"
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(names, st.sampled_from(["# h", "1. x", "2) y", "> q", "- - x", "=== ", "+ z"])))
+def test_list_item_stays_one_plain_item(value: str) -> None:
+    tokens = MarkdownIt("commonmark").parse(f"- {md_text(value) or 'x'}\n")
+    types = [t.type for t in tokens]
+    assert types.count("list_item_open") == 1
+    assert not {"heading_open", "blockquote_open", "ordered_list_open", "hr"} & set(types)
+    inline = [t for t in tokens if t.type == "inline"]
+    assert all(c.type in ("text", "softbreak") for t in inline for c in t.children or [])
