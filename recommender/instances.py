@@ -1,0 +1,251 @@
+"""Seeded random clusters for tests and benchmarks.
+
+Nodes of uneven size (16 to 96 cores, 128 to 768 GiB, 10 or 25 GbE), VMs with heavy-tailed
+disk I/O (a Pareto tail: a few VMs do most of the Ceph traffic), a skewed initial placement
+that respects memory and CPU limits, and optionally random rules that the placement already
+satisfies (pins, exclusions, affinity and anti-affinity groups, a maintenance node), VMs in
+cooldown or bursting, and missing data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+
+from recommender.config import GIB, BalanceSettings, Config, GroupRule, RuleSettings
+from recommender.model import RESOURCES, Snapshot, empty_nodes
+
+# cores, memory GiB, NIC bytes/s (also the storage path), disk ops/s
+NODE_TYPES = (
+    (16, 128, 1.25e9, 40_000.0),
+    (32, 256, 1.25e9, 60_000.0),
+    (48, 384, 3.125e9, 80_000.0),
+    (64, 512, 3.125e9, 100_000.0),
+    (96, 768, 3.125e9, 120_000.0),
+)
+VM_MEMORY_GIB = np.array([2, 4, 8, 16, 32])
+VM_MEMORY_P = np.array([0.25, 0.3, 0.25, 0.15, 0.05])
+TAKEN_AT = datetime(2024, 6, 3, 12, 0, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Instance:
+    snapshot: Snapshot
+    config: Config
+    seed: int
+    notes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What to generate; every count is a (low, high) range drawn per instance."""
+
+    nodes: tuple[int, int] = (3, 8)
+    vms: tuple[int, int] = (10, 40)
+    rules: bool = True
+    maintenance: float = 0.0  # probability of one maintenance node
+    cooldown: float = 0.0  # fraction of VMs migrated within the cooldown
+    burst: float = 0.0  # fraction of VMs bursting
+    missing: float = 0.0  # fraction of VMs with an unknown load
+    skew: float = 2.0  # Dirichlet concentration of the placement (lower: more skewed)
+    memory_fill: float = 0.5  # assigned memory over usable memory, cluster-wide
+    balance: dict[str, object] = field(default_factory=dict)
+
+
+def random_cluster(seed: int, shape: Shape | None = None) -> Instance:
+    shape = shape or Shape()
+    rng = np.random.default_rng(seed)
+    n_nodes = int(rng.integers(shape.nodes[0], shape.nodes[1] + 1))
+    n_vms = int(rng.integers(shape.vms[0], shape.vms[1] + 1))
+    balance = BalanceSettings(**shape.balance)  # type: ignore[arg-type]
+
+    # Nodes: uneven sizes.
+    kinds = rng.integers(0, len(NODE_TYPES), size=n_nodes)
+    spec = np.array([NODE_TYPES[k] for k in kinds], dtype=float)
+    names = [f"pve{i + 1}" for i in range(n_nodes)]
+    capacity = np.column_stack([spec[:, 0], spec[:, 1] * GIB, spec[:, 2], spec[:, 3], spec[:, 2]])
+
+    # VMs: memory first (what must fit), then loads, rescaled to a random cluster utilisation.
+    usable = capacity[:, 1] * (1 - balance.memory_reserve_fraction) - balance.memory_reserve_bytes
+    assigned = rng.choice(VM_MEMORY_GIB, size=n_vms, p=VM_MEMORY_P) * float(GIB)
+    scale = shape.memory_fill * usable.sum() / assigned.sum()
+    if scale < 1:  # too many VMs for the memory: shrink them (keeps the count)
+        assigned = np.maximum(np.round(assigned * scale / GIB), 1) * GIB
+    used = assigned * rng.uniform(0.3, 0.95, size=n_vms)
+    vcpus = rng.choice([1, 2, 4, 8], size=n_vms, p=[0.3, 0.35, 0.25, 0.1])
+    cpu = vcpus * rng.uniform(0.05, 0.6, size=n_vms)
+    disk_bytes = 2e6 * (rng.pareto(2.0, size=n_vms) + 0.3)
+    disk_ops = disk_bytes / rng.uniform(8e3, 64e3, size=n_vms)
+    network = rng.lognormal(np.log(4e6), 0.9, size=n_vms)
+    loads = {"cpu": cpu, "disk_bytes": disk_bytes, "disk_ops": disk_ops, "network": network}
+    for j, r in enumerate(RESOURCES):
+        if r in loads:
+            target = rng.uniform(0.2, 0.55) if r != "cpu" else rng.uniform(0.15, 0.4)
+            loads[r] = loads[r] * target * capacity[:, j].sum() / loads[r].sum()
+
+    # Placement: skewed by a Dirichlet draw, within memory and CPU limits.
+    share = rng.dirichlet(np.full(n_nodes, shape.skew)) * capacity[:, 1]
+    share = share / share.sum()
+    node_of = _place(rng, share, assigned, loads["cpu"], usable, capacity[:, 0] * 0.85)
+    keep = node_of >= 0
+    # Measured rates cannot exceed what a node moves: scale each rate so the busiest node
+    # runs at 60-97% of it (the cluster mean follows from the placement).
+    for j, r in enumerate(RESOURCES):
+        if r in loads and r != "cpu":
+            per_node = np.bincount(node_of[keep], weights=loads[r][keep], minlength=n_nodes)
+            peak = (per_node / capacity[:, j]).max()
+            if peak > 0:
+                loads[r] = loads[r] * rng.uniform(0.6, 0.97) / peak
+    vm_names = [str(100 + i) for i in range(n_vms)]
+    frame = pd.DataFrame(
+        {
+            "name": [f"vm-{v}" for v in vm_names],
+            "node": [names[n] if n >= 0 else "" for n in node_of],
+            "cpu": loads["cpu"],
+            "memory": used,
+            "disk_bytes": loads["disk_bytes"],
+            "disk_ops": loads["disk_ops"],
+            "network": loads["network"],
+            "memory_max_bytes": assigned,
+            "burst_ratio": rng.uniform(0.8, 1.6, size=n_vms),
+            "last_migration": np.nan,
+        },
+        index=pd.Index(vm_names, name="vm"),
+    )[keep]
+    vms = frame.copy()
+    nodes = empty_nodes()
+    for i, name in enumerate(names):
+        nodes.loc[name] = [*capacity[i], False]
+    nodes["maintenance"] = nodes["maintenance"].astype(bool)
+
+    notes: dict[str, int] = {}
+    taken = TAKEN_AT.timestamp()
+    if shape.cooldown > 0:
+        hit = rng.random(len(vms)) < shape.cooldown
+        vms.loc[hit, "last_migration"] = taken - rng.uniform(0, balance.cooldown_seconds, hit.sum())
+        old = ~hit & (rng.random(len(vms)) < 0.3)
+        vms.loc[old, "last_migration"] = taken - balance.cooldown_seconds * rng.uniform(
+            1.5, 4, old.sum()
+        )
+        notes["cooldown"] = int(hit.sum())
+    if shape.burst > 0:
+        hit = rng.random(len(vms)) < shape.burst
+        vms.loc[hit, "burst_ratio"] = rng.uniform(balance.burst_ratio, 8.0, hit.sum())
+        notes["burst"] = int(hit.sum())
+    if shape.missing > 0:
+        hit = rng.random(len(vms)) < shape.missing
+        column = rng.choice(["disk_bytes", "network", "memory_max_bytes"])
+        vms.loc[hit, column] = np.nan
+        notes["missing"] = int(hit.sum())
+
+    rules = _rules(rng, names, vms, shape) if shape.rules else RuleSettings()
+    if shape.maintenance > 0 and rng.random() < shape.maintenance and n_nodes > 2:
+        down = names[int(rng.integers(n_nodes))]
+        nodes.loc[down, "maintenance"] = True
+        notes["maintenance"] = 1
+    config = Config(balance=balance, rules=rules)
+    snapshot = Snapshot(nodes=nodes, vms=vms, taken_at=TAKEN_AT, source="instances")
+    return Instance(snapshot, config, seed, notes)
+
+
+def _place(
+    rng: np.random.Generator,
+    share: np.ndarray,
+    memory: np.ndarray,
+    cpu: np.ndarray,
+    memory_limit: np.ndarray,
+    cpu_limit: np.ndarray,
+) -> np.ndarray:
+    """Node of each VM drawn from `share`; VMs that do not fit go to the node with the most
+    free memory that takes them, or nowhere (-1)."""
+    n = len(memory)
+    node_of = rng.choice(len(share), size=n, p=share)
+    order = rng.permutation(n)
+    mem_used = np.zeros(len(share))
+    cpu_used = np.zeros(len(share))
+    # Fast path: VMs whose drawn node still fits, in a random order.
+    sorted_vms = order[np.argsort(node_of[order], kind="stable")]
+    out = np.full(n, -1)
+    leftovers = []
+    for node in range(len(share)):
+        mine = sorted_vms[node_of[sorted_vms] == node]
+        fits = (np.cumsum(memory[mine]) <= memory_limit[node]) & (
+            np.cumsum(cpu[mine]) <= cpu_limit[node]
+        )
+        ok = mine[fits]
+        out[ok] = node
+        mem_used[node] = memory[ok].sum()
+        cpu_used[node] = cpu[ok].sum()
+        leftovers.extend(mine[~fits].tolist())
+    for vm in sorted(leftovers):
+        free = memory_limit - mem_used
+        room = (free >= memory[vm]) & (cpu_limit - cpu_used >= cpu[vm])
+        if room.any():
+            node = int(np.flatnonzero(room)[np.argmax(free[room])])
+            out[vm] = node
+            mem_used[node] += memory[vm]
+            cpu_used[node] += cpu[vm]
+    return out
+
+
+def _rules(
+    rng: np.random.Generator, names: list[str], vms: pd.DataFrame, shape: Shape
+) -> RuleSettings:
+    """Random rules the placement already satisfies."""
+    n = len(vms)
+    ids = list(vms.index)
+    node_of = vms["node"].to_numpy()
+    half = max(1, len(names) // 2)
+    groups = {"rack-a": names[:half], "rack-b": names[half:] or names[:1]}
+    rack = {node: ("rack-a" if node in groups["rack-a"] else "rack-b") for node in names}
+    scale = max(1, min(n // 40, 25))
+    where = dict(zip(ids, node_of, strict=True))
+    taken: set[str] = set()
+
+    def pick(count: int) -> list[str]:
+        free = [v for v in ids if v not in taken]
+        if not free or count <= 0:
+            return []
+        chosen = [free[i] for i in rng.choice(len(free), size=min(count, len(free)), replace=False)]
+        taken.update(chosen)
+        return chosen
+
+    pin: dict[str, str] = {}
+    for vm in pick(int(rng.integers(0, 2 * scale + 1))):
+        node = where[vm]
+        pin[vm] = node if rng.random() < 0.4 else rack[node]
+    exclude = pick(int(rng.integers(0, scale + 1)))
+    anti: list[GroupRule] = []
+    for g in range(int(rng.integers(0, scale + 2))):
+        size = int(rng.integers(2, 4))
+        free = [v for v in ids if v not in taken]
+        rng.shuffle(free)
+        members, used_nodes = [], set()
+        for vm in free:
+            node = where[vm]
+            if node not in used_nodes:
+                members.append(vm)
+                used_nodes.add(node)
+            if len(members) == size:
+                break
+        if len(members) >= 2:
+            taken.update(members)
+            anti.append(GroupRule(name=f"anti{g}", vms=members))
+    affinity: list[GroupRule] = []
+    for g in range(int(rng.integers(0, scale + 1))):
+        by_node: dict[str, list[str]] = {}
+        for vm in ids:
+            if vm not in taken:
+                by_node.setdefault(where[vm], []).append(vm)
+        pairs = [members for members in by_node.values() if len(members) >= 2]
+        if not pairs:
+            break
+        members = pairs[int(rng.integers(len(pairs)))][:2]
+        taken.update(members)
+        affinity.append(GroupRule(name=f"aff{g}", vms=members))
+    return RuleSettings(
+        node_groups=groups, pin=pin, exclude=exclude, affinity=affinity, anti_affinity=anti
+    )

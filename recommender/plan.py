@@ -1,0 +1,297 @@
+"""The executable plan: migrations in an order where every intermediate state keeps every hard
+rule, grouped into waves that may run in parallel.
+
+Ordering (`recommender.ordering`): a migration whose target lacks room waits until a
+migration off that target has run; a cycle (full nodes swapping VMs) is broken by a detour
+through a third node with room, or the migrations involved are reported as unsequenced.
+
+Waves: each migration goes into the earliest wave (looking a few waves back) such that no node
+is touched (as source or target) by more than `max_parallel_per_node` migrations of the wave,
+and every wave is feasible while all its migrations run at once — conservatively, a VM in
+flight counts on both its source and its target (memory, CPU, anti-affinity).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+
+from recommender.config import Config
+from recommender.engine import EngineResult, HeldBack, Move, Unplaceable, measure_state, plan_moves
+from recommender.model import Snapshot
+from recommender.ordering import Step, order_moves
+from recommender.problem import Problem, State
+from recommender.rules import Constraint, MaxMigrations, prepare_constraints, violations
+
+WAVE_LOOKBACK = 6
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One migration of the plan, in execution order."""
+
+    step: int  # 1-based position in the sequence
+    wave: int  # 1-based wave; migrations of one wave may run at once
+    vm: str
+    name: str
+    source: str
+    target: str
+    gain: float
+    reason: str
+    memory_bytes: float
+    kind: str  # balance | evacuate | repair | detour
+    group: str | None = None
+
+
+@dataclass
+class Plan:
+    migrations: list[Migration]
+    waves: list[list[Migration]]
+    nodes_before: pd.DataFrame
+    nodes_after: pd.DataFrame
+    imbalance_before: dict[str, float]
+    imbalance_after: dict[str, float]
+    overall_before: float
+    overall_after: float
+    triggered: bool
+    target_reached: bool
+    unplaceable: list[Unplaceable]
+    held_back: list[HeldBack]
+    unsequenced: list[Move]
+    warnings: list[str]
+    settings: dict[str, object]
+    method: str
+    taken_at: datetime | None = None
+    resources: tuple[str, ...] = field(default=())
+
+    @property
+    def memory_bytes(self) -> float:
+        return float(sum(m.memory_bytes for m in self.migrations))
+
+
+def build_plan(snapshot: Snapshot, config: Config, result: EngineResult | None = None) -> Plan:
+    """Sequence the engine's moves (planning them first when `result` is None)."""
+    if result is None:
+        result = plan_moves(snapshot, config)
+    problem = result.problem
+    constraints = prepare_constraints(problem)
+    start = State.initial(problem)
+    vm_pos = problem.vm_index()
+    node_pos = problem.node_index()
+    moves = _merged(result.moves)
+    pairs = [(np.array([vm_pos[m.vm]]), node_pos[m.target]) for m in moves]
+    ordering = order_moves(problem, constraints, start, pairs, detours=True)
+    warnings = list(result.warnings)
+    unsequenced = [moves[i] for i in ordering.stuck]
+    if unsequenced:
+        warnings.append(
+            f"{len(unsequenced)} migration(s) could not be ordered without breaking a rule "
+            "and were left out: " + ", ".join(m.vm for m in unsequenced)
+        )
+    if ordering.detours:
+        warnings.append(
+            f"{len(ordering.detours)} migration(s) go through a third node to break a cycle"
+        )
+    waves = assign_waves(problem, constraints, start, ordering.steps)
+    migrations = _migrations(problem, start, moves, ordering.steps, waves)
+    # Run wave by wave: any order inside a wave is feasible, since each wave is feasible with
+    # all its migrations in flight at once.
+    migrations = [
+        replace(m, step=i + 1)
+        for i, m in enumerate(sorted(migrations, key=lambda m: (m.wave, m.step)))
+    ]
+    by_wave: list[list[Migration]] = [[] for _ in range(max(waves, default=0))]
+    for migration in migrations:
+        by_wave[migration.wave - 1].append(migration)
+    before, overall_before = measure_state(problem, start.node_load)
+    after, overall_after = measure_state(problem, ordering.state.node_load)
+    return Plan(
+        migrations=migrations,
+        waves=by_wave,
+        nodes_before=node_frame(problem, start),
+        nodes_after=node_frame(problem, ordering.state),
+        imbalance_before=before,
+        imbalance_after=after,
+        overall_before=overall_before,
+        overall_after=overall_after,
+        triggered=result.triggered,
+        target_reached=overall_after <= problem.balance.target + 1e-9,
+        unplaceable=list(result.unplaceable),
+        held_back=list(result.held_back),
+        unsequenced=unsequenced,
+        warnings=warnings,
+        settings=_settings(config),
+        method=result.method,
+        taken_at=snapshot.taken_at,
+        resources=problem.resources,
+    )
+
+
+def _merged(moves: list[Move]) -> list[Move]:
+    """One move per VM: a VM listed twice goes from its first source to its last target."""
+    first: dict[str, int] = {}
+    out: list[Move] = []
+    for move in moves:
+        if move.vm in first:
+            i = first[move.vm]
+            out[i] = replace(move, source=out[i].source)
+        else:
+            first[move.vm] = len(out)
+            out.append(move)
+    return [m for m in out if m.source != m.target]
+
+
+def _migrations(
+    problem: Problem,
+    start: State,
+    moves: list[Move],
+    steps: list[Step],
+    waves: list[int],
+) -> list[Migration]:
+    position = start.vm_node.copy()
+    out = []
+    for number, (step, wave) in enumerate(zip(steps, waves, strict=True), start=1):
+        move = moves[step.origin]
+        vm = int(step.vms[0])
+        source, target = int(position[vm]), step.target
+        position[vm] = target
+        final = problem.nodes[target] == move.target
+        out.append(
+            Migration(
+                step=number,
+                wave=wave,
+                vm=move.vm,
+                name=move.name,
+                source=problem.nodes[source],
+                target=problem.nodes[target],
+                gain=move.gain if final else 0.0,
+                reason=move.reason if final else f"detour on the way to {move.target}",
+                memory_bytes=move.memory_bytes,
+                kind=move.kind if final else "detour",
+                group=move.group,
+            )
+        )
+    return out
+
+
+# --- waves ---------------------------------------------------------------------------------
+
+
+def _wave_ok(
+    problem: Problem,
+    constraints: list[Constraint],
+    state: State,
+    wave: list[Step],
+) -> State | None:
+    """The state after `wave` if it is feasible from `state` with all its migrations in
+    flight at once (and with at most max_parallel_per_node per node), else None."""
+    touches: Counter[int] = Counter()
+    for step in wave:
+        for vm in step.vms:
+            touches[int(state.vm_node[vm])] += 1
+            touches[step.target] += 1
+    if touches and max(touches.values()) > problem.balance.max_parallel_per_node:
+        return None
+    dynamic = [c for c in constraints if not isinstance(c, MaxMigrations)]
+    flight = state.copy()
+    for step in wave:
+        for vm in step.vms:
+            flight.add_presence(problem, int(vm), step.target)
+    if violations(dynamic, flight, final=False):
+        return None
+    done = state.copy()
+    for step in wave:
+        for vm in step.vms:
+            done.move_vm(problem, int(vm), step.target)
+    if violations(constraints, done, final=False):
+        return None
+    return done
+
+
+def _schedule_ok(
+    problem: Problem,
+    constraints: list[Constraint],
+    state: State,
+    waves: list[list[Step]],
+) -> list[State] | None:
+    """States at the start of each wave after the first, or None if a wave is infeasible."""
+    states = []
+    for wave in waves:
+        after = _wave_ok(problem, constraints, state, wave)
+        if after is None:
+            return None
+        states.append(after)
+        state = after
+    return states
+
+
+def assign_waves(
+    problem: Problem, constraints: list[Constraint], start: State, steps: list[Step]
+) -> list[int]:
+    """1-based wave of each step: the earliest wave (within WAVE_LOOKBACK of the last one, and
+    after any earlier step of the same VM) keeping the whole schedule feasible."""
+    waves: list[list[Step]] = []
+    starts: list[State] = [start]  # state at the start of each wave, plus the end state
+    last_of_vm: dict[int, int] = {}
+    for step in steps:
+        vm = int(step.vms[0])
+        lowest = max(len(waves) - WAVE_LOOKBACK, last_of_vm.get(vm, -1) + 1, 0)
+        placed = None
+        for w in range(lowest, len(waves)):
+            trial = [*waves[w], step]
+            rest = _schedule_ok(problem, constraints, starts[w], [trial, *waves[w + 1 :]])
+            if rest is not None:
+                waves[w] = trial
+                starts[w + 1 :] = rest
+                placed = w
+                break
+        if placed is None:
+            after = _wave_ok(problem, constraints, starts[-1], [step])
+            if after is None:  # cannot happen for an ordered step; keep it alone regardless
+                after = starts[-1].copy()
+                for v in step.vms:
+                    after.move_vm(problem, int(v), step.target)
+            waves.append([step])
+            starts.append(after)
+            placed = len(waves) - 1
+        last_of_vm[vm] = placed
+    order = {id(s): w + 1 for w, wave in enumerate(waves) for s in wave}
+    return [order[id(s)] for s in steps]
+
+
+# --- frames --------------------------------------------------------------------------------
+
+
+def node_frame(problem: Problem, state: State) -> pd.DataFrame:
+    """Per node: load, capacity and utilisation of each resource, VMs, maintenance, active."""
+    data: dict[str, object] = {}
+    for j, r in enumerate(problem.resources):
+        capacity = problem.capacity[:, j]
+        data[f"{r}_load"] = state.node_load[:, j]
+        data[f"{r}_capacity"] = np.where(capacity > 0, capacity, np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            data[f"{r}_util"] = np.where(capacity > 0, state.node_load[:, j] / capacity, np.nan)
+    placed = state.vm_node[state.vm_node >= 0]
+    data["vms"] = np.bincount(placed, minlength=problem.n_nodes)
+    data["maintenance"] = problem.maintenance
+    data["active"] = problem.active
+    return pd.DataFrame(data, index=pd.Index(problem.nodes, name="node"))
+
+
+def _settings(config: Config) -> dict[str, object]:
+    rules = config.rules
+    return {
+        "balance": config.balance.model_dump(),
+        "rules": {
+            "node_groups": len(rules.node_groups),
+            "pin": len(rules.pin),
+            "exclude": len(rules.exclude),
+            "affinity": len(rules.affinity),
+            "anti_affinity": len(rules.anti_affinity),
+            "maintenance": list(rules.maintenance),
+        },
+    }

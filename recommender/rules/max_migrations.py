@@ -1,0 +1,37 @@
+"""At most `max_migrations` VM migrations per plan."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from recommender.problem import Problem, State
+from recommender.rules.base import BaseConstraint, Movers, Violation
+
+if TYPE_CHECKING:
+    from recommender.exact import LinearModel
+
+
+class MaxMigrations(BaseConstraint):
+    name = "max_migrations"
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem)
+        self.limit = problem.balance.max_migrations
+
+    @classmethod
+    def prepare(cls, problem: Problem) -> MaxMigrations:
+        return cls(problem)
+
+    def allowed_targets(self, state: State, movers: Movers) -> np.ndarray:
+        fits = state.migrations + movers.count <= self.limit
+        return np.repeat(fits[:, None], self.problem.n_nodes, axis=1)
+
+    def check(self, state: State, *, final: bool = False) -> list[Violation]:
+        if state.migrations <= self.limit:
+            return []
+        return [Violation(self.name, "plan", f"{state.migrations} > {self.limit} migrations")]
+
+    def add_to_model(self, model: LinearModel) -> None:
+        model.add_budget_row(float(self.limit))
