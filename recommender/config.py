@@ -200,7 +200,7 @@ class OutputSettings(StrictModel):
 
 
 class ServeSettings(StrictModel):
-    listen: str = "127.0.0.1:9178"
+    listen: str = "127.0.0.1:9643"
     interval_seconds: float = Field(300.0, gt=0)
 
 

@@ -16,7 +16,9 @@ import jinja2
 _INLINE = re.compile(r"([\\`*_\[\]<>|~!&])")
 # ... and those that only mean something at the start of a block (headings, lists, quotes).
 _LEADING = re.compile(r"^([#+\-=>])|^(\d+)([.)])")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+# Control characters, and the Unicode direction overrides that can make a name visually
+# reverse the rest of its line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]+")
 
 TEMPLATES = Path(__file__).parent / "templates"
 

@@ -1,9 +1,11 @@
 """The Prometheus source: builds a Snapshot from the exporter's series over PromQL.
 
-Only the standard instant-query API (`/api/v1/query` with `time=`) is used, so the same code
-reads Prometheus, VictoriaMetrics, Thanos and Mimir. A snapshot costs a fixed number of
-queries (14 with the `mean` estimator, 17 with `quantile`) whatever the number of VMs: every
-query is aggregated `by (node, vm)` or `by (vm)` and answered for all VMs at once.
+A snapshot uses only the standard instant-query API (`/api/v1/query` with `time=`), so the
+same code reads Prometheus, VictoriaMetrics, Thanos and Mimir. It costs a fixed number of
+queries (15 with the `mean` estimator, 18 with `quantile`) whatever the number of VMs: every
+query is aggregated `by (node, vm)` or `by (vm)` and answered for all VMs at once. The weekly
+report (`recommender.report`) also reads history through the standard range-query API
+(`/api/v1/query_range`, `PrometheusSource.query_range`), with the same error handling.
 
 Why `increase(x[w]) / w` and not `rate(x[w])`: the two servers disagree on `rate()` of a
 series that starts or ends inside the window. Prometheus divides by the whole window
@@ -40,7 +42,7 @@ import ast
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -128,6 +130,9 @@ class SnapshotQueries:
                 f"max by (node, vm, name) "
                 f"(max_over_time(timestamp({info})[{h_range}:{HISTORY_STEP}]))"
             ),
+            # The subquery's last step is the last whole minute: a VM whose samples all came
+            # after it (a new VM, a new exporter) is seen only at the evaluation instant.
+            "vm_seen_now": f"max by (node, vm, name) (timestamp({info}))",
             "vm_first_seen": (
                 f"min by (node, vm) (min_over_time(timestamp({info})[{h_range}:{HISTORY_STEP}]))"
             ),
@@ -290,12 +295,12 @@ class PrometheusSource:
             timeout=settings.timeout_seconds,  # type: ignore[arg-type]
         )
 
-    def query(self, promql: str, at: float) -> list[dict[str, Any]]:
-        """One instant query evaluated at unix time `at`; raises SourceError on any failure."""
+    def _ask(self, promql: str, call: Callable[[], Any]) -> Any:
+        """Run one HTTP query, turning every failure into a one-line SourceError."""
         where = f"prometheus at {self.display_url}"
         self.queries_issued += 1
         try:
-            result = self._client.custom_query(promql, params={"time": f"{at:.3f}"})
+            return call()
         except requests.exceptions.JSONDecodeError:
             raise SourceError(f"{where}: the answer is not JSON (is this a PromQL API?)") from None
         except requests.exceptions.Timeout:
@@ -308,10 +313,41 @@ class PrometheusSource:
             raise SourceError(f"{where}: {_http_error(exc)} (query: {promql})") from None
         except (ValueError, KeyError, TypeError):
             raise SourceError(f"{where}: the answer is not a PromQL API response") from None
+
+    def query(self, promql: str, at: float) -> list[dict[str, Any]]:
+        """One instant query evaluated at unix time `at`; raises SourceError on any failure."""
+        result = self._ask(
+            promql, lambda: self._client.custom_query(promql, params={"time": f"{at:.3f}"})
+        )
         if not isinstance(result, list) or not all(
             isinstance(item, dict) and "metric" in item and "value" in item for item in result
         ):
-            raise SourceError(f"{where}: unexpected answer shape (query: {promql})")
+            raise SourceError(
+                f"prometheus at {self.display_url}: unexpected answer shape (query: {promql})"
+            )
+        return result
+
+    def query_range(
+        self, promql: str, start: float, end: float, step: float
+    ) -> list[dict[str, Any]]:
+        """One range query from `start` to `end` (unix seconds, whole seconds are sent) every
+        `step` seconds: `[{"metric": {...}, "values": [[t, "v"], ...]}, ...]`; raises
+        SourceError on any failure, like `query`."""
+        result = self._ask(
+            promql,
+            lambda: self._client.custom_query_range(
+                promql,
+                start_time=datetime.fromtimestamp(start, UTC),
+                end_time=datetime.fromtimestamp(end, UTC),
+                step=_seconds_text(step),
+            ),
+        )
+        if not isinstance(result, list) or not all(
+            isinstance(item, dict) and "metric" in item and "values" in item for item in result
+        ):
+            raise SourceError(
+                f"prometheus at {self.display_url}: unexpected answer shape (query: {promql})"
+            )
         return result
 
     def build_snapshot(self, config: Config, at: datetime | None = None) -> Snapshot:
@@ -468,7 +504,9 @@ def _assemble(
     at = when.timestamp()
     q = config.query
     warnings: list[str] = []
-    places = _placements(answers["vm_last_seen"], answers["vm_first_seen"], at, plan)
+    places = _placements(
+        answers["vm_last_seen"] + answers["vm_seen_now"], answers["vm_first_seen"], at, plan
+    )
     if not places:
         raise SourceError(
             f"no VM has data in the last {q.short_window} at "

@@ -23,7 +23,10 @@ HOSTILE = [
     "# heading",
     "- item",
     "&amp; &#124;",
+    "abc\u202edcba",
 ]
+
+BIDI_AND_CONTROL = r"[\x00-\x1f\x7f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
 
 names = st.one_of(st.sampled_from(HOSTILE), st.text(max_size=30))
 
@@ -66,7 +69,7 @@ def test_text_survives_as_plain_text(value: str) -> None:
     children = inline[-1].children or []
     assert all(child.type == "text" for child in children)
     text = "".join(child.content for child in children)
-    expected = " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", value).split())
+    expected = " ".join(re.sub(BIDI_AND_CONTROL, " ", value).split())
     assert " ".join(text.split()) == (expected or "—")
 
 
@@ -93,3 +96,7 @@ def test_list_item_stays_one_plain_item(value: str) -> None:
     assert not {"heading_open", "blockquote_open", "ordered_list_open", "hr"} & set(types)
     inline = [t for t in tokens if t.type == "inline"]
     assert all(c.type in ("text", "softbreak") for t in inline for c in t.children or [])
+
+
+def test_direction_overrides_are_removed() -> None:
+    assert "\u202e" not in md_cell("evil\u202egnp.exe") and "\u2066" not in md_text("a\u2066b")

@@ -31,7 +31,7 @@ def test_queries_use_only_the_metric_contract() -> None:
 
 def test_query_plan_is_fixed_and_follows_the_config() -> None:
     mean = SnapshotQueries.for_config(Config())
-    assert len(mean.queries) == 14
+    assert len(mean.queries) == 15
     assert mean.queries["load_cpu"] == (
         "(sum by (node, vm) (increase(vmbalance_vm_cpu_seconds_total[1h]))) / 3600"
     )
@@ -48,7 +48,7 @@ def test_query_plan_is_fixed_and_follows_the_config() -> None:
         }
     )
     plan = SnapshotQueries.for_config(config)
-    assert len(plan.queries) == 17
+    assert len(plan.queries) == 18
     # History shorter than the window: the subquery still spans the window (first samples).
     assert "[2h:1m]" in plan.queries["vm_first_seen"] and plan.history == 1800
     assert plan.queries["load_cpu"].startswith("quantile_over_time(0.9, (")
@@ -84,3 +84,18 @@ def test_burst_ratio_is_judged_on_the_busiest_resource() -> None:
     assert ratios["cpu-heavy"] == 2.0  # cpu 50 % of the node beats disk 2 %
     assert ratios["disk-heavy"] == 2.0  # disk 100 % weighted beats cpu 1 %
     assert np.isnan(ratios["unknown-capacity"]) and np.isnan(ratios["idle"])
+
+
+def test_vm_newer_than_the_last_history_step_is_placed() -> None:
+    """A VM whose samples all came after the last whole minute is missing from the history
+    subquery; the instant `vm_seen_now` answer must still place it."""
+    from recommender.prometheus import _placements
+
+    plan = SnapshotQueries.for_config(Config())
+    at = 1_800_000_030.0  # 30 s past a whole minute
+    now_only = [
+        {"metric": {"node": "kvm2", "vm": "new", "name": "new"}, "value": [at, str(at - 5)]}
+    ]
+    assert "new" not in _placements([], [], at, plan)
+    places = _placements(now_only, [], at, plan)
+    assert places["new"].node == "kvm2"

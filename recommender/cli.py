@@ -1,0 +1,315 @@
+"""`vmbalance`: snapshot, plan, config check, serve, report.
+
+Every failure an operator can cause (unreachable Prometheus, a bad config or snapshot file, no
+data) ends as one line on stderr and exit status 2; a plan, empty or not, is exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from recommender import __version__
+from recommender.config import Config, ConfigError, load_config
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+
+
+class CommandError(Exception):
+    """A one-line reason to stop with exit status 2."""
+
+
+def _add_source_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Prometheus (any server with the PromQL HTTP API)")
+    group.add_argument("--prometheus-url", help="default http://localhost:9090")
+    group.add_argument("--bearer-token-file", help="file holding a bearer token")
+    group.add_argument("--username", help="basic auth user")
+    group.add_argument("--password-file", help="file holding the basic auth password")
+    group.add_argument("--ca-file", help="CA bundle to verify the server's certificate")
+    group.add_argument("--insecure-skip-verify", action="store_true", default=None)
+    group.add_argument("--timeout", type=float, help="seconds per query (default 30)")
+    window = parser.add_argument_group("load estimate")
+    window.add_argument("--window", help="history window, e.g. 1h (default 1h)")
+    window.add_argument(
+        "--estimator", choices=("mean", "quantile"), help="mean rate, or a high quantile"
+    )
+    window.add_argument("--quantile", type=float, help="quantile for --estimator quantile")
+    window.add_argument("--at", help="evaluate at this ISO-8601 time instead of now")
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", help="YAML config (every setting has a default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmbalance",
+        description="Plan the few live migrations that even out VM load across KVM nodes.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    plan = commands.add_parser("plan", help="compute and print a migration plan")
+    _add_config_option(plan)
+    _add_source_options(plan)
+    plan.add_argument("-i", "--input", help="plan from a snapshot file instead of Prometheus")
+    plan.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "json", "markdown", "commands"),
+        default="table",
+        help="output format (default: table)",
+    )
+    plan.add_argument(
+        "--commands", choices=("auto", "proxmox", "libvirt"), help="which migration commands"
+    )
+    plan.add_argument("--max-migrations", type=int, help="at most this many migrations")
+    plan.add_argument("--maintenance", action="append", default=[], metavar="NODE",
+                      help="evacuate NODE (repeatable)")  # fmt: skip
+    plan.add_argument("--out-file", help="write the output here instead of stdout")
+
+    snapshot = commands.add_parser("snapshot", help="save the cluster snapshot to a file")
+    _add_config_option(snapshot)
+    _add_source_options(snapshot)
+    snapshot.add_argument("-o", "--output", required=True, help="file to write ('-' = stdout)")
+
+    config = commands.add_parser("config", help="configuration helpers")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser("check", help="validate a config file")
+    check.add_argument("file")
+    config_commands.add_parser("defaults", help="print the default configuration as YAML")
+
+    serve = commands.add_parser("serve", help="re-plan periodically; serve metrics and the plan")
+    _add_config_option(serve)
+    _add_source_options(serve)
+    serve.add_argument("--listen", help="HOST:PORT (default from config: 127.0.0.1:9643)")
+    serve.add_argument("--interval", type=float, help="seconds between runs")
+    serve.add_argument("--once", action="store_true", help="run once, print metrics, exit")
+
+    report = commands.add_parser("report", help="write the weekly Markdown report with charts")
+    _add_config_option(report)
+    _add_source_options(report)
+    report.add_argument("--period", default="7d", help="period to report on (default 7d)")
+    report.add_argument("--out", required=True, help="directory for report.md and the charts")
+    return parser
+
+
+def effective_config(args: argparse.Namespace, base: Config | None = None) -> Config:
+    """The config file (else `base`, else defaults) with the command-line flags on top."""
+    config = load_config(args.config) if getattr(args, "config", None) else base or Config()
+    prometheus: dict[str, Any] = {}
+    if getattr(args, "prometheus_url", None):
+        prometheus["url"] = args.prometheus_url
+    if getattr(args, "bearer_token_file", None):
+        prometheus["bearer_token_file"] = args.bearer_token_file
+    if getattr(args, "username", None):
+        prometheus["username"] = args.username
+    if getattr(args, "password_file", None):
+        prometheus["password"] = _read_secret(args.password_file)
+    if getattr(args, "ca_file", None):
+        prometheus["ca_file"] = args.ca_file
+    if getattr(args, "insecure_skip_verify", None):
+        prometheus["insecure_skip_verify"] = True
+    if getattr(args, "timeout", None) is not None:
+        prometheus["timeout_seconds"] = args.timeout
+    query: dict[str, Any] = {}
+    for flag in ("window", "estimator", "quantile"):
+        if getattr(args, flag, None) is not None:
+            query[flag] = getattr(args, flag)
+    balance: dict[str, Any] = {}
+    if getattr(args, "max_migrations", None) is not None:
+        balance["max_migrations"] = args.max_migrations
+    rules: dict[str, Any] = {}
+    if getattr(args, "maintenance", None):
+        rules["maintenance"] = sorted({*config.rules.maintenance, *args.maintenance})
+    output: dict[str, Any] = {}
+    if getattr(args, "commands", None):
+        output["commands"] = args.commands
+    serve: dict[str, Any] = {}
+    if getattr(args, "listen", None):
+        serve["listen"] = args.listen
+    if getattr(args, "interval", None) is not None:
+        serve["interval_seconds"] = args.interval
+    updates = {
+        "prometheus": prometheus,
+        "query": query,
+        "balance": balance,
+        "rules": rules,
+        "output": output,
+        "serve": serve,
+    }
+    merged = config.model_dump()
+    for section, values in updates.items():
+        merged[section].update(values)
+    try:
+        return Config.model_validate(merged)
+    except Exception as exc:  # pydantic ValidationError from a bad flag value
+        raise CommandError(_first_validation_error(exc)) from None
+
+
+def _first_validation_error(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"invalid option: {where}: {first['msg']}"
+    return f"invalid option: {exc}"
+
+
+def _read_secret(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise CommandError(f"{path}: {exc.strerror or exc}") from None
+
+
+def evaluation_time(args: argparse.Namespace) -> datetime | None:
+    if not getattr(args, "at", None):
+        return None
+    try:
+        at = datetime.fromisoformat(args.at)
+    except ValueError:
+        raise CommandError(f"--at {args.at!r}: not an ISO-8601 time") from None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.config_command == "defaults":
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(Config().model_dump(), sort_keys=False))
+        return EXIT_OK
+    try:
+        load_config(args.file)
+    except ConfigError as exc:
+        for problem in getattr(exc, "problems", None) or [str(exc)]:
+            print(f"vmbalance: {problem}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{args.file}: ok")
+    return EXIT_OK
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from recommender.snapshot import save_snapshot
+
+    config = effective_config(args)
+    snapshot = _prometheus_snapshot(config, evaluation_time(args))
+    if args.output == "-":
+        save_snapshot(snapshot, sys.stdout, config)
+    else:
+        save_snapshot(snapshot, args.output, config)
+        print(
+            f"wrote {args.output}: {len(snapshot.nodes)} nodes, {len(snapshot.vms)} VMs",
+            file=sys.stderr,
+        )
+    for warning in snapshot.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _prometheus_snapshot(config: Config, at: datetime | None) -> Any:
+    from recommender.prometheus import PrometheusSource
+
+    return PrometheusSource(config.prometheus).build_snapshot(config, at=at)
+
+
+def load_plan_input(args: argparse.Namespace) -> tuple[Any, Config]:
+    """The snapshot to plan from and the config that applies to it.
+
+    A snapshot file may carry the settings it was taken with; an explicit --config wins, and
+    flags win over both."""
+    at = evaluation_time(args)  # validated even when a file makes it moot
+    if args.input:
+        from recommender.snapshot import load_snapshot
+
+        snapshot, embedded = load_snapshot(args.input)
+        return snapshot, effective_config(args, base=embedded)
+    config = effective_config(args)
+    return _prometheus_snapshot(config, at), config
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from recommender.plan import build_plan
+    from recommender.render import render, render_table
+
+    snapshot, config = load_plan_input(args)
+    plan = build_plan(snapshot, config)
+    if args.output == "table" and not args.out_file:
+        from rich.console import Console
+
+        render_table(plan, config, Console(highlight=False))
+        return EXIT_OK
+    text = render(plan, args.output, config)
+    if args.out_file:
+        Path(args.out_file).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    if args.output != "table":
+        for warning in plan.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from recommender.serve import serve
+
+    return serve(effective_config(args), once=args.once)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from recommender.report import write_report
+
+    config = effective_config(args)
+    path = write_report(config, period=args.period, out_dir=Path(args.out),
+                        at=evaluation_time(args))  # fmt: skip
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "plan": cmd_plan,
+    "snapshot": cmd_snapshot,
+    "config": cmd_config,
+    "serve": cmd_serve,
+    "report": cmd_report,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as exc:
+        message = known_error(exc)
+        if message is None:
+            raise
+        print(f"vmbalance: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def known_error(exc: Exception) -> str | None:
+    """The one-line message of an error an operator can cause; None for a bug."""
+    from recommender.prometheus import SourceError
+    from recommender.snapshot import SnapshotError
+
+    if isinstance(exc, ConfigError):
+        problems = getattr(exc, "problems", None) or [str(exc)]
+        return "; ".join(str(p) for p in problems) if len(problems) > 1 else str(problems[0])
+    if isinstance(exc, CommandError | SourceError | SnapshotError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

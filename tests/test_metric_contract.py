@@ -1,0 +1,108 @@
+"""The metric names are the contract between the exporter and everything that reads it.
+
+Every `vmbalance_*` series that the recommender's queries, the rules and the dashboards use
+must be documented in docs/metrics.md and actually emitted: by the exporter's collector, or by
+`vmbalance serve`'s collector.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import yaml
+from prometheus_client import generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+from exporter.collector import FAMILIES
+from recommender.config import Config
+from recommender.prometheus import SnapshotQueries
+from recommender.serve import Recommender, RecommenderCollector
+from recommender.snapshot import load_snapshot
+from tests.conftest import REPO
+
+NAME = re.compile(r"\bvmbalance_[a-z_]+\b")
+SERVE_HEADING = "## Published by `vmbalance serve`"
+
+
+def documented() -> tuple[set[str], set[str]]:
+    text = (REPO / "docs" / "metrics.md").read_text(encoding="utf-8")
+    exporter_part, serve_part = text.split(SERVE_HEADING)
+
+    def names(part: str) -> set[str]:
+        out = set()
+        for line in part.splitlines():
+            if line.startswith("| `vmbalance_"):
+                name = line.split("`")[1]
+                kind = line.split("|")[2].strip()
+                out.add(name if kind != "counter" or name.endswith("_total") else name + "_total")
+        return out
+
+    return names(exporter_part), names(serve_part)
+
+
+def serve_emitted() -> set[str]:
+    snapshot, config = load_snapshot(REPO / "recommender" / "examples" / "snapshot.json")
+    recommender = Recommender(config or Config(), snapshot_source=lambda _: snapshot)
+    recommender.run_once()
+    registry = CollectorRegistry()
+    registry.register(RecommenderCollector(recommender))
+    text = generate_latest(registry).decode()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
+
+
+def recording_rule_names() -> set[str]:
+    names = set()
+    for path in (REPO / "alerts").glob("vmbalance*.yml"):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            names |= {rule["record"] for rule in group["rules"] if "record" in rule}
+    return names
+
+
+def queried() -> dict[str, set[str]]:
+    sources: dict[str, set[str]] = {}
+    for estimator in ("mean", "quantile"):
+        config = Config.model_validate({"query": {"estimator": estimator}})
+        queries = SnapshotQueries.for_config(config).queries
+        sources[f"recommender ({estimator})"] = set(NAME.findall(" ".join(queries.values())))
+    for path in (REPO / "alerts").glob("vmbalance*.yml"):
+        exprs = [
+            rule["expr"]
+            for group in yaml.safe_load(path.read_text())["groups"]
+            for rule in group["rules"]
+        ]
+        sources[path.name] = set(NAME.findall(" ".join(exprs)))
+    for path in (REPO / "grafana" / "dashboards").glob("*.json"):
+        text = json.dumps(json.loads(path.read_text()))
+        sources[path.name] = set(NAME.findall(text))
+    return sources
+
+
+def test_exporter_emits_exactly_what_is_documented() -> None:
+    exporter_docs, _ = documented()
+    assert exporter_docs == {family.sample_name for family in FAMILIES}
+
+
+def test_serve_emits_what_is_documented() -> None:
+    _, serve_docs = documented()
+    assert serve_docs <= serve_emitted()
+
+
+def test_every_queried_series_is_emitted() -> None:
+    exporter_docs, serve_docs = documented()
+    emitted = {family.sample_name for family in FAMILIES} | serve_emitted()
+    known = emitted | recording_rule_names()
+    sources = queried()
+    assert all(sources.values()), "a source names no vmbalance_ series at all"
+    for source, names in sources.items():
+        series = {n for n in names if not _is_recording_part(n)}
+        unknown = series - known
+        assert not unknown, f"{source} queries series nobody emits: {sorted(unknown)}"
+        undocumented = series - recording_rule_names() - exporter_docs - serve_docs
+        assert not undocumented, f"{source} uses undocumented series: {sorted(undocumented)}"
+
+
+def _is_recording_part(name: str) -> bool:
+    """`node:vmbalance_disk_bytes:rate5m` matches `vmbalance_disk_bytes` as a word: the middle of
+    a recording rule name, not a series of its own."""
+    return any(f":{name}:" in rule for rule in recording_rule_names())
