@@ -30,7 +30,7 @@ test: venv
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: venv
-	$(PY) -m recommender.demo
+	$(PY) demo/run.py
 
 bench: venv
 	@set -e; for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script; done

@@ -26,7 +26,7 @@ import math
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import IO
@@ -493,13 +493,15 @@ def simulate_cluster(
     burst_factor: float = 10.0,
     hostile_names: int = 0,
     noise: float = 0.3,
+    node_scales: Sequence[float] | None = None,
 ) -> ClusterHistory:
     """Draw a cluster and its history.
 
     `duration` and `step` in seconds; samples at `end - duration, ..., end` (default `end`:
     now rounded down to `step`). `migration_offsets` (seconds after the start) pins the
     migration times, else `migrations` are drawn in the history's second half. The `bursts`
-    VMs run at `burst_factor` times their rate over the last `burst_seconds`. The first
+    VMs run at `burst_factor` times their rate over the last `burst_seconds`. `node_scales`
+    makes nodes unequal: node i's CPUs, memory and I/O capacities scale by its factor. The first
     `hostile_names` VMs get names full of quotes, newlines and unusual unicode. The hot
     node (the first one) hosts the heaviest disk users.
     """
@@ -573,14 +575,27 @@ def simulate_cluster(
     sim_nodes = []
     fair_vcpus = sum(v.vcpus for v in sims) / nodes
     fair_memory = sum(v.memory_max_bytes for v in sims) / nodes
-    for name in node_names:
+    scales = list(node_scales) if node_scales is not None else [1.0] * nodes
+    if len(scales) != nodes or min(scales) <= 0:
+        raise ValueError("node_scales needs one positive factor per node")
+    for name, scale in zip(node_names, scales, strict=True):
         hosted = [v for v in sims if placement[v.vm] == name]
         cpus = max(int(rng.choice([16, 24, 32])), math.ceil(fair_vcpus / 2 / 8) * 8)
-        needed = max(fair_memory * 1.6, sum(v.memory_max_bytes for v in hosted) * 1.1)
+        cpus = max(8, round(cpus * scale / 8) * 8)
+        needed = max(fair_memory * 1.6 * scale, sum(v.memory_max_bytes for v in hosted) * 1.1)
         memory = max(
-            int(rng.choice([64, 96, 128])) * GIB, math.ceil(needed / (32 * GIB)) * 32 * GIB
+            int(rng.choice([64, 96, 128]) * scale) * GIB,
+            math.ceil(needed / (32 * GIB)) * 32 * GIB,
         )
-        sim_nodes.append(SimNode(name=name, cpus=cpus, memory_bytes=memory))
+        defaults = SimNode(name=name, cpus=cpus, memory_bytes=memory)
+        sim_nodes.append(
+            replace(
+                defaults,
+                disk_bytes=defaults.disk_bytes * scale,
+                disk_ops=defaults.disk_ops * scale,
+                network=defaults.network * scale,
+            )
+        )
 
     burst_vms = [v.vm for v in sims[-bursts:]] if bursts else []
     burst_list = tuple(
