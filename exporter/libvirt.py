@@ -123,13 +123,43 @@ def _bulk_balloon(stats: Mapping[str, Any]) -> dict[str, int]:
     return balloon
 
 
-def _bulk_disks(stats: Mapping[str, Any]) -> tuple[DiskSample, ...]:
+def _block_stats_skipped(stats: Mapping[str, Any]) -> bool:
+    """Whether NOWAIT skipped a busy domain's block counters.
+
+    libvirt then lists each disk with its `name` and `path` only. A disk with a source has a
+    path and normally counters; one with a path but no `rd.bytes` had them skipped. (An empty
+    CD-ROM drive has neither path nor counters, and has nothing to read.)
+    """
+    return any(
+        f"block.{i}.path" in stats and f"block.{i}.rd.bytes" not in stats
+        for i in range(stats.get("block.count", 0))
+    )
+
+
+class _BlockStatsSkipped(Exception):
+    """Bulk stats lack a disk's counters and nothing was given to read them per domain."""
+
+
+def _bulk_disks(
+    stats: Mapping[str, Any], read_skipped: Callable[[str], DiskSample] | None = None
+) -> tuple[DiskSample, ...]:
+    """Disks from bulk `block.*`; `read_skipped(name)` reads those whose counters NOWAIT skipped.
+
+    Without `read_skipped` such a disk raises rather than vanish from the VM's series.
+    """
     disks = []
     for i in range(stats["block.count"]):
         prefix = f"block.{i}."
         name = stats.get(prefix + "name")
         read_bytes = stats.get(prefix + "rd.bytes")
-        if name is None or read_bytes is None:  # an empty CD-ROM drive has no counters
+        if name is None:
+            continue
+        if read_bytes is None:
+            if prefix + "path" not in stats:  # an empty CD-ROM drive has no counters
+                continue
+            if read_skipped is None:
+                raise _BlockStatsSkipped(name)
+            disks.append(read_skipped(name))
             continue
         disks.append(
             DiskSample(
@@ -276,6 +306,8 @@ class LibvirtBackend:
             | self._lv.VIR_DOMAIN_STATS_BLOCK
         )
         self._devices: dict[str, _Devices] = {}
+        # Whether the driver answers getMemoryStats(); found out again on each new connection.
+        self._node_memory_stats = True
         self._busy: set[str] = set()  # UUIDs with a per-domain call still running
         self._pending: threading.Thread | None = None  # a bulk call that overran its scrape
         self._connection_errors = frozenset(
@@ -311,6 +343,7 @@ class LibvirtBackend:
             with self._lock:
                 self._conn, self._conn_dead, self._version = conn, False, version
                 self._devices.clear()
+                self._node_memory_stats = True
         return conn
 
     def _alive(self, conn: virConnect) -> bool:
@@ -338,12 +371,16 @@ class LibvirtBackend:
         with contextlib.suppress(self._lv.libvirtError):
             conn.close()
 
-    def _note_error(self, exc: Exception) -> None:
-        """Mark the connection dead when a call failed because of it, not of one domain."""
-        if isinstance(exc, self._lv.libvirtError) and (
+    def _is_connection_error(self, exc: Exception) -> bool:
+        """Whether a call failed because of the connection, not of one domain or driver."""
+        return isinstance(exc, self._lv.libvirtError) and (
             exc.get_error_code() in self._connection_errors
             or exc.get_error_domain() in self._connection_error_domains
-        ):
+        )
+
+    def _note_error(self, exc: Exception) -> None:
+        """Mark the connection dead when a call failed because of it, not of one domain."""
+        if self._is_connection_error(exc):
             with self._lock:
                 self._conn_dead = True
 
@@ -429,6 +466,7 @@ class LibvirtBackend:
         conn = self._connection()
         try:
             info = conn.getInfo()
+            memory = self._node_memory(conn, info)
             try:
                 records = conn.getAllDomainStats(self._bulk_stats, self._bulk_flags)
             except self._lv.libvirtError as exc:
@@ -442,8 +480,31 @@ class LibvirtBackend:
             raise
         with self._lock:
             version = self._version
-        node = NodeSample(cpus=info[2], memory_bytes=info[1] * _MIB, version=version)
-        return node, records
+        return NodeSample(cpus=info[2], memory_bytes=memory, version=version), records
+
+    def _node_memory(self, conn: virConnect, info: list[Any]) -> int:
+        """The host's memory in bytes: MemTotal, as the QMP backend reads it from /proc.
+
+        `getInfo()` gives MiB summed over the NUMA cells libvirt knows, which can be far
+        less than the host has, so it is only the fallback for drivers without
+        `getMemoryStats()` (the test driver, for one).
+        """
+        if self._node_memory_stats:
+            try:
+                total = conn.getMemoryStats(self._lv.VIR_NODE_MEMORY_STATS_ALL_CELLS).get("total")
+            except self._lv.libvirtError as exc:
+                if self._is_connection_error(exc):
+                    raise  # the scrape reports the connection down
+                if exc.get_error_code() in (
+                    self._lv.VIR_ERR_NO_SUPPORT,
+                    self._lv.VIR_ERR_OPERATION_UNSUPPORTED,
+                ):
+                    self._node_memory_stats = False
+                log.debug("libvirt: node memory from getInfo(): %s", _one_line(exc))
+            else:
+                if total:
+                    return int(total) * _KIB
+        return int(info[1]) * _MIB
 
     @staticmethod
     def _complete(stats: Mapping[str, Any], balloon: Mapping[str, int]) -> bool:
@@ -455,6 +516,7 @@ class LibvirtBackend:
             and "block.count" in stats
             and "net.count" in stats
             and not _needs_memory_stats(balloon)
+            and not _block_stats_skipped(stats)
         )
 
     @staticmethod
@@ -562,21 +624,21 @@ class LibvirtBackend:
             balloon = {**domain.memoryStats(), **balloon}
         used, rss = _memory_bytes(balloon, max_kib if current_kib is None else current_kib)
 
+        def read_disk(dev: str) -> DiskSample:
+            in_time()
+            read_reqs, read_bytes, write_reqs, write_bytes, _ = domain.blockStats(dev)
+            return DiskSample(dev, read_bytes, write_bytes, read_reqs, write_reqs)
+
+        # Disks NOWAIT skipped are read here, within the deadline; if that fails or runs out,
+        # the VM is skipped and counted rather than published without them.
         if "block.count" in stats and "net.count" in stats:
-            disks, interfaces = _bulk_disks(stats), _bulk_interfaces(stats)
+            disks, interfaces = _bulk_disks(stats, read_disk), _bulk_interfaces(stats)
         else:
             devices = self._devices_of(job, in_time)
             if "block.count" in stats:
-                disks = _bulk_disks(stats)
+                disks = _bulk_disks(stats, read_disk)
             else:
-                disk_list = []
-                for dev in devices.disks:
-                    in_time()
-                    read_reqs, read_bytes, write_reqs, write_bytes, _ = domain.blockStats(dev)
-                    disk_list.append(
-                        DiskSample(dev, read_bytes, write_bytes, read_reqs, write_reqs)
-                    )
-                disks = tuple(disk_list)
+                disks = tuple(read_disk(dev) for dev in devices.disks)
             if "net.count" in stats:
                 interfaces = _bulk_interfaces(stats)
             else:

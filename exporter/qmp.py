@@ -43,6 +43,7 @@ ALLOWED_COMMANDS: Final[frozenset[str]] = frozenset(
         "query-cpus-fast",
         "query-version",
         "query-name",
+        "query-status",
         "query-uuid",
         "query-memory-size-summary",
         "qom-get",
@@ -60,6 +61,11 @@ _CANCEL_GRACE: Final = 0.2
 _STAT_UNSET: Final = 2**63
 # Block devices whose qdev path is not the Proxmox drive name (OVMF code and vars).
 _QDEV_ALIASES: Final = {"/machine/system.flash0": "pflash0", "/machine/system.flash1": "efidisk0"}
+# Run states (`query-status`) of a QEMU whose guest runs on another node: a target waiting for
+# or receiving an incoming migration, a source finishing or done migrating away. That node
+# reports the VM; publishing it here too would count it twice (and a failed migration would
+# look like a VM that moved). Not an error either: the VM is simply not here.
+_RUNNING_ELSEWHERE: Final = frozenset({"inmigrate", "postmigrate", "finish-migrate"})
 _CONF_LINE = re.compile(r"^([a-z][a-z0-9_-]*)\s*:\s*(.*?)\s*$")
 _NET_KEY = re.compile(r"^net(\d+)$")
 
@@ -359,7 +365,9 @@ class _Target:
 
 @dataclass(frozen=True, slots=True)
 class _Reading:
-    sample: VMSample
+    """One VM's session; `sample` is None for a VM whose guest runs on another node."""
+
+    sample: VMSample | None
     version: tuple[int, int, int] | None
 
 
@@ -447,7 +455,7 @@ class QmpBackend:
         return ScrapeResult(
             up=True,
             node=node,
-            vms=[r.sample for r in readings],
+            vms=[r.sample for r in readings if r.sample is not None],
             vm_errors=listing_errors + failed,
         )
 
@@ -536,6 +544,7 @@ class QmpBackend:
     async def _read_vm(self, target: _Target) -> _Reading:
         conf = read_config(os.path.join(self.conf_dir, f"{target.vmid}.conf"))
         queries: dict[str, Mapping[str, object] | None] = {
+            "query-status": None,
             "query-blockstats": None,
             "query-balloon": None,
             "query-cpus-fast": None,
@@ -554,10 +563,15 @@ class QmpBackend:
             await client.connect(target.socket)
             await execute(client, "qmp_capabilities")
             replies = await _batch(client, queries)
+            elsewhere = _runs_elsewhere(replies["query-status"])
             balloon = replies["query-balloon"]
             balloon_info = balloon if isinstance(balloon, dict) else None
             guest_stats: object = None
-            if balloon_info is not None and guest_memory_used(balloon_info, None) is None:
+            if (
+                not elsewhere
+                and balloon_info is not None
+                and guest_memory_used(balloon_info, None) is None
+            ):
                 with contextlib.suppress(ExecuteError):
                     guest_stats = await execute(
                         client, "qom-get", {"path": BALLOON_QOM_PATH, "property": "guest-stats"}
@@ -565,6 +579,10 @@ class QmpBackend:
         finally:
             await _hang_up(client)
 
+        version = _qemu_version(replies["query-version"])
+        if elsewhere:
+            logger.debug("VM %s not published: migrating (%s)", target.vmid, elsewhere)
+            return _Reading(sample=None, version=version)
         blockstats = replies["query-blockstats"]
         if isinstance(blockstats, ExecuteError):
             raise blockstats
@@ -593,7 +611,17 @@ class QmpBackend:
             disks=disks,
             interfaces=read_tap_counters(self.net_root, target.vmid, conf.nets),
         )
-        return _Reading(sample=sample, version=_qemu_version(replies["query-version"]))
+        return _Reading(sample=sample, version=version)
+
+
+def _runs_elsewhere(status: object) -> str | None:
+    """The run state from a `query-status` reply when it means the guest runs on another node.
+
+    A refused or odd reply gives None: the VM is read as before rather than hidden.
+    """
+    if isinstance(status, dict) and status.get("status") in _RUNNING_ELSEWHERE:
+        return str(status["status"])
+    return None
 
 
 async def _batch(

@@ -134,6 +134,8 @@ class FakeVM:
     name: str | None = None
     uuid: str = "00000000-0000-0000-0000-000000000000"
     memory_bytes: int = 2 * GIB
+    status: str = "running"
+    """The run state `query-status` reports (`inmigrate`, `postmigrate`, `paused`, ...)."""
     silent: bool = False
     """Accept connections and never say a word (QEMU busy with another client)."""
     hangup_on: str | None = None
@@ -197,6 +199,10 @@ def answer(vm: FakeVM, command: str, arguments: dict[str, Any]) -> dict[str, Any
         return {"return": {"name": vm.name} if vm.name else {}}
     if command == "query-uuid":
         return {"return": {"UUID": vm.uuid}}
+    if command == "query-status":
+        return {
+            "return": {"status": vm.status, "singlestep": False, "running": vm.status == "running"}
+        }
     if command == "query-memory-size-summary":
         return {"return": {"base-memory": vm.memory_bytes, "plugged-memory": 0}}
     return _error("CommandNotFound", f"The command {command} has not been found")

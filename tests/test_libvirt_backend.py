@@ -257,6 +257,47 @@ def test_static_facts_are_parsed_once_per_boot(spied: tuple[LibvirtBackend, SpyO
     assert opener.spy.calls["XMLDesc"] == N_VMS + 1
 
 
+def test_node_memory_is_the_hosts_total_from_memory_stats(
+    spied: tuple[LibvirtBackend, SpyOpener],
+) -> None:
+    backend, opener = spied
+    asked: list[int] = []
+
+    def memory_stats(cell: int) -> dict[str, int]:
+        asked.append(cell)
+        # What the QEMU host answers (KiB): MemTotal, not getInfo()'s NUMA-cell sum.
+        return {"total": 24_641_536, "free": 1_000_000, "buffers": 1, "cached": 2}
+
+    opener.spy.getMemoryStats = memory_stats
+    result = backend.scrape(timeout=10)
+    assert result.up and result.node is not None
+    assert result.node.memory_bytes == 24_641_536 * 1024
+    assert asked == [libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS]
+
+
+def test_node_memory_falls_back_to_get_info_where_unsupported(
+    spied: tuple[LibvirtBackend, SpyOpener],
+) -> None:
+    backend, opener = spied
+    real = opener.spy.conn.getMemoryStats
+    asked: list[int] = []
+
+    def memory_stats(cell: int) -> dict[str, int]:
+        asked.append(cell)
+        return real(cell)  # the test driver raises VIR_ERR_NO_SUPPORT
+
+    opener.spy.getMemoryStats = memory_stats
+    with pytest.raises(libvirt.libvirtError) as caught:
+        real(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
+    assert caught.value.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT
+    for _ in range(2):
+        result = backend.scrape(timeout=10)
+        assert result.up and result.node is not None
+        assert result.node.memory_bytes == 256 * GIB  # getInfo()'s MiB
+        assert len(result.vms) == N_VMS
+    assert asked == [libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS]  # not asked again
+
+
 def test_bad_uri_is_one_line_backend_error() -> None:
     with pytest.raises(BackendError) as caught:
         LibvirtBackend("nosuchdriver:///nowhere")
@@ -301,6 +342,7 @@ def _qemu_like(domain: Any, stats: dict[str, Any]) -> dict[str, Any]:
         "balloon.rss": 3 * 1024 * 1024 + 1,
         "block.count": 2,
         "block.0.name": "sda",
+        "block.0.path": "/var/lib/libvirt/images/sda.qcow2",
         "block.0.rd.reqs": 10,
         "block.0.rd.bytes": 4096,
         "block.0.wr.reqs": 20,
@@ -356,28 +398,84 @@ def test_missing_fields_are_read_per_domain_and_only_those(
     assert [d.disk for d in vm.disks] == ["sda"]
 
 
-def test_busy_domain_without_balloon_figures_is_not_waited_for(
-    spied: tuple[LibvirtBackend, SpyOpener],
-) -> None:
-    backend, opener = spied
-    busy = vm_name(4)
+def _nowait_skipped(busy: str, disk: str = disk_target(0)) -> StatsHook:
+    """Bulk stats where NOWAIT skipped `busy`: balloon figures and disk counters gone.
 
-    def nowait_skipped(domain: Any, stats: dict[str, Any]) -> dict[str, Any]:
+    The busy domain's first disk is named as the test driver knows it (`disk`), with the
+    name and path libvirt still lists; the empty CD-ROM (`block.1`) stays as it is.
+    """
+
+    def hook(domain: Any, stats: dict[str, Any]) -> dict[str, Any]:
         stats = _qemu_like(domain, stats)
         if domain.name() == busy:  # NOWAIT keeps only what needs no monitor call
             for key in ("available", "unused", "usable", "rss"):
                 del stats[f"balloon.{key}"]
             for key in ("rd.reqs", "rd.bytes", "wr.reqs", "wr.bytes"):
                 del stats[f"block.0.{key}"]
+            stats["block.0.name"] = disk
+            stats["block.0.path"] = f"/var/lib/libvirt/images/{busy}-0.qcow2"
         return stats
 
-    opener.spy.stats_hook = nowait_skipped
+    return hook
+
+
+def test_busy_domain_without_balloon_figures_is_not_waited_for(
+    spied: tuple[LibvirtBackend, SpyOpener],
+) -> None:
+    backend, opener = spied
+    busy = vm_name(4)
+    opener.spy.stats_hook = _nowait_skipped(busy)
     result = backend.scrape(timeout=10)
     assert len(result.vms) == N_VMS and result.vm_errors == 0
-    assert opener.spy.calls["memoryStats"] == 0 and opener.spy.calls["blockStats"] == 0
+    assert opener.spy.calls["memoryStats"] == 0
     vm = by_vm(result)[busy]
     assert vm.memory_used_bytes == 4 * GIB and vm.memory_rss_bytes is None
-    assert vm.disks == () and [n.interface for n in vm.interfaces] == ["vnet4"]
+    assert [n.interface for n in vm.interfaces] == ["vnet4"]
+
+
+def test_disk_counters_skipped_by_nowait_are_read_per_domain(
+    spied: tuple[LibvirtBackend, SpyOpener],
+) -> None:
+    backend, opener = spied
+    busy = vm_name(4)
+    opener.spy.stats_hook = _nowait_skipped(busy)
+    result = backend.scrape(timeout=10)
+    assert len(result.vms) == N_VMS and result.vm_errors == 0
+    # Only the busy domain's skipped disk: not the CD-ROM, not any other domain's disks.
+    assert opener.spy.calls["blockStats"] == 1 and opener.spy.calls["XMLDesc"] == 0
+    (disk,) = by_vm(result)[busy].disks
+    read_reqs, read_bytes, write_reqs, write_bytes, _ = opener.spy.conn.lookupByName(
+        busy
+    ).blockStats(disk_target(0))
+    assert disk.disk == disk_target(0)
+    # The test driver's counters grow with wall time: the figures are blockStats', not zeros.
+    assert 0 < disk.read_bytes <= read_bytes and 0 < disk.reads_completed <= read_reqs
+    assert 0 < disk.written_bytes <= write_bytes and 0 < disk.writes_completed <= write_reqs
+    assert by_vm(result)[vm_name(5)].disks[0].disk == "sda"  # everyone else: bulk
+
+
+def test_skipped_disk_counters_that_cannot_be_read_cost_the_vm(
+    spied: tuple[LibvirtBackend, SpyOpener],
+) -> None:
+    backend, opener = spied
+    unplugged, hung = vm_name(4), vm_name(6)
+    release = threading.Event()
+
+    # One disk is gone by the time blockStats asks for it; the other domain's call hangs.
+    hooks = {unplugged: _nowait_skipped(unplugged, disk="vdz"), hung: _nowait_skipped(hung)}
+    opener.spy.stats_hook = lambda domain, stats: hooks.get(domain.name(), _qemu_like)(
+        domain, stats
+    )
+    opener.spy.before[(hung, "blockStats")] = lambda _domain: release.wait(10)
+    try:
+        started = time.monotonic()
+        result = backend.scrape(timeout=0.5)
+        assert time.monotonic() - started < 0.75
+    finally:
+        release.set()
+    assert result.up and result.vm_errors == 2
+    assert unplugged not in by_vm(result) and hung not in by_vm(result)
+    assert len(result.vms) == N_VMS - 2
 
 
 def test_states_other_than_running(spied: tuple[LibvirtBackend, SpyOpener]) -> None:

@@ -26,6 +26,7 @@ from qemu_fixtures import (
     QemuVM,
     qemu_available,
     read_proc_usage,
+    start_vm,
     write_blank_image,
     write_boot_image,
 )
@@ -328,10 +329,31 @@ def test_values_commands_and_sessions_with_a_recording_server(
         assert set(log.commands) <= ALLOWED_COMMANDS, vmid
         assert log.commands.count("qmp_capabilities") == 2
         assert log.commands[0] == "qmp_capabilities"
+        assert log.commands.count("query-status") == 2  # one per session, in the batch
     # Proxmox's balloon carries guest stats: no qom-get; the config had memory: no summary.
     assert "qom-get" not in server.logs["100"].commands
     assert "query-memory-size-summary" not in server.logs["100"].commands
     assert "query-name" in server.logs["101"].commands
+
+
+@pytest.mark.parametrize("status", ["inmigrate", "postmigrate", "finish-migrate"])
+def test_a_vm_migrating_in_or_away_is_not_published_nor_an_error(
+    layout: Layout, fake_server: list[FakeQmpServer], status: str
+) -> None:
+    # 151 is paused by the user: still here, still published.
+    vms = [FakeVM("150"), FakeVM("151", status="paused"), FakeVM("152", status=status)]
+    server = FakeQmpServer(layout.run, vms).start()
+    fake_server.append(server)
+    for vm in vms:
+        layout.pid_file(vm.vmid, os.getpid())
+
+    result = layout.backend().scrape(timeout=5.0)
+    assert result.up and result.vm_errors == 0
+    assert sorted(by_vm(result.vms)) == ["150", "151"]
+    assert server.wait_idle()
+    for log in server.logs.values():
+        assert set(log.commands) <= ALLOWED_COMMANDS
+        assert log.commands.count("query-status") == 1
 
 
 def test_upstream_qemu_balloon_guest_stats_and_memory_fallbacks(
@@ -624,3 +646,44 @@ def test_real_qemu_next_to_a_hung_vm(real_node: RealNode, tmp_path: Path) -> Non
     assert elapsed < 1.5
     assert result.up and result.vm_errors == 1
     assert sorted(by_vm(result.vms)) == ["101", "102"]
+
+
+@pytest.mark.slow
+@needs_qemu
+def test_real_qemu_waiting_for_an_incoming_migration_is_not_published(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path)
+    with QemuLab(layout.run) as lab:
+        lab.start("111")
+        lab.start("112", extra_args=["-incoming", "defer"])
+        lab.start("113", paused=True, extra_args=["-incoming", "defer"])
+        assert lab.vms["112"].qmp("query-status")["status"] == "inmigrate"
+        result = layout.backend().scrape(timeout=5.0)
+    assert result.up and result.vm_errors == 0
+    assert sorted(by_vm(result.vms)) == ["111"]
+
+
+@pytest.mark.slow
+@needs_qemu
+def test_real_qemu_live_migration_is_reported_by_one_node_at_a_time(tmp_path: Path) -> None:
+    """A source and target QEMU, each in its own node's run dir; only one is ever published."""
+    source_node, target_node = make_layout(tmp_path / "a"), make_layout(tmp_path / "b")
+    channel = tmp_path / "migrate.sock"
+    source = start_vm(source_node.run, "120")
+    target = start_vm(target_node.run, "120", extra_args=["-incoming", f"unix:{channel}"])
+    try:
+        source_backend, target_backend = source_node.backend(), target_node.backend()
+        before = (source_backend.scrape(timeout=5.0), target_backend.scrape(timeout=5.0))
+        assert [len(r.vms) for r in before] == [1, 0]
+        assert [r.vm_errors for r in before] == [0, 0]
+
+        source.qmp("migrate", {"uri": f"unix:{channel}"})  # the test's own session, not ours
+        deadline = time.monotonic() + 10
+        while source.qmp("query-status")["status"] != "postmigrate":
+            assert time.monotonic() < deadline, "the migration did not complete"
+            time.sleep(0.02)
+        after = (source_backend.scrape(timeout=5.0), target_backend.scrape(timeout=5.0))
+        assert [len(r.vms) for r in after] == [0, 1]
+        assert [r.vm_errors for r in after] == [0, 0]
+    finally:
+        source.stop()
+        target.stop()
