@@ -483,7 +483,9 @@ def test_plan_frames_and_settings() -> None:
 
 @pytest.mark.skipif(not exact_available(), reason="highspy not installed")
 def test_exact_mode_is_never_worse_than_the_heuristic() -> None:
-    inst = random_cluster(1, Shape(balance={"min_gain": 0, "min_gain_per_gib": 0}))
+    inst = random_cluster(
+        1, Shape(nodes=(4, 5), vms=(14, 18), balance={"min_gain": 0, "min_gain_per_gib": 0})
+    )
     heuristic = plan_moves(inst.snapshot, inst.config, exact=False)
     exact = plan_moves(inst.snapshot, inst.config, exact=True)
     if heuristic.target_reached:

@@ -165,7 +165,7 @@ def _check(inst: Instance, result: EngineResult, plan: Plan) -> None:
 
 
 @settings(
-    max_examples=120,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
