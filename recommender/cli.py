@@ -15,13 +15,10 @@ from typing import Any
 
 from recommender import __version__
 from recommender.config import Config, ConfigError, load_config
+from recommender.errors import CommandError, known_error
 
 EXIT_OK = 0
 EXIT_ERROR = 2
-
-
-class CommandError(Exception):
-    """A one-line reason to stop with exit status 2."""
 
 
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
@@ -294,21 +291,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"vmbalance: {message}", file=sys.stderr)
         return EXIT_ERROR
-
-
-def known_error(exc: Exception) -> str | None:
-    """The one-line message of an error an operator can cause; None for a bug."""
-    from recommender.prometheus import SourceError
-    from recommender.snapshot import SnapshotError
-
-    if isinstance(exc, ConfigError):
-        problems = getattr(exc, "problems", None) or [str(exc)]
-        return "; ".join(str(p) for p in problems) if len(problems) > 1 else str(problems[0])
-    if isinstance(exc, CommandError | SourceError | SnapshotError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        return f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
-    return None
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def _seconds_text(seconds: float) -> str:
     return f"{seconds:g}"
 
 
-def _counter_sum(counters: Sequence[str], range_: str, by: str) -> str:
+def counter_sum(counters: Sequence[str], range_: str, by: str) -> str:
     """PromQL summing `increase()` of several counters per `by` labels.
 
     Each counter is aggregated on its own and the results are added; `(a + b) or a or b`
@@ -138,11 +138,11 @@ class SnapshotQueries:
             ),
         }
         for resource, counters in RATE_COUNTERS.items():
-            mean = f"({_counter_sum(counters, window, 'node, vm')}) / {_seconds_text(w_s)}"
+            mean = f"({counter_sum(counters, window, 'node, vm')}) / {_seconds_text(w_s)}"
             if q.estimator == "mean":
                 queries[f"load_{resource}"] = mean
             else:
-                short_rate = f"({_counter_sum(counters, short, 'vm')}) / {_seconds_text(s_s)}"
+                short_rate = f"({counter_sum(counters, short, 'vm')}) / {_seconds_text(s_s)}"
                 queries[f"load_{resource}"] = (
                     f"quantile_over_time({q.quantile:g}, ({short_rate})[{window}:{short}])"
                 )
@@ -151,7 +151,7 @@ class SnapshotQueries:
         for resource in BURST_RESOURCES:
             counters = RATE_COUNTERS[resource]
             queries[f"short_{resource}"] = (
-                f"({_counter_sum(counters, short, 'vm')}) / {_seconds_text(s_s)}"
+                f"({counter_sum(counters, short, 'vm')}) / {_seconds_text(s_s)}"
             )
         used = "vmbalance_vm_memory_used_bytes"
         if q.estimator == "mean":

@@ -53,7 +53,7 @@ from recommender.prometheus import (
     PrometheusSource,
     SnapshotQueries,
     SourceError,
-    _counter_sum,
+    counter_sum,
 )
 from recommender.render import plan_document, render_commands
 
@@ -159,7 +159,7 @@ class ReportQueries:
         }
         for resource, counters in RATE_COUNTERS.items():
             ranges[f"load_{resource}"] = (
-                f"({_counter_sum(counters, step, 'node')}) / {window.step:.0f}"
+                f"({counter_sum(counters, step, 'node')}) / {window.step:.0f}"
             )
         memory = _memory_family(config)
         ranges["load_memory"] = f"sum by (node) ({memory})"

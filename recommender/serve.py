@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from recommender.config import Config
+from recommender.errors import CommandError, known_error
 from recommender.model import RESOURCES, Snapshot
 
 log = logging.getLogger("vmbalance.serve")
@@ -71,7 +72,7 @@ class Recommender:
             plan = build_plan(snapshot, self.config)
             document = plan_document(plan, self.config)
         except Exception as exc:
-            message = _known_error(exc)
+            message = known_error(exc)
             if message is None:
                 log.exception("planning run failed")
                 message = f"{type(exc).__name__}: {exc}"
@@ -115,12 +116,6 @@ def _prometheus_snapshot(config: Config) -> Snapshot:
     from recommender.prometheus import PrometheusSource
 
     return PrometheusSource(config.prometheus).build_snapshot(config)
-
-
-def _known_error(exc: Exception) -> str | None:
-    from recommender.cli import known_error
-
-    return known_error(exc)
 
 
 class RecommenderCollector(Collector):
@@ -270,8 +265,6 @@ class _QuietHandler(WSGIRequestHandler):
 def _listen_address(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
-        from recommender.cli import CommandError
-
         raise CommandError(f"listen address {listen!r}: expected HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
 
@@ -288,8 +281,6 @@ def serve(config: Config, once: bool = False) -> int:
         ok = recommender.run_once()
         sys.stdout.write(generate_latest(registry).decode())
         if not ok:
-            from recommender.cli import CommandError
-
             raise CommandError(recommender.latest().last_error or "planning failed")
         return 0
 
@@ -299,8 +290,6 @@ def serve(config: Config, once: bool = False) -> int:
             host, port, make_app(recommender, registry), handler_class=_QuietHandler
         )
     except OSError as exc:
-        from recommender.cli import CommandError
-
         raise CommandError(f"cannot listen on {config.serve.listen}: {exc.strerror}") from None
     threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
     stop = threading.Event()
