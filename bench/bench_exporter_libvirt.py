@@ -7,7 +7,7 @@ seconds per scrape (utime + stime of the process from /proc), peak RSS (VmHWM), 
 at 1000 domains against the targets. Prints Markdown and rewrites this benchmark's section of
 docs/benchmarks.md.
 
-Run: .venv/bin/python bench/bench_exporter_libvirt.py [--scrapes N] [--no-write]
+Run: .venv/bin/python bench/bench_exporter_libvirt.py [--runs N] [--scrapes N] [--no-write]
 """
 
 from __future__ import annotations
@@ -252,39 +252,66 @@ def write_section(text: str) -> None:
     DOC.write_text(doc)
 
 
+def head_to_head(work: Path, size: int, scrapes: int, warmup: int, tag: str) -> list[Row]:
+    """Start both exporters on a node of `size` domains, scrape them in turn, stop them."""
+    uri = write_node_xml(work / f"node-{size}.xml", size, disks_per_vm=2, nics_per_vm=1)
+    with (
+        started("vmbalance-exporter", ours(uri), work / f"ours-{tag}.log") as mine,
+        started(PEER, peer(uri), work / f"peer-{tag}.log") as theirs,
+    ):
+        measure([mine, theirs], size, scrapes, warmup)
+        return [Row.of(mine, size), Row.of(theirs, size)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scrapes", type=int, default=30, help="timed scrapes per exporter")
     parser.add_argument("--warmup", type=int, default=3, help="untimed scrapes first")
     parser.add_argument("--domains", type=int, default=1000, help="domains on the node")
+    parser.add_argument(
+        "--runs", type=int, default=5, help="head-to-head runs at --domains, fresh processes each"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only, keep the doc")
     args = parser.parse_args(argv)
     if shutil.which(PEER) is None:
         print(f"{PEER} is not installed (Debian package {PEER})", file=sys.stderr)
         return 2
+    if args.runs < 1 or args.scrapes < 1:
+        print("--runs and --scrapes must be at least 1", file=sys.stderr)
+        return 2
 
     sizes = sorted({*SCALE_SIZES, args.domains})
     rows: dict[int, list[Row]] = {}
+    runs: list[list[Row]] = []
     with tempfile.TemporaryDirectory(prefix="vmbalance-bench-") as tmp:
         work = Path(tmp)
         for size in sizes:
             print(f"== {size} domains: ours vs {PEER}, {args.scrapes} scrapes each", flush=True)
-            uri = write_node_xml(work / f"node-{size}.xml", size, disks_per_vm=2, nics_per_vm=1)
-            with (
-                started("vmbalance-exporter", ours(uri), work / f"ours-{size}.log") as mine,
-                started(PEER, peer(uri), work / f"peer-{size}.log") as theirs,
-            ):
-                measure([mine, theirs], size, args.scrapes, args.warmup)
-                rows[size] = [Row.of(mine, size), Row.of(theirs, size)]
+            rows[size] = head_to_head(work, size, args.scrapes, args.warmup, str(size))
+        runs.append(rows[args.domains])
+        for run in range(2, args.runs + 1):
+            print(f"== {args.domains} domains, run {run} of {args.runs}", flush=True)
+            runs.append(head_to_head(work, args.domains, args.scrapes, args.warmup, f"run{run}"))
 
-    mine_row, peer_row = rows[args.domains]
-    median_ratio = mine_row.median / peer_row.median
-    rss_ratio = mine_row.peak_rss / peer_row.peak_rss
-    cpu_ratio = mine_row.cpu_per_scrape / peer_row.cpu_per_scrape if peer_row.cpu_per_scrape else 0
+    median_ratios = [mine.median / theirs.median for mine, theirs in runs]
+    rss_ratios = [mine.peak_rss / theirs.peak_rss for mine, theirs in runs]
+    cpu_ratios = [
+        mine.cpu_per_scrape / theirs.cpu_per_scrape
+        for mine, theirs in runs
+        if theirs.cpu_per_scrape
+    ]
+    p95_ratios = [mine.p95 / theirs.p95 for mine, theirs in runs]
+    median_ratio = statistics.median(median_ratios)
+    rss_ratio = statistics.median(rss_ratios)
 
     def verdict(ratio: float, target: float) -> str:
-        return f"{ratio:.2f}× (target ≤ {target}×: {'met' if ratio <= target else 'not met'})"
+        return f"{ratio:.3f}× (target ≤ {target}×: {'met' if ratio <= target else 'not met'})"
 
+    def spread(ratios: list[float]) -> str:
+        return ", ".join(f"{r:.3f}" for r in ratios)
+
+    mine_backend = [mine.backend_median for mine, _ in runs if mine.backend_median is not None]
+    mine_medians = [mine.median for mine, _ in runs]
     lines = [
         SECTION,
         "",
@@ -293,27 +320,31 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.scrapes} timed scrapes each after {args.warmup} untimed ones, so load from "
         "elsewhere on the machine falls on both alike. Scrape time is the HTTP request's wall "
         "time; CPU is the exporter process's utime + stime over the timed scrapes; peak RSS is "
-        "its VmHWM.",
+        f"its VmHWM. At {args.domains} domains the head-to-head runs {args.runs} times with "
+        "fresh processes, and the verdicts use the median of the runs' ratios.",
         "",
-        "- Command: `.venv/bin/python bench/bench_exporter_libvirt.py` (part of `make bench`)",
+        f"- Command: `.venv/bin/python bench/bench_exporter_libvirt.py --runs {args.runs}` "
+        "(part of `make bench`)",
         f"- Date: {datetime.date.today().isoformat()}",
         f"- Machine: {machine()}",
         "",
-        *table(rows[args.domains]),
+        *table([row for run in runs for row in run]),
         "",
-        f"At {args.domains} domains:",
+        f"At {args.domains} domains, median over {args.runs} runs:",
         "",
-        f"- median scrape, ours / peer: {verdict(median_ratio, MEDIAN_TARGET)}",
-        f"- peak RSS, ours / peer: {verdict(rss_ratio, RSS_TARGET)}",
-        f"- p95 scrape, ours / peer: {mine_row.p95 / peer_row.p95:.2f}×; "
-        f"CPU per scrape, ours / peer: {cpu_ratio:.2f}×",
+        f"- median scrape, ours / peer: {verdict(median_ratio, MEDIAN_TARGET)}; "
+        f"per run: {spread(median_ratios)}",
+        f"- peak RSS, ours / peer: {verdict(rss_ratio, RSS_TARGET)}; per run: {spread(rss_ratios)}",
+        f"- p95 scrape, ours / peer: {statistics.median(p95_ratios):.3f}×; CPU per scrape, "
+        f"ours / peer: {statistics.median(cpu_ratios) if cpu_ratios else 0:.3f}×",
     ]
-    if mine_row.backend_median is not None:
-        share = mine_row.backend_median / mine_row.median
+    if mine_backend:
+        backend = statistics.median(mine_backend)
+        share = backend / statistics.median(mine_medians)
         lines.append(
             f"- of our median scrape, the libvirt read (`vmbalance_scrape_duration_seconds`) "
-            f"is {ms(mine_row.backend_median)} ms ({share:.0%}); the rest is building and "
-            "serving the exposition text"
+            f"is {ms(backend)} ms ({share:.0%}); the rest is building and serving the "
+            "exposition text"
         )
     lines += [
         "",
@@ -322,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         'domains by ID into a fixed buffer, so "domains reported" shows how many it '
         "actually published.",
         "",
-        "As the node grows:",
+        "As the node grows (one run per size):",
         "",
         *table([row for size in sizes for row in rows[size]]),
         "",

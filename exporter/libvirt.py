@@ -2,8 +2,10 @@
 
 One `getAllDomainStats` call returns state, CPU, balloon, vCPU, block and interface counters for
 all domains at once, so on the QEMU driver a scrape is a single round trip however many VMs
-run. Drivers whose bulk stats lack some of those fields (the test driver returns only
-`state.*`) are completed per domain, and only for the missing fields, by a few worker threads.
+run. Drivers whose bulk stats lack some of those fields are completed per domain, and only for
+the missing fields, by a few worker threads. A driver whose bulk stats carry nothing but
+`state.*` (the test driver), or that has no bulk call at all, gains nothing from it: the
+backend then lists domain IDs, keeps one handle per running domain, and reads each per domain.
 
 libvirt-python is imported on first use, never at module import, so the exporter runs on
 hosts without it (Proxmox) as long as this backend is not chosen.
@@ -231,9 +233,25 @@ class _Job:
     """A domain whose bulk stats miss fields, to complete with per-domain calls."""
 
     domain: virDomain
-    stats: Mapping[str, Any]
+    stats: Mapping[str, Any]  # empty for a listed domain
     balloon: Mapping[str, int]  # `balloon.*` of `stats` under memoryStats() keys
     uuid: str
+    domain_id: int | None = None  # known for a listed domain, else read when needed
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Listed:
+    """A running domain's handle, kept by domain ID while the backend lists IDs.
+
+    An ID names one run of one domain: libvirt hands out a new one at every start and does
+    not reuse them while the daemon runs, and a reconnect clears the table. The name cannot
+    change while the domain runs (libvirt renames only inactive domains).
+    """
+
+    domain: virDomain
+    uuid: str
+    name: str
 
 
 @dataclass(slots=True)
@@ -242,6 +260,7 @@ class _Batch:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     samples: list[VMSample] = field(default_factory=list)
+    elsewhere: int = 0  # paused here because the VM now runs on another node: not an error
     closed: bool = False
 
 
@@ -249,13 +268,17 @@ class _DeadlineExceeded(Exception):
     """A worker reached the scrape deadline between two calls."""
 
 
-def _check_deadline(deadline: float) -> None:
-    if time.monotonic() >= deadline:
-        raise _DeadlineExceeded
+def _read_disk(domain: virDomain, dev: str) -> DiskSample:
+    read_reqs, read_bytes, write_reqs, write_bytes, _ = domain.blockStats(dev)
+    return DiskSample(dev, read_bytes, write_bytes, read_reqs, write_reqs)
 
 
 class _NotRunning(Exception):
     """A listed domain turned out shut off or crashed."""
+
+
+class _RunsElsewhere(Exception):
+    """A listed domain is paused for an incoming migration or after a post-copy one."""
 
 
 class LibvirtBackend:
@@ -306,6 +329,10 @@ class LibvirtBackend:
             | self._lv.VIR_DOMAIN_STATS_BLOCK
         )
         self._devices: dict[str, _Devices] = {}
+        # Whether the bulk call is worth making on this connection: None until the first
+        # scrape tells, False when it carries only `state.*` or is not supported at all.
+        self._bulk_useful: bool | None = None
+        self._listed: dict[int, _Listed] = {}
         # Whether the driver answers getMemoryStats(); found out again on each new connection.
         self._node_memory_stats = True
         self._busy: set[str] = set()  # UUIDs with a per-domain call still running
@@ -343,6 +370,8 @@ class LibvirtBackend:
             with self._lock:
                 self._conn, self._conn_dead, self._version = conn, False, version
                 self._devices.clear()
+                self._listed.clear()
+                self._bulk_useful = None
                 self._node_memory_stats = True
         return conn
 
@@ -400,7 +429,7 @@ class LibvirtBackend:
             return ScrapeResult(up=False, error="libvirt: a previous call has not returned yet")
         self._pending = None
         try:
-            node, records = self._call_by(deadline, self._read_bulk)
+            node, records, listed, errors = self._call_by(deadline, self._read_domains)
         except TimeoutError:
             return ScrapeResult(
                 up=False, error=f"libvirt: no answer from {self.uri!r} within {timeout:g}s"
@@ -413,7 +442,6 @@ class LibvirtBackend:
 
         vms: list[VMSample] = []
         jobs: list[_Job] = []
-        errors = 0
         seen: set[str] = set()
         with self._lock:
             busy = set(self._busy)
@@ -431,9 +459,15 @@ class LibvirtBackend:
                 vms.append(self._sample_from_bulk(domain, uuid, stats, balloon))
             else:
                 jobs.append(_Job(domain, stats, balloon, uuid))
+        for job in listed:
+            seen.add(job.uuid)
+            if job.uuid in busy:
+                errors += 1
+            else:
+                jobs.append(job)
         if jobs:
-            done = self._run_jobs(jobs, deadline)
-            errors += len(jobs) - len(done)
+            done, elsewhere = self._run_jobs(jobs, deadline)
+            errors += len(jobs) - len(done) - elsewhere
             vms.extend(done)
         with self._lock:
             for uuid in self._devices.keys() - seen:
@@ -462,25 +496,80 @@ class LibvirtBackend:
             raise value
         return value
 
-    def _read_bulk(self) -> tuple[NodeSample, list[tuple[virDomain, dict[str, Any]]]]:
+    def _read_domains(
+        self,
+    ) -> tuple[NodeSample, list[tuple[virDomain, dict[str, Any]]], list[_Job], int]:
+        """The node, then either bulk records or listed domains to read one by one.
+
+        Returns (node, bulk records, listed jobs, listed domains that vanished before their
+        lookup); exactly one of records and jobs is used on a given connection.
+        """
         conn = self._connection()
         try:
             info = conn.getInfo()
             memory = self._node_memory(conn, info)
-            try:
-                records = conn.getAllDomainStats(self._bulk_stats, self._bulk_flags)
-            except self._lv.libvirtError as exc:
-                if exc.get_error_code() != self._lv.VIR_ERR_INVALID_ARG:
-                    raise
-                # A libvirt older than 4.5 rejects NOWAIT; ask it without from now on.
-                self._bulk_flags &= ~self._lv.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
-                records = conn.getAllDomainStats(self._bulk_stats, self._bulk_flags)
+            records: list[tuple[virDomain, dict[str, Any]]] = []
+            jobs: list[_Job] = []
+            lost = 0
+            if self._bulk_useful is not False:
+                records = self._bulk_records(conn)
+            # Listing from this scrape on only when the bulk call is not supported at all; a
+            # state-only one has listed the domains already.
+            if self._bulk_useful is False and not records:
+                jobs, lost = self._list_domains(conn)
         except self._lv.libvirtError as exc:
             self._note_error(exc)
             raise
         with self._lock:
             version = self._version
-        return NodeSample(cpus=info[2], memory_bytes=memory, version=version), records
+        node = NodeSample(cpus=info[2], memory_bytes=memory, version=version)
+        return node, records, jobs, lost
+
+    def _bulk_records(self, conn: virConnect) -> list[tuple[virDomain, dict[str, Any]]]:
+        """`getAllDomainStats`, learning on the way whether it is worth calling again."""
+        try:
+            records = conn.getAllDomainStats(self._bulk_stats, self._bulk_flags)
+        except self._lv.libvirtError as exc:
+            code = exc.get_error_code()
+            if code in (self._lv.VIR_ERR_NO_SUPPORT, self._lv.VIR_ERR_OPERATION_UNSUPPORTED):
+                self._bulk_useful = False
+                return []
+            if code != self._lv.VIR_ERR_INVALID_ARG:
+                raise
+            # A libvirt older than 4.5 rejects NOWAIT; ask it without from now on.
+            self._bulk_flags &= ~self._lv.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+            records = conn.getAllDomainStats(self._bulk_stats, self._bulk_flags)
+        if records and self._bulk_useful is None:
+            # Every group but `state` is the driver's to implement; one that implements none
+            # makes the bulk call a listing that costs a handle per domain and scrape.
+            self._bulk_useful = any(
+                not key.startswith("state.") for _, stats in records for key in stats
+            )
+        return records
+
+    def _list_domains(self, conn: virConnect) -> tuple[list[_Job], int]:
+        """Jobs for the running domains by ID, reusing the handles of earlier scrapes."""
+        listed: dict[int, _Listed] = {}
+        jobs: list[_Job] = []
+        lost = 0
+        with self._lock:
+            known = dict(self._listed)
+        for domain_id in conn.listDomainsID():
+            entry = known.get(domain_id)
+            if entry is None:
+                try:
+                    domain = conn.lookupByID(domain_id)
+                    entry = _Listed(domain, domain.UUIDString(), domain.name())
+                except self._lv.libvirtError as exc:
+                    if self._is_connection_error(exc):
+                        raise
+                    lost += 1  # stopped between the listing and the lookup
+                    continue
+            listed[domain_id] = entry
+            jobs.append(_Job(entry.domain, {}, {}, entry.uuid, domain_id, entry.name))
+        with self._lock:
+            self._listed = listed
+        return jobs, lost
 
     def _node_memory(self, conn: virConnect, info: list[Any]) -> int:
         """The host's memory in bytes: MemTotal, as the QMP backend reads it from /proc.
@@ -540,8 +629,11 @@ class LibvirtBackend:
 
     # -- per-domain completion ------------------------------------------------------------
 
-    def _run_jobs(self, jobs: list[_Job], deadline: float) -> list[VMSample]:
-        """Complete `jobs` with up to `concurrency` daemon threads; return what finished in time.
+    def _run_jobs(self, jobs: list[_Job], deadline: float) -> tuple[list[VMSample], int]:
+        """Complete `jobs` with up to `concurrency` daemon threads.
+
+        Returns the samples that finished in time and how many domains turned out to run on
+        another node (paused for a migration here), which are neither samples nor errors.
 
         Workers pull from one shared queue, so a hung domain stalls one worker, not a share of
         the domains. The scrape starts one worker and adds another after each `_WORKER_SLICE`
@@ -564,6 +656,10 @@ class LibvirtBackend:
                     self._busy.add(job.uuid)
                 try:
                     sample = self._sample_per_domain(job, deadline)
+                except _RunsElsewhere:
+                    with batch.lock:
+                        batch.elsewhere += 1
+                    continue
                 except (_DeadlineExceeded, _NotRunning):
                     continue
                 except self._lv.libvirtError as exc:
@@ -600,56 +696,62 @@ class LibvirtBackend:
             idle = time.process_time() - cpu < 0.5 * (time.monotonic() - wall)
         with batch.lock:
             batch.closed = True
-            return list(batch.samples)
+            return list(batch.samples), batch.elsewhere
 
     def _sample_per_domain(self, job: _Job, deadline: float) -> VMSample:
-        """A VMSample from bulk fields where present and per-domain calls for the rest."""
-        in_time = functools.partial(_check_deadline, deadline)
+        """A VMSample from bulk fields where present and per-domain calls for the rest.
+
+        The deadline is checked once per domain, before its first call: at 1000 domains a
+        check per call cost more than some of the calls (the scrape stops waiting for its
+        workers at the deadline either way).
+        """
+        if time.monotonic() >= deadline:
+            raise _DeadlineExceeded
         domain, stats, balloon = job.domain, job.stats, job.balloon
         cpu_ns = stats.get("cpu.time")
         vcpus = stats.get("vcpu.current")
         max_kib = balloon.get("maximum")
         current_kib = balloon.get("actual")
         if cpu_ns is None or vcpus is None or max_kib is None or "state.state" not in stats:
-            in_time()
             state, info_max, info_current, info_vcpus, info_cpu = domain.info()
             if state in _NOT_RUNNING:
                 raise _NotRunning
-            cpu_ns = info_cpu if cpu_ns is None else cpu_ns
-            vcpus = info_vcpus if vcpus is None else vcpus
-            max_kib = info_max if max_kib is None else max_kib
-            current_kib = info_current if current_kib is None else current_kib
+            if (
+                state == _PAUSED
+                and "state.reason" not in stats
+                and domain.state()[1] in _PAUSED_ELSEWHERE
+            ):
+                raise _RunsElsewhere
+            if cpu_ns is None:
+                cpu_ns = info_cpu
+            if vcpus is None:
+                vcpus = info_vcpus
+            if max_kib is None:
+                max_kib = info_max
+            if current_kib is None:
+                current_kib = info_current
         if _needs_memory_stats(balloon):
-            in_time()
-            balloon = {**domain.memoryStats(), **balloon}
+            balloon = domain.memoryStats() | balloon
         used, rss = _memory_bytes(balloon, max_kib if current_kib is None else current_kib)
-
-        def read_disk(dev: str) -> DiskSample:
-            in_time()
-            read_reqs, read_bytes, write_reqs, write_bytes, _ = domain.blockStats(dev)
-            return DiskSample(dev, read_bytes, write_bytes, read_reqs, write_reqs)
 
         # Disks NOWAIT skipped are read here, within the deadline; if that fails or runs out,
         # the VM is skipped and counted rather than published without them.
-        if "block.count" in stats and "net.count" in stats:
-            disks, interfaces = _bulk_disks(stats, read_disk), _bulk_interfaces(stats)
+        has_block, has_net = "block.count" in stats, "net.count" in stats
+        devices = None if has_block and has_net else self._devices_of(job)
+        if has_block:
+            disks = _bulk_disks(stats, functools.partial(_read_disk, domain))
         else:
-            devices = self._devices_of(job, in_time)
-            if "block.count" in stats:
-                disks = _bulk_disks(stats, read_disk)
-            else:
-                disks = tuple(read_disk(dev) for dev in devices.disks)
-            if "net.count" in stats:
-                interfaces = _bulk_interfaces(stats)
-            else:
-                nic_list = []
-                for dev in devices.interfaces:
-                    in_time()
-                    counters = domain.interfaceStats(dev)
-                    nic_list.append(InterfaceSample(dev, counters[0], counters[4]))
-                interfaces = tuple(nic_list)
+            disks = tuple(_read_disk(domain, dev) for dev in devices.disks)  # type: ignore[union-attr]
+        if has_net:
+            interfaces = _bulk_interfaces(stats)
+        else:
+            nics = []
+            for dev in devices.interfaces:  # type: ignore[union-attr]
+                counters = domain.interfaceStats(dev)
+                nics.append(InterfaceSample(dev, counters[0], counters[4]))
+            interfaces = tuple(nics)
 
-        name = domain.name()
+        name = domain.name() if job.name is None else job.name
         return VMSample(
             vm=name,
             name=name,
@@ -663,14 +765,13 @@ class LibvirtBackend:
             interfaces=interfaces,
         )
 
-    def _devices_of(self, job: _Job, in_time: Callable[[], None]) -> _Devices:
+    def _devices_of(self, job: _Job) -> _Devices:
         """Cached disk and NIC targets, parsed again only when the domain ID changed."""
-        domain_id = job.domain.ID()
+        domain_id = job.domain.ID() if job.domain_id is None else job.domain_id
         with self._lock:
             cached = self._devices.get(job.uuid)
         if cached is not None and cached.domain_id == domain_id:
             return cached
-        in_time()
         devices = _Devices.parse(domain_id, job.domain.XMLDesc(0))
         with self._lock:
             self._devices[job.uuid] = devices

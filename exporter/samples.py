@@ -7,11 +7,13 @@ base units (seconds, bytes, counts) so the collector has nothing to convert.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
+
+# The per-VM and per-device samples are named tuples: a node with 1000 VMs builds thousands
+# per scrape, and a tuple is built several times faster than a frozen dataclass.
 
 
-@dataclass(frozen=True, slots=True)
-class DiskSample:
+class DiskSample(NamedTuple):
     """Cumulative counters of one virtual disk, named as the hypervisor's tooling names it."""
 
     disk: str
@@ -21,8 +23,7 @@ class DiskSample:
     writes_completed: int
 
 
-@dataclass(frozen=True, slots=True)
-class InterfaceSample:
+class InterfaceSample(NamedTuple):
     """Cumulative counters of one virtual NIC (from the guest's point of view)."""
 
     interface: str
@@ -30,8 +31,7 @@ class InterfaceSample:
     transmit_bytes: int
 
 
-@dataclass(frozen=True, slots=True)
-class VMSample:
+class VMSample(NamedTuple):
     """One VM at one scrape.
 
     `vm` is the identity: the Proxmox VMID or the libvirt domain name. `name` is display

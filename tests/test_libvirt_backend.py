@@ -52,9 +52,18 @@ class SpyDomain:
             hook = self._spy.before.get((self._domain.name(), attr))
             if hook is not None:
                 hook(self._domain)
-            return method(*args)
+            result = method(*args)
+            replace = self._spy.results.get((self._domain.name(), attr))
+            return result if replace is None else replace(result)
 
         return call
+
+
+def _libvirt_error(code: int, what: str) -> libvirt.libvirtError:
+    """A libvirtError carrying `code`, as libvirt-python raises them."""
+    error = libvirt.libvirtError(f"this function is not supported by the driver: {what}")
+    error.err = (code, libvirt.VIR_FROM_NONE, str(error), libvirt.VIR_ERR_ERROR, "", "", "", 0, 0)
+    return error
 
 
 class SpyConnection:
@@ -64,18 +73,34 @@ class SpyConnection:
         self.conn = conn
         self.calls: Counter[str] = Counter()
         self.before: dict[tuple[str, str], Callable[[Any], None]] = {}
+        # (domain, call) -> what to make of the real call's result
+        self.results: dict[tuple[str, str], Callable[[Any], Any]] = {}
+        self.extra_ids: list[int] = []  # IDs listDomainsID adds, as if they had just stopped
+        self.bulk_supported = True
         self.stats_hook: StatsHook | None = None
         self.bulk_hook: Callable[[], None] | None = None
 
     def getAllDomainStats(self, stats: int, flags: int) -> list[tuple[Any, dict[str, Any]]]:
         if self.bulk_hook is not None:
             self.bulk_hook()
+        self.calls["getAllDomainStats"] += 1
+        if not self.bulk_supported:  # as raised by drivers without the bulk call
+            raise _libvirt_error(libvirt.VIR_ERR_NO_SUPPORT, "getAllDomainStats")
         records = []
         for domain, values in self.conn.getAllDomainStats(stats, flags):
             if self.stats_hook is not None:
                 values = self.stats_hook(domain, dict(values))
             records.append((SpyDomain(domain, self), values))
         return records
+
+    def listDomainsID(self) -> list[int]:
+        if self.bulk_hook is not None:
+            self.bulk_hook()
+        self.calls["listDomainsID"] += 1
+        return self.conn.listDomainsID() + self.extra_ids
+
+    def lookupByID(self, domain_id: int) -> SpyDomain:
+        return SpyDomain(self.conn.lookupByID(domain_id), self)
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self.conn, attr)
@@ -542,3 +567,89 @@ def test_libvirt_errors_stay_off_stderr() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
     )
     assert done.stderr == ""
+
+
+# -- drivers whose bulk stats carry only `state.*` (the test driver) or nothing ---------------
+
+
+def test_state_only_bulk_stats_switch_to_listing_with_kept_handles(
+    spied: tuple[LibvirtBackend, SpyOpener],
+) -> None:
+    backend, opener = spied
+    first = backend.scrape(timeout=10)
+    assert opener.spy.calls["getAllDomainStats"] == 1 and opener.spy.calls["listDomainsID"] == 0
+    opener.spy.calls.clear()
+    second = backend.scrape(timeout=10)
+    third = backend.scrape(timeout=10)
+    # The bulk call told nothing beyond state: the IDs are listed instead, and the handles,
+    # names, UUIDs and device lists of the first listing serve every later scrape.
+    assert opener.spy.calls["getAllDomainStats"] == 0 and opener.spy.calls["listDomainsID"] == 2
+    for call in ("UUIDString", "name", "ID", "XMLDesc"):
+        assert opener.spy.calls[call] == (N_VMS if call in ("UUIDString", "name") else 0), call
+    for result in (second, third):
+        assert result.up and result.vm_errors == 0
+        assert [
+            (vm.vm, vm.uuid, vm.vcpus, vm.memory_max_bytes, [d.disk for d in vm.disks])
+            for vm in result.vms
+        ] == [
+            (vm.vm, vm.uuid, vm.vcpus, vm.memory_max_bytes, [d.disk for d in vm.disks])
+            for vm in first.vms
+        ]
+        assert [[n.interface for n in vm.interfaces] for vm in result.vms] == [
+            [n.interface for n in vm.interfaces] for vm in first.vms
+        ]
+    later = by_vm(third)
+    assert all(later[vm.vm].cpu_seconds > vm.cpu_seconds for vm in first.vms)
+    # A restart is a new ID: one new lookup and one XML parse, for that domain only.
+    restarted = opener.spy.conn.lookupByName(vm_name(5))
+    restarted.destroy()
+    restarted.create()
+    opener.spy.calls.clear()
+    assert len(backend.scrape(timeout=10).vms) == N_VMS
+    assert opener.spy.calls["UUIDString"] == 1 and opener.spy.calls["XMLDesc"] == 1
+
+
+def test_driver_without_bulk_call_is_listed_not_down(node_uri: str) -> None:
+    opener = SpyOpener()
+    backend = LibvirtBackend(node_uri, concurrency=4, opener=opener)
+    try:
+        opener.spy.bulk_supported = False
+        result = backend.scrape(timeout=10)
+        assert result.up and result.vm_errors == 0 and len(result.vms) == N_VMS
+        assert opener.spy.calls["listDomainsID"] == 1
+        assert backend.scrape(timeout=10).up
+        assert opener.spy.calls["getAllDomainStats"] == 1  # asked once per connection
+    finally:
+        backend.close()
+
+
+def test_listed_domain_gone_before_its_lookup_is_counted(
+    spied: tuple[LibvirtBackend, SpyOpener],
+) -> None:
+    backend, opener = spied
+    backend.scrape(timeout=10)
+    opener.spy.extra_ids = [999_999]  # listed, then gone before lookupByID
+    result = backend.scrape(timeout=10)
+    assert result.up and result.vm_errors == 1 and len(result.vms) == N_VMS
+
+
+def test_listed_paused_domains_by_reason(spied: tuple[LibvirtBackend, SpyOpener]) -> None:
+    backend, opener = spied
+    backend.scrape(timeout=10)  # from here on the domains are listed
+    user_paused, incoming = vm_name(1), vm_name(2)
+    opener.spy.conn.lookupByName(user_paused).suspend()
+    opener.spy.conn.lookupByName(incoming).suspend()
+    # The test driver pauses for the user (reason 1); make one look like an incoming
+    # migration waiting here (VIR_DOMAIN_PAUSED_MIGRATION), which the other node reports.
+    opener.spy.results[(incoming, "state")] = lambda state: [
+        state[0],
+        libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
+    ]
+    try:
+        result = backend.scrape(timeout=10)
+    finally:
+        for name in (user_paused, incoming):
+            opener.spy.conn.lookupByName(name).resume()
+    assert result.up and result.vm_errors == 0
+    assert user_paused in by_vm(result) and incoming not in by_vm(result)
+    assert len(result.vms) == N_VMS - 1
