@@ -191,6 +191,13 @@ def series(
         for vm in vms:
             for nic in vm.interfaces:
                 yield family, (node, vm.vm, nic.interface), getattr(nic, attr)
+    yield from node_series(result, node, backend, errors_total, duration)
+
+
+def node_series(
+    result: ScrapeResult, node: str, backend: str, errors_total: int, duration: float
+) -> Iterator[Series]:
+    """The node's own samples and the exporter's health, which follow the per-VM ones."""
     if result.node is not None:
         yield NODE_INFO, (node, backend, result.node.version), 1
         yield NODE_CPUS, (node,), result.node.cpus
@@ -250,9 +257,8 @@ def render_text(
         for family, attr in values:
             out.append(_header(family))
             _append_samples(out, family.sample_name, attrgetter(attr), device_label)
-    tail = list(series(ScrapeResult(result.up, result.node), node, backend, errors_total, duration))
     current: Family | None = None
-    for family, label_values, value in tail:
+    for family, label_values, value in node_series(result, node, backend, errors_total, duration):
         if family is not current:
             current = family
             out.append(_header(family))
