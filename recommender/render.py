@@ -52,9 +52,27 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(value) or math.isinf(value) else value
 
 
-def plan_document(plan: Plan, config: Config) -> dict[str, Any]:
-    """The versioned JSON plan (docs/plan-format.md)."""
+# Each migration's command line by step, or why it has none.
+Commands = dict[int, "str | UnsafeCommandError"]
+
+
+def plan_commands(plan: Plan, config: Config) -> tuple[str, Commands]:
+    """The command flavour and every migration's command line, built once per rendering."""
     flavour = command_flavour(plan, config)
+    commands: Commands = {}
+    for migration in plan.migrations:
+        try:
+            commands[migration.step] = migration_command(migration, flavour, config)
+        except UnsafeCommandError as exc:
+            commands[migration.step] = exc
+    return flavour, commands
+
+
+def plan_document(
+    plan: Plan, config: Config, commands: tuple[str, Commands] | None = None
+) -> dict[str, Any]:
+    """The versioned JSON plan (docs/plan-format.md)."""
+    flavour, by_step = commands or plan_commands(plan, config)
     nodes = []
     for node in plan.nodes_before.index:
         before = plan.nodes_before.loc[node]
@@ -81,10 +99,7 @@ def plan_document(plan: Plan, config: Config) -> dict[str, Any]:
         )
     migrations = []
     for m in plan.migrations:
-        try:
-            command: str | None = migration_command(m, flavour, config)
-        except UnsafeCommandError:
-            command = None
+        command = by_step[m.step]
         migrations.append(
             {
                 "step": m.step,
@@ -98,7 +113,7 @@ def plan_document(plan: Plan, config: Config) -> dict[str, Any]:
                 "reason": m.reason,
                 "gain": _number(m.gain),
                 "memory_bytes": _number(m.memory_bytes),
-                "command": command,
+                "command": command if isinstance(command, str) else None,
             }
         )
     return {
@@ -151,9 +166,11 @@ def render_json(plan: Plan, config: Config) -> str:
     return json.dumps(plan_document(plan, config), indent=2, ensure_ascii=False) + "\n"
 
 
-def render_commands(plan: Plan, config: Config) -> str:
+def render_commands(
+    plan: Plan, config: Config, commands: tuple[str, Commands] | None = None
+) -> str:
     """A bash script: waves in order, the migrations of a wave in parallel, stop on failure."""
-    flavour = command_flavour(plan, config)
+    _, by_step = commands or plan_commands(plan, config)
     lines = [
         "#!/bin/bash",
         f"# vmbalance plan: {len(plan.migrations)} migration(s) in {len(plan.waves)} wave(s); "
@@ -169,10 +186,9 @@ def render_commands(plan: Plan, config: Config) -> str:
     for number, wave in enumerate(plan.waves, start=1):
         lines += ["", f"# wave {number}", "pids=()"]
         for migration in wave:
-            try:
-                command = migration_command(migration, flavour, config)
-            except UnsafeCommandError as exc:
-                lines.append(f"# skipped {_comment(migration.vm)}: {_comment(str(exc))}")
+            command = by_step[migration.step]
+            if not isinstance(command, str):
+                lines.append(f"# skipped {_comment(migration.vm)}: {_comment(str(command))}")
                 continue
             lines.append(f"# {_comment(migration.name)}: {migration.source} -> {migration.target}")
             lines.append(f"{command} &")
@@ -190,10 +206,11 @@ def _comment(text: str) -> str:
 
 def render_markdown(plan: Plan, config: Config) -> str:
     template = environment().get_template("plan.md.j2")
+    commands = plan_commands(plan, config)
     return template.render(
         plan=plan,
-        doc=plan_document(plan, config),
-        commands=render_commands(plan, config),
+        doc=plan_document(plan, config, commands),
+        commands=render_commands(plan, config, commands),
         units=RESOURCE_UNITS,
     )
 
