@@ -441,14 +441,20 @@ def _balance(
     plan = find_plan(ctx, start, budget)
     method = "heuristic"
     if use_exact and plan.moves:
-        # The fewest migrations reaching the target, or the level the search reached.
         units = np.flatnonzero(ctx.movable & (start.unit_node >= 0))
         units = units[ctx.problem.active[start.unit_node[units]]]
-        level = ctx.target if ctx.reached(plan) else plan.overall + EPSILON
         hint = (plan.moves, plan.view.per_resource)
-        result = solve_exact(ctx.problem, ctx.constraints, start, units, level, hint=hint)
-        if result.reached:
-            exact = ctx.replay(start, result.moves)
+        # The fewest migrations reaching the target, which the search may have missed; where
+        # no plan reaches it, the program's lowest imbalance with the fewest migrations.
+        results = [solve_exact(ctx.problem, ctx.constraints, start, units, ctx.target, hint=hint)]
+        if not ctx.reached(plan) and not results[0].moves:
+            # Out of the program's limits too: at least the search's level, in fewer moves.
+            level = plan.overall + EPSILON
+            results.append(
+                solve_exact(ctx.problem, ctx.constraints, start, units, level, hint=hint)
+            )
+        for result in results:
+            exact = ctx.replay(start, result.moves) if result.moves else None
             if exact is not None and _better(ctx, exact, plan):
                 plan, method = exact, "exact"
     return plan, method

@@ -495,6 +495,27 @@ def test_exact_mode_is_never_worse_than_the_heuristic() -> None:
         assert exact.overall_after <= heuristic.overall_after + 1e-9
 
 
+@pytest.mark.skipif(not exact_available(), reason="highspy not installed")
+def test_exact_mode_reaches_a_target_the_heuristic_misses() -> None:
+    # A seeded cluster where the search stops at 0.109 (target 0.10) with 3 migrations, and
+    # 6 migrations do reach the target: the program is asked for the target itself, not
+    # only for fewer moves at the level the search reached.
+    inst = random_cluster(
+        2,
+        Shape(
+            nodes=(3, 5),
+            vms=(10, 20),
+            balance={"min_gain": 0.0, "min_gain_per_gib": 0.0, "max_migrations": 40},
+        ),
+    )
+    heuristic = plan_moves(inst.snapshot, inst.config, exact=False)
+    exact = plan_moves(inst.snapshot, inst.config, exact=True)
+    assert heuristic.triggered and not heuristic.target_reached
+    assert exact.target_reached and exact.method == "exact"
+    assert exact.overall_after <= inst.config.balance.target + 1e-9
+    assert exact.migrations <= inst.config.balance.max_migrations
+
+
 @pytest.mark.parametrize(
     "nodes, vms",
     [
