@@ -10,8 +10,9 @@
    fewest migrations reaching `target`, then the least memory copied (`recommender.search`:
    beam search and pilot method over single moves ranked by the distance to the target
    region, tabu search to drop moves, pruning, swaps for less memory). On small clusters an
-   exact program (`recommender.exact`, when HiGHS is installed) starts from that plan and the
-   better plan is kept. Hysteresis then drops every move whose gain does not pay for the
+   exact program (`recommender.exact`, when HiGHS is installed) is asked for the target from
+   that plan (or, where nothing reaches it, for the lowest imbalance) and the better plan
+   is kept. Hysteresis then drops every move whose gain does not pay for the
    memory it copies (`recommender.hysteresis`).
 
 Everything is a pure function of the snapshot and the config: same inputs, same plan.
