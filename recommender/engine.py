@@ -445,19 +445,17 @@ def _balance(
         units = np.flatnonzero(ctx.movable & (start.unit_node >= 0))
         units = units[ctx.problem.active[start.unit_node[units]]]
         hint = (plan.moves, plan.view.per_resource)
-        # The fewest migrations reaching the target, which the search may have missed; where
-        # no plan reaches it, the program's lowest imbalance with the fewest migrations.
-        results = [solve_exact(ctx.problem, ctx.constraints, start, units, ctx.target, hint=hint)]
-        if not ctx.reached(plan) and not results[0].moves:
-            # Out of the program's limits too: at least the search's level, in fewer moves.
-            level = plan.overall + EPSILON
-            results.append(
-                solve_exact(ctx.problem, ctx.constraints, start, units, level, hint=hint)
-            )
-        for result in results:
+        # First the target itself, which the search may have missed (where no plan reaches
+        # it, the program answers with its lowest imbalance and the fewest migrations there);
+        # if that gives nothing better that can be ordered, the search's own level in fewer
+        # migrations.
+        levels = [ctx.target] if ctx.reached(plan) else [ctx.target, plan.overall + EPSILON]
+        for level in levels:
+            result = solve_exact(ctx.problem, ctx.constraints, start, units, level, hint=hint)
             exact = ctx.replay(start, result.moves) if result.moves else None
             if exact is not None and _better(ctx, exact, plan):
                 plan, method = exact, "exact"
+                break
     return plan, method
 
 
