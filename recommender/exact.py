@@ -28,6 +28,9 @@ try:  # optional: the product runs without it and plans heuristically
 except ImportError:  # pragma: no cover - depends on the installation
     highspy = None
 
+# HighsInfo.primal_solution_status of a feasible solution (kSolutionStatusFeasible).
+_FEASIBLE_SOLUTION = 2
+
 # Deterministic limits: a node limit, not a clock; the time limit only guards pathologies.
 MAX_NODES = 5_000
 TIME_LIMIT = 20.0
@@ -201,7 +204,9 @@ class LinearModel:
         if status == highspy.HighsModelStatus.kInfeasible:
             return ExactResult("infeasible", (), False, 0, 0.0)
         solution = np.asarray(highs.getSolution().col_value)
-        if len(solution) != nv + nz:
+        # At a limit HiGHS may hand back values that are no feasible plan (none found yet).
+        feasible = highs.getInfo().primal_solution_status == _FEASIBLE_SOLUTION
+        if len(solution) != nv + nz or not feasible:
             return ExactResult("limit", (), False, 0, 0.0)
         label = "optimal" if status == highspy.HighsModelStatus.kOptimal else "limit"
         value = float(solution[nv:] @ z_weights / weight_sum)
