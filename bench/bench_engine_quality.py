@@ -36,11 +36,22 @@ from recommender.engine import balance_movable, plan_moves
 from recommender.exact import available, solve_exact
 from recommender.instances import Shape, random_cluster
 from recommender.ordering import order_moves
-from recommender.problem import State, build_problem
+from recommender.problem import Problem, State, build_problem
 from recommender.rules import prepare_constraints
-from recommender.search import Scorer
+from recommender.search import Scorer, UnitMove
 
 COMPARE = {"min_gain": 0.0, "min_gain_per_gib": 0.0, "max_migrations": 40}
+
+
+def plan_hint(
+    problem: Problem, start: State, moves: tuple[UnitMove, ...]
+) -> tuple[tuple[UnitMove, ...], np.ndarray]:
+    """A plan as the exact program takes it for a start: its moves and its end state's
+    per-resource imbalance."""
+    end = start.copy()
+    for move in moves:
+        end.move_unit(problem, move.unit, move.target)
+    return moves, Scorer(problem).view(end.node_load).per_resource
 
 
 def evaluate(seed: int) -> dict[str, object]:
@@ -67,10 +78,7 @@ def evaluate(seed: int) -> dict[str, object]:
     movable = balance_movable(problem, constraints) & (start.unit_node >= 0)
     units = np.flatnonzero(movable)
     units = units[problem.active[start.unit_node[units]]]
-    end = start.copy()
-    for move in heuristic.unit_moves:
-        end.move_unit(problem, move.unit, move.target)
-    hint = (heuristic.unit_moves, Scorer(problem).view(end.node_load).per_resource)
+    hint = plan_hint(problem, start, heuristic.unit_moves)
     same = config.balance.target if heuristic.target_reached else heuristic.overall_after + 1e-9
     started = time.perf_counter()
     exact = solve_exact(problem, constraints, start, units, same, hint=hint)
@@ -109,10 +117,7 @@ def evaluate(seed: int) -> dict[str, object]:
         level_auto = plan_moves(snapshot, level_config, exact=True)
         row["level_auto_moves"] = level_auto.migrations
         row["level_auto_after"] = level_auto.overall_after
-        end = start.copy()
-        for move in level_heuristic.unit_moves:
-            end.move_unit(problem, move.unit, move.target)
-        hint = (level_heuristic.unit_moves, Scorer(problem).view(end.node_load).per_resource)
+        hint = plan_hint(problem, start, level_heuristic.unit_moves)
         floor = solve_exact(problem, constraints, start, units, level + 1e-9, hint=hint)
         row["level_exact"] = floor.migrations if floor.reached else None
         row["level_exact_status"] = floor.status

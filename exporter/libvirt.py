@@ -265,7 +265,7 @@ class _Batch:
 
 
 class _DeadlineExceeded(Exception):
-    """A worker reached the scrape deadline between two calls."""
+    """A worker reached the scrape deadline before starting on a domain."""
 
 
 def _read_disk(domain: virDomain, dev: str) -> DiskSample:

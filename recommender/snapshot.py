@@ -1,7 +1,7 @@
 """The snapshot file: a Snapshot (and optionally the settings and rules it was planned with) as
 versioned JSON, so a plan can be replayed, reviewed or computed offline. Format: docs/snapshot.md.
 
-Files are written as ASCII JSON (anything else escaped as \\uXXXX) so any VM name a tenant
+Files are written as ASCII JSON (anything else as a `\\u` escape) so any VM name a tenant
 typed, even one that is not valid UTF-8 text, survives the round trip. Unknown numbers (NaN)
 are written as null.
 """
