@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# uv, pinned and hash-checked in requirements/uv.txt, installs the exact versions in uv.lock.
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+SYNC := UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --locked --quiet --python $(PYTHON) --extra libvirt
 
 # Debian packages: python build basics, the real servers the tests run, libvirt headers for
 # libvirt-python, QEMU for real guests, the peer exporter the benchmark measures against.
@@ -12,23 +16,42 @@ DEBS := python3-venv python3-dev gcc pkg-config libvirt-dev openssl \
         qemu-system-x86 qemu-utils busybox-static cpio docker-compose \
         libvirt-daemon libvirt-daemon-driver-qemu
 
-.PHONY: all debs venv test demo lab bench lint clean
+.PHONY: all debs venv test test-fast upgrade-check demo lab bench lint clean
 
 all: test
 
 debs:
 	@scripts/ensure-debs $(DEBS)
 
-$(STAMP): pyproject.toml | debs
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -q --upgrade pip
-	@$(PY) -m pip install -q -e '.[libvirt,dev]'
+$(UV): requirements/uv.txt
+	@test -x $(TOOLS)/bin/pip || $(PYTHON) -m venv $(TOOLS)
+	@$(TOOLS)/bin/pip install -q --disable-pip-version-check --require-hashes -r requirements/uv.txt
+	@touch $(UV)
+
+# `--locked` refuses to install when uv.lock no longer matches pyproject.toml.
+$(STAMP): pyproject.toml uv.lock $(UV) | debs
+	@$(SYNC)
 	@touch $(STAMP)
 
 venv: debs $(STAMP)
 
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The inner loop: everything but the tests that start real servers or guests.
+test-fast: venv
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+# The newest versions pyproject.toml allows, in a scratch venv, against the fast tests: run it
+# before bumping uv.lock (`$(UV) lock --upgrade`, then `make test`). uv.lock is not touched.
+UPGRADE_VENV := $(TOOLS)/upgrade-check
+upgrade-check: debs $(UV)
+	@rm -rf $(UPGRADE_VENV)
+	@$(UV) venv --quiet --python $(PYTHON) $(UPGRADE_VENV)
+	@VIRTUAL_ENV=$(UPGRADE_VENV) $(UV) pip install --quiet --upgrade -e '.[libvirt]' --group dev
+	@echo "versions that differ from uv.lock:"
+	@$(UV) lock --upgrade --dry-run 2>&1 | grep -E '^Update|^Add|^Remove' || echo "  none"
+	$(UPGRADE_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 demo: venv
 	$(PY) demo/run.py
@@ -46,4 +69,4 @@ lint: venv
 	$(VENV)/bin/ruff format --check exporter recommender tests bench lab demo
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(TOOLS) build *.egg-info .pytest_cache
