@@ -11,11 +11,14 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from recommender import __version__
 from recommender.config import Config, ConfigError, load_config
 from recommender.errors import CommandError, known_error
+from recommender.output_file import write_output
+from recommender.quoting import display
+from recommender.stdout import document_stdout
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -23,38 +26,70 @@ EXIT_ERROR = 2
 
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Prometheus (any server with the PromQL HTTP API)")
-    group.add_argument("--prometheus-url", help="default http://localhost:9090")
-    group.add_argument("--bearer-token-file", help="file holding a bearer token")
+    group.add_argument(
+        "--prometheus-url",
+        metavar="URL",
+        help="base URL of the API (default http://localhost:9090)",
+    )
+    group.add_argument("--bearer-token-file", metavar="FILE", help="file holding a bearer token")
     group.add_argument("--username", help="basic auth user")
-    group.add_argument("--password-file", help="file holding the basic auth password")
-    group.add_argument("--ca-file", help="CA bundle to verify the server's certificate")
-    group.add_argument("--insecure-skip-verify", action="store_true", default=None)
-    group.add_argument("--timeout", type=float, help="seconds per query (default 30)")
+    group.add_argument(
+        "--password-file", metavar="FILE", help="file holding the basic auth password"
+    )
+    group.add_argument(
+        "--ca-file", metavar="FILE", help="CA bundle to verify the server's certificate"
+    )
+    group.add_argument(
+        "--insecure-skip-verify",
+        action="store_true",
+        default=None,
+        help="do not verify the server's TLS certificate",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="deadline of each query: connect, headers and body (default 30)",
+    )
     window = parser.add_argument_group("load estimate")
     window.add_argument("--window", help="history window, e.g. 1h (default 1h)")
     window.add_argument(
         "--estimator", choices=("mean", "quantile"), help="mean rate, or a high quantile"
     )
     window.add_argument("--quantile", type=float, help="quantile for --estimator quantile")
-    window.add_argument("--at", help="evaluate at this ISO-8601 time instead of now")
+    window.add_argument(
+        "--at", metavar="TIME", help="evaluate at this ISO-8601 time instead of now"
+    )
 
 
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", help="YAML config (every setting has a default)")
+    parser.add_argument(
+        "-c", "--config", metavar="FILE", help="YAML config (every setting has a default)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmbalance",
         description="Plan the few live migrations that even out VM load across KVM nodes.",
+        epilog="Exit status: 0 with a plan (empty or not); 2 with a one-line reason on stderr.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    plan = commands.add_parser("plan", help="compute and print a migration plan")
+    plan = commands.add_parser(
+        "plan",
+        help="compute and print a migration plan",
+        description="Read the cluster (from Prometheus, or a snapshot file with --input), find "
+        "the fewest migrations that bring the imbalance under the target within the rules, "
+        "and print the plan: a table, JSON, Markdown, or a bash script of qm / virsh commands.",
+    )
     _add_config_option(plan)
     _add_source_options(plan)
-    plan.add_argument("-i", "--input", help="plan from a snapshot file instead of Prometheus")
+    plan.add_argument(
+        "-i", "--input", metavar="FILE",
+        help="plan from a snapshot file instead of Prometheus ('-' = stdin)",
+    )  # fmt: skip
     plan.add_argument(
         "-o",
         "--output",
@@ -63,36 +98,78 @@ def build_parser() -> argparse.ArgumentParser:
         help="output format (default: table)",
     )
     plan.add_argument(
-        "--commands", choices=("auto", "proxmox", "libvirt"), help="which migration commands"
+        "--commands",
+        choices=("auto", "proxmox", "libvirt"),
+        help="which migration commands (default auto: qm when every VM id is a VMID)",
     )
-    plan.add_argument("--max-migrations", type=int, help="at most this many migrations")
+    plan.add_argument("--max-migrations", type=int, metavar="N", help="at most N migrations")
     plan.add_argument("--maintenance", action="append", default=[], metavar="NODE",
                       help="evacuate NODE (repeatable)")  # fmt: skip
-    plan.add_argument("--out-file", help="write the output here instead of stdout")
+    plan.add_argument(
+        "--out-file", metavar="FILE",
+        help="write the output to FILE instead of stdout (replaced atomically)",
+    )  # fmt: skip
 
-    snapshot = commands.add_parser("snapshot", help="save the cluster snapshot to a file")
+    snapshot = commands.add_parser(
+        "snapshot",
+        help="save the cluster snapshot to a file",
+        description="Read the cluster from Prometheus and save it as a snapshot file "
+        "(docs/snapshot.md), to plan from later with `plan --input`.",
+    )
     _add_config_option(snapshot)
     _add_source_options(snapshot)
-    snapshot.add_argument("-o", "--output", required=True, help="file to write ('-' = stdout)")
+    snapshot.add_argument(
+        "-o", "--output", required=True, metavar="FILE", help="file to write ('-' = stdout)"
+    )
 
-    config = commands.add_parser("config", help="configuration helpers")
-    config_commands = config.add_subparsers(dest="config_command", required=True)
-    check = config_commands.add_parser("check", help="validate a config file")
-    check.add_argument("file")
-    config_commands.add_parser("defaults", help="print the default configuration as YAML")
+    config = commands.add_parser(
+        "config",
+        help="configuration helpers",
+        description="Check a config file, or print every setting with its default.",
+    )
+    config_commands = config.add_subparsers(
+        dest="config_command", required=True, metavar="SUBCOMMAND"
+    )
+    check = config_commands.add_parser(
+        "check",
+        help="validate a config file",
+        description="Validate a config file: every problem on one line, as FILE:LINE: field.",
+    )
+    check.add_argument("file", metavar="FILE", help="the YAML config to check")
+    config_commands.add_parser(
+        "defaults",
+        help="print the default configuration as YAML",
+        description="Print every setting with its default value, as YAML.",
+    )
 
-    serve = commands.add_parser("serve", help="re-plan periodically; serve metrics and the plan")
+    serve = commands.add_parser(
+        "serve",
+        help="re-plan periodically; serve metrics and the plan",
+        description="Re-plan every interval and serve the result: /metrics for Prometheus and "
+        "/plan (the latest JSON plan). A failed run is counted and retried at the next one.",
+    )
     _add_config_option(serve)
     _add_source_options(serve)
-    serve.add_argument("--listen", help="HOST:PORT (default from config: 127.0.0.1:9643)")
-    serve.add_argument("--interval", type=float, help="seconds between runs")
+    serve.add_argument(
+        "--listen", metavar="ADDRESS",
+        help="HOST:PORT, :PORT or [IPV6]:PORT (default from config: 127.0.0.1:9643)",
+    )  # fmt: skip
+    serve.add_argument("--interval", type=float, metavar="SECONDS",
+                       help="seconds between runs (default 300)")  # fmt: skip
     serve.add_argument("--once", action="store_true", help="run once, print metrics, exit")
 
-    report = commands.add_parser("report", help="write the weekly Markdown report with charts")
+    report = commands.add_parser(
+        "report",
+        help="write the weekly Markdown report with charts",
+        description="Read a period of history from Prometheus and write report.md with its "
+        "PNG charts (docs/report.md).",
+    )
     _add_config_option(report)
     _add_source_options(report)
     report.add_argument("--period", default="7d", help="period to report on (default 7d)")
-    report.add_argument("--out", required=True, help="directory for report.md and the charts")
+    report.add_argument(
+        "--out", required=True, metavar="DIR", help="directory for report.md and the charts"
+    )
     return parser
 
 
@@ -107,7 +184,7 @@ def effective_config(args: argparse.Namespace, base: Config | None = None) -> Co
     if getattr(args, "username", None):
         prometheus["username"] = args.username
     if getattr(args, "password_file", None):
-        prometheus["password"] = _read_secret(args.password_file)
+        prometheus["password"] = _read_secret("--password-file", args.password_file)
     if getattr(args, "ca_file", None):
         prometheus["ca_file"] = args.ca_file
     if getattr(args, "insecure_skip_verify", None):
@@ -149,20 +226,37 @@ def effective_config(args: argparse.Namespace, base: Config | None = None) -> Co
         raise CommandError(_first_validation_error(exc)) from None
 
 
+# The flag behind each setting a flag can change, to name it in an error.
+_FLAGS = {
+    "prometheus.url": "--prometheus-url",
+    "prometheus.timeout_seconds": "--timeout",
+    "prometheus.ca_file": "--ca-file",
+    "query.window": "--window",
+    "query.quantile": "--quantile",
+    "query.estimator": "--estimator",
+    "balance.max_migrations": "--max-migrations",
+    "serve.listen": "--listen",
+    "serve.interval_seconds": "--interval",
+}
+
+
 def _first_validation_error(exc: Exception) -> str:
     errors = getattr(exc, "errors", None)
     if callable(errors):
         first = errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        return f"invalid option: {where}: {first['msg']}"
+        where = ".".join(str(part) for part in first["loc"][:2])
+        message = str(first["msg"]).removeprefix("Value error, ")
+        flag = _FLAGS.get(where)
+        return f"{flag} ({where}): {message}" if flag else f"invalid option: {where}: {message}"
     return f"invalid option: {exc}"
 
 
-def _read_secret(path: str) -> str:
+def _read_secret(option: str, path: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise CommandError(f"{path}: {exc.strerror or exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise CommandError(f"{option} {path}: cannot read: {reason}") from None
 
 
 def evaluation_time(args: argparse.Namespace) -> datetime | None:
@@ -175,38 +269,50 @@ def evaluation_time(args: argparse.Namespace) -> datetime | None:
     return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
-def cmd_config(args: argparse.Namespace) -> int:
+def cmd_config(args: argparse.Namespace, out: TextIO) -> int:
     if args.config_command == "defaults":
         import yaml
 
-        sys.stdout.write(yaml.safe_dump(Config().model_dump(), sort_keys=False))
+        out.write(yaml.safe_dump(Config().model_dump(), sort_keys=False))
         return EXIT_OK
     try:
         load_config(args.file)
     except ConfigError as exc:
         for problem in getattr(exc, "problems", None) or [str(exc)]:
-            print(f"vmbalance: {problem}", file=sys.stderr)
+            print(f"vmbalance: {display(problem)}", file=sys.stderr)
         return EXIT_ERROR
-    print(f"{args.file}: ok")
+    out.write(f"{display(args.file)}: ok\n")
     return EXIT_OK
 
 
-def cmd_snapshot(args: argparse.Namespace) -> int:
-    from recommender.snapshot import save_snapshot
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"warning: {display(warning)}", file=sys.stderr)
+
+
+def cmd_snapshot(args: argparse.Namespace, out: TextIO) -> int:
+    from recommender.snapshot import snapshot_text
 
     config = effective_config(args)
     snapshot = _prometheus_snapshot(config, evaluation_time(args))
+    text = snapshot_text(snapshot, config)
     if args.output == "-":
-        save_snapshot(snapshot, sys.stdout, config)
+        out.write(text)
     else:
-        save_snapshot(snapshot, args.output, config)
+        _write_file(args.output, text, out)
         print(
-            f"wrote {args.output}: {len(snapshot.nodes)} nodes, {len(snapshot.vms)} VMs",
+            f"wrote {display(args.output)}: {len(snapshot.nodes)} nodes, {len(snapshot.vms)} VMs",
             file=sys.stderr,
         )
-    for warning in snapshot.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    _warn(snapshot.warnings)
     return EXIT_OK
+
+
+def _write_file(path: str, text: str, out: TextIO) -> None:
+    """Through the one writer; `/dev/stdout` is the document stream, not fd 1 (see
+    `recommender.stdout`)."""
+    out.flush()
+    write_output(path, text, fd_aliases={1: out.fileno()})
 
 
 def _prometheus_snapshot(config: Config, at: datetime | None) -> Any:
@@ -224,51 +330,53 @@ def load_plan_input(args: argparse.Namespace) -> tuple[Any, Config]:
     if args.input:
         from recommender.snapshot import load_snapshot
 
-        snapshot, embedded = load_snapshot(args.input)
+        source = sys.stdin if args.input == "-" else args.input
+        snapshot, embedded = load_snapshot(source)
         return snapshot, effective_config(args, base=embedded)
     config = effective_config(args)
     return _prometheus_snapshot(config, at), config
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
+def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     from recommender.plan import build_plan
+    from recommender.preflight import check_snapshot
     from recommender.render import render, render_table
 
     snapshot, config = load_plan_input(args)
+    check_snapshot(snapshot)
     plan = build_plan(snapshot, config)
     if args.output == "table" and not args.out_file:
         from rich.console import Console
 
-        render_table(plan, config, Console(highlight=False))
+        render_table(plan, config, Console(file=out, highlight=False))
         return EXIT_OK
     text = render(plan, args.output, config)
     if args.out_file:
-        Path(args.out_file).write_text(text, encoding="utf-8")
+        _write_file(args.out_file, text, out)
     else:
-        sys.stdout.write(text)
+        out.write(text)
     if args.output != "table":
-        for warning in plan.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+        _warn(plan.warnings)
     return EXIT_OK
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     from recommender.serve import serve
 
-    return serve(effective_config(args), once=args.once)
+    return serve(effective_config(args), once=args.once, out=out)
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def cmd_report(args: argparse.Namespace, out: TextIO) -> int:
     from recommender.report import write_report
 
     config = effective_config(args)
     path = write_report(config, period=args.period, out_dir=Path(args.out),
                         at=evaluation_time(args))  # fmt: skip
-    print(f"wrote {path}")
+    out.write(f"wrote {display(path)}\n")
     return EXIT_OK
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
     "plan": cmd_plan,
     "snapshot": cmd_snapshot,
     "config": cmd_config,
@@ -279,18 +387,19 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return EXIT_OK
-    except Exception as exc:
-        message = known_error(exc)
-        if message is None:
-            raise
-        print(f"vmbalance: {message}", file=sys.stderr)
-        return EXIT_ERROR
+    with document_stdout() as out:
+        try:
+            return COMMANDS[args.command](args, out)
+        except KeyboardInterrupt:
+            return 130
+        except BrokenPipeError:
+            return EXIT_OK
+        except Exception as exc:
+            message = known_error(exc)
+            if message is None:
+                raise
+            print(f"vmbalance: {message}", file=sys.stderr)
+            return EXIT_ERROR
 
 
 if __name__ == "__main__":

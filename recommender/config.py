@@ -9,18 +9,22 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from recommender.listen import parse_listen
 from recommender.model import RESOURCES
 
 GIB = 1024**3
@@ -37,9 +41,44 @@ def duration_seconds(text: str) -> float:
     return float(int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
 
 
+def _not_a_boolean(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
+# A number in the config: YAML 1.1 reads `1.25e9` as a string, so numeric text is taken, but
+# `true` is not 1. Infinite and NaN values are refused by the models (allow_inf_nan=False).
+Number = Annotated[float, BeforeValidator(_not_a_boolean)]
+Count = Annotated[int, BeforeValidator(_not_a_boolean)]
+Flag = Annotated[bool, Strict()]
+# The largest load or capacity taken: sums over any fleet stay far from overflowing.
+MAX_QUANTITY = 1e18
+
+
+def check_url(url: str) -> str:
+    """An http(s) URL with a host; ValueError saying what is wrong with it."""
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise ValueError("must not contain spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError("has no host")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query (?...) or fragment (#...)")
+    return url
+
+
 class StrictModel(BaseModel):
     # VMIDs and node names are often written as bare numbers in YAML; accept them as strings.
-    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, coerce_numbers_to_str=True, allow_inf_nan=False
+    )
 
 
 class PrometheusSettings(StrictModel):
@@ -51,8 +90,14 @@ class PrometheusSettings(StrictModel):
     username: str | None = None
     password: str | None = None
     ca_file: str | None = None
-    insecure_skip_verify: bool = False
-    timeout_seconds: float = Field(30.0, gt=0)
+    insecure_skip_verify: Flag = False
+    # The whole of one query: connect, TLS, headers and body, retries included.
+    timeout_seconds: Number = Field(30.0, gt=0, le=86400)
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        return check_url(value)
 
 
 class QuerySettings(StrictModel):
@@ -60,7 +105,7 @@ class QuerySettings(StrictModel):
 
     window: str = Field("1h", pattern=r"^[0-9]+[smhdw]$")
     estimator: Literal["mean", "quantile"] = "mean"
-    quantile: float = Field(0.95, gt=0, lt=1)
+    quantile: Number = Field(0.95, gt=0, lt=1)
     # Step of the short rates inside the quantile subquery, and the short window of burst
     # detection.
     short_window: str = Field("5m", pattern=r"^[0-9]+[smhdw]$")
@@ -86,10 +131,16 @@ class QuerySettings(StrictModel):
 class CapacitySettings(StrictModel):
     """Capacities the exporter cannot see. CPU and memory come from the exporter."""
 
-    disk_bytes: float = Field(1.25e9, gt=0, description="bytes/s a node can move to storage")
-    disk_ops: float = Field(50_000.0, gt=0, description="ops/s a node can sustain")
-    network: float = Field(1.25e9, gt=0, description="bytes/s of the VM-facing NIC")
-    per_node: dict[str, dict[str, float]] = Field(default_factory=dict)
+    disk_bytes: Number = Field(
+        1.25e9, gt=0, le=MAX_QUANTITY, description="bytes/s a node can move to storage"
+    )
+    disk_ops: Number = Field(
+        50_000.0, gt=0, le=MAX_QUANTITY, description="ops/s a node can sustain"
+    )
+    network: Number = Field(
+        1.25e9, gt=0, le=MAX_QUANTITY, description="bytes/s of the VM-facing NIC"
+    )
+    per_node: dict[str, dict[str, Number]] = Field(default_factory=dict)
 
     @field_validator("per_node")
     @classmethod
@@ -98,8 +149,8 @@ class CapacitySettings(StrictModel):
             for resource, amount in caps.items():
                 if resource not in RESOURCES:
                     raise ValueError(f"{node}: unknown resource {resource!r}")
-                if amount <= 0:
-                    raise ValueError(f"{node}.{resource}: capacity must be > 0")
+                if not 0 < amount <= MAX_QUANTITY:
+                    raise ValueError(f"{node}.{resource}: capacity must be > 0 and <= 1e18")
         return value
 
 
@@ -107,9 +158,9 @@ class BalanceSettings(StrictModel):
     """Thresholds (with hysteresis) and hard limits of the balance engine."""
 
     # Planning starts when the overall imbalance is above `trigger` and stops below `target`.
-    trigger: float = Field(0.20, ge=0, le=1)
-    target: float = Field(0.10, ge=0, le=1)
-    weights: dict[str, float] = Field(
+    trigger: Number = Field(0.20, ge=0, le=1)
+    target: Number = Field(0.10, ge=0, le=1)
+    weights: dict[str, Number] = Field(
         default_factory=lambda: {
             "cpu": 1.0,
             "memory": 1.0,
@@ -120,26 +171,26 @@ class BalanceSettings(StrictModel):
     )
     # A move is kept only when it lowers the overall imbalance by at least this much per GiB
     # of memory it copies (plus a fixed floor), so tiny gains do not cost a migration.
-    min_gain_per_gib: float = Field(0.002, ge=0)
-    min_gain: float = Field(0.005, ge=0)
-    max_migrations: int = Field(10, ge=0)
+    min_gain_per_gib: Number = Field(0.002, ge=0, le=1)
+    min_gain: Number = Field(0.005, ge=0, le=1)
+    max_migrations: Count = Field(10, ge=0)
     # Memory of a node that is never planned away: fraction of the node plus a fixed amount.
-    memory_reserve_fraction: float = Field(0.10, ge=0, lt=1)
-    memory_reserve_bytes: float = Field(2 * GIB, ge=0)
+    memory_reserve_fraction: Number = Field(0.10, ge=0, lt=1)
+    memory_reserve_bytes: Number = Field(2 * GIB, ge=0, le=MAX_QUANTITY)
     # Memory counted for fit and balance: assigned (balloon maximum) or used.
     memory_mode: Literal["assigned", "used"] = "assigned"
     # A node's CPU load after the plan stays under this fraction of its cores.
-    cpu_headroom: float = Field(0.85, gt=0, le=4)
+    cpu_headroom: Number = Field(0.85, gt=0, le=4)
     # A VM migrated within this many seconds (seen in history) is not moved again.
-    cooldown_seconds: float = Field(6 * 3600, ge=0)
+    cooldown_seconds: Number = Field(6 * 3600, ge=0, le=MAX_QUANTITY)
     # A VM whose short-window rate is this many times its window rate is bursting: not chosen.
-    burst_ratio: float = Field(3.0, gt=1)
+    burst_ratio: Number = Field(3.0, gt=1, le=MAX_QUANTITY)
     # Waves: at most this many migrations touching one node (as source or target) at once.
-    max_parallel_per_node: int = Field(1, ge=1)
+    max_parallel_per_node: Count = Field(1, ge=1)
     # Exact minimum-migration plans (mixed-integer program, needs highspy) for clusters with
     # at most `exact_max_vms` movable VMs; larger clusters are planned heuristically.
     exact: Literal["auto", "off"] = "auto"
-    exact_max_vms: int = Field(60, ge=0)
+    exact_max_vms: Count = Field(60, ge=0)
 
     @field_validator("weights")
     @classmethod
@@ -147,8 +198,8 @@ class BalanceSettings(StrictModel):
         for resource, weight in value.items():
             if resource not in RESOURCES:
                 raise ValueError(f"unknown resource {resource!r} (known: {', '.join(RESOURCES)})")
-            if weight < 0:
-                raise ValueError(f"{resource}: weight must be >= 0")
+            if not 0 <= weight <= 1e6:
+                raise ValueError(f"{resource}: weight must be >= 0 and <= 1e6")
         if sum(value.values()) <= 0:
             raise ValueError("at least one weight must be > 0")
         return value
@@ -201,7 +252,13 @@ class OutputSettings(StrictModel):
 
 class ServeSettings(StrictModel):
     listen: str = "127.0.0.1:9643"
-    interval_seconds: float = Field(300.0, gt=0)
+    interval_seconds: Number = Field(300.0, gt=0, le=MAX_QUANTITY)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        parse_listen(value)
+        return value
 
 
 class Config(StrictModel):
@@ -296,6 +353,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError([f"{name}:{line}: {_one_line(problem)}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{name}: {_one_line(str(exc))}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{name}: nested too deeply to be a vmbalance config"]) from None
     finally:
         loader.dispose()
     if data is None:

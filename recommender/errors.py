@@ -14,15 +14,23 @@ class CommandError(Exception):
 
 
 def known_error(exc: Exception) -> str | None:
-    """The one-line message of an error an operator can cause; None for a bug."""
-    from recommender.prometheus import SourceError
+    """The one-line message of an error an operator can cause; None for a bug. Names in it
+    are escaped (`recommender.quoting.display`): it goes to a terminal, a log or a metric."""
+    from recommender.output_file import OutputFileError
+    from recommender.promql_http import SourceError
+    from recommender.quoting import display
+    from recommender.shell import UnsafeCommandError
     from recommender.snapshot import SnapshotError
 
     if isinstance(exc, ConfigError):
         problems = getattr(exc, "problems", None) or [str(exc)]
-        return "; ".join(str(p) for p in problems) if len(problems) > 1 else str(problems[0])
-    if isinstance(exc, CommandError | SourceError | SnapshotError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        return f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
-    return None
+        message = "; ".join(str(p) for p in problems)
+    elif isinstance(
+        exc, CommandError | SourceError | SnapshotError | OutputFileError | UnsafeCommandError
+    ):
+        message = str(exc)
+    elif isinstance(exc, OSError):
+        message = f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
+    else:
+        return None
+    return display(message)

@@ -2,7 +2,9 @@
 
 A VM name can hold pipes, backticks, brackets, HTML and newlines. In a table cell each of
 those would end the cell, open a code span, start a link or inject markup; so every name goes
-through `md_cell` (or `md_text` outside tables), which turns them into inert characters.
+through `md_cell` (or `md_text` outside tables): first the one-line form every output shares
+(`recommender.quoting.display`: newlines, controls and bidi overrides as visible escapes),
+then Markdown's own syntax escaped.
 """
 
 from __future__ import annotations
@@ -12,20 +14,20 @@ from pathlib import Path
 
 import jinja2
 
+from recommender.quoting import display
+
 # Characters with a meaning anywhere in CommonMark/GFM inline syntax ...
 _INLINE = re.compile(r"([\\`*_\[\]<>|~!&])")
 # ... and those that only mean something at the start of a block (headings, lists, quotes).
 _LEADING = re.compile(r"^([#+\-=>])|^(\d+)([.)])")
-# Control characters, and the Unicode direction overrides that can make a name visually
-# reverse the rest of its line.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]+")
 
 TEMPLATES = Path(__file__).parent / "templates"
 
 
 def md_text(value: object) -> str:
-    """Inline text: control characters (newlines too) become one space, syntax is escaped."""
-    text = _CONTROL.sub(" ", str(value)).strip()
+    """Inline text: one line with active characters escaped (`recommender.quoting.display`),
+    then Markdown syntax escaped."""
+    text = display(value).strip()
     # A backslash before a syntax character (`<` included) makes it literal text.
     escaped = _INLINE.sub(r"\\\1", text)
     return _LEADING.sub(lambda m: f"\\{m[1]}" if m[1] else f"{m[2]}\\{m[3]}", escaped)

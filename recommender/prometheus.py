@@ -38,26 +38,20 @@ simulator's truth); the only difference left is the migration scrape gap above.
 
 from __future__ import annotations
 
-import ast
-import json
 import math
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
-import requests
-from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
-from urllib3.util.retry import Retry
 
 from recommender import __version__
 from recommender.config import Config, PrometheusSettings, duration_seconds
 from recommender.model import RESOURCES, Snapshot, make_nodes, make_vms
+from recommender.promql_http import ClientSettings, PromQLClient, SourceError
 
 # Counters behind each rate resource (summed).
 RATE_COUNTERS: dict[str, tuple[str, ...]] = {
@@ -82,10 +76,6 @@ HISTORY_STEP = "1m"
 
 # How many ids a grouped warning lists before "and N more".
 _WARN_IDS = 8
-
-
-class SourceError(Exception):
-    """The metrics server could not give a usable answer; the message is one line."""
 
 
 def _seconds_text(seconds: float) -> str:
@@ -177,73 +167,6 @@ class SnapshotQueries:
         )
 
 
-def _redact(url: str) -> str:
-    """The URL without user:password@ (it ends up in snapshots and messages)."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-def _connection_reason(exc: requests.exceptions.RequestException) -> str:
-    text = str(exc)
-    if isinstance(exc, requests.exceptions.SSLError):
-        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-            return "TLS certificate verify failed (set prometheus.ca_file)"
-        match = re.search(r"\[SSL[^\]]*\] ([^(')]+)", text)
-        return f"TLS error: {_one_line(match.group(1) if match else text, 200)}"
-    if "Connection refused" in text:
-        return "connection refused"
-    hints = (
-        "Name or service not known",
-        "Temporary failure in name resolution",
-        "nodename nor servname",
-        "getaddrinfo failed",
-    )
-    if any(hint in text for hint in hints):
-        return "cannot resolve the host name"
-    if "No route to host" in text:
-        return "no route to host"
-    if "Network is unreachable" in text:
-        return "network is unreachable"
-    match = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
-    return f"cannot connect: {match.group(1)}" if match else f"cannot connect: {_one_line(text)}"
-
-
-def _http_error(exc: PrometheusApiClientException) -> str:
-    """'HTTP 400: <server's error>' from prometheus-api-client's exception text."""
-    text = str(exc)
-    match = re.match(r"HTTP Status Code (\d+) \((.*)\)$", text, re.DOTALL)
-    if match is None:
-        return _one_line(text)
-    status, raw = match.group(1), match.group(2)
-    try:
-        body = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        body = raw
-    if isinstance(body, bytes):
-        body = body.decode("utf-8", errors="replace")
-    detail = str(body)
-    try:
-        parsed = json.loads(detail)
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict) and parsed.get("error"):
-        detail = str(parsed["error"])
-    hint = ""
-    if status in ("401", "403"):
-        hint = " (check bearer_token / username and password)"
-    return f"HTTP {status}{hint}: {_one_line(detail, 200) or '(empty body)'}"
-
-
 class PrometheusSource:
     """Reads snapshots from a PromQL HTTP API.
 
@@ -253,10 +176,7 @@ class PrometheusSource:
 
     def __init__(self, settings: PrometheusSettings) -> None:
         self.settings = settings
-        self.url = settings.url.rstrip("/")
-        self.display_url = _redact(settings.url)
         self.queries_issued = 0
-        headers = {"User-Agent": f"vmbalance/{__version__}"}
         token = settings.bearer_token
         if token is None and settings.bearer_token_file is not None:
             try:
@@ -266,59 +186,33 @@ class PrometheusSource:
                 raise SourceError(
                     f"cannot read bearer_token_file {settings.bearer_token_file}: {reason}"
                 ) from None
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        session = requests.Session()
-        if settings.insecure_skip_verify:
-            session.verify = False
-        elif settings.ca_file is not None:
-            session.verify = settings.ca_file
-        auth = None
-        if settings.username is not None:
-            auth = (settings.username, settings.password or "")
-        retry = Retry(
-            total=2,
-            connect=2,
-            read=0,
-            status=2,
-            backoff_factor=0.2,
-            status_forcelist=(502, 503, 504),
-            allowed_methods=None,
-            raise_on_status=False,
+        self._client = PromQLClient(
+            ClientSettings(
+                url=settings.url,
+                timeout_seconds=settings.timeout_seconds,
+                bearer_token=token or None,
+                username=settings.username,
+                password=settings.password,
+                ca_file=settings.ca_file,
+                insecure_skip_verify=settings.insecure_skip_verify,
+            ),
+            user_agent=f"vmbalance/{__version__}",
         )
-        self._client = PrometheusConnect(
-            url=self.url,
-            headers=headers,
-            auth=auth,
-            session=session,
-            retry=retry,
-            timeout=settings.timeout_seconds,  # type: ignore[arg-type]
-        )
+        self.display_url = self._client.display_url
 
-    def _ask(self, promql: str, call: Callable[[], Any]) -> Any:
-        """Run one HTTP query, turning every failure into a one-line SourceError."""
-        where = f"prometheus at {self.display_url}"
+    def _get(self, path: str, params: dict[str, str], promql: str) -> Any:
+        """One HTTP query; every failure is a one-line SourceError."""
         self.queries_issued += 1
-        try:
-            return call()
-        except requests.exceptions.JSONDecodeError:
-            raise SourceError(f"{where}: the answer is not JSON (is this a PromQL API?)") from None
-        except requests.exceptions.Timeout:
+        data = self._client.get(path, params, context=f"query: {promql}")
+        if not isinstance(data, dict) or not isinstance(data.get("result"), list):
             raise SourceError(
-                f"{where}: no answer within {self.settings.timeout_seconds:g}s"
-            ) from None
-        except requests.exceptions.RequestException as exc:
-            raise SourceError(f"{where}: {_connection_reason(exc)}") from None
-        except PrometheusApiClientException as exc:
-            raise SourceError(f"{where}: {_http_error(exc)} (query: {promql})") from None
-        except (ValueError, KeyError, TypeError):
-            raise SourceError(f"{where}: the answer is not a PromQL API response") from None
+                f"prometheus at {self.display_url}: the answer is not a PromQL API response"
+            )
+        return data["result"]
 
     def query(self, promql: str, at: float) -> list[dict[str, Any]]:
         """One instant query evaluated at unix time `at`; raises SourceError on any failure."""
-        result = self._ask(
-            promql, lambda: self._client.custom_query(promql, params={"time": f"{at:.3f}"})
-        )
+        result = self._get("/api/v1/query", {"query": promql, "time": f"{at:.3f}"}, promql)
         if not isinstance(result, list) or not all(
             isinstance(item, dict) and "metric" in item and "value" in item for item in result
         ):
@@ -333,15 +227,13 @@ class PrometheusSource:
         """One range query from `start` to `end` (unix seconds, whole seconds are sent) every
         `step` seconds: `[{"metric": {...}, "values": [[t, "v"], ...]}, ...]`; raises
         SourceError on any failure, like `query`."""
-        result = self._ask(
-            promql,
-            lambda: self._client.custom_query_range(
-                promql,
-                start_time=datetime.fromtimestamp(start, UTC),
-                end_time=datetime.fromtimestamp(end, UTC),
-                step=_seconds_text(step),
-            ),
-        )
+        params = {
+            "query": promql,
+            "start": f"{round(start)}",
+            "end": f"{round(end)}",
+            "step": _seconds_text(step),
+        }
+        result = self._get("/api/v1/query_range", params, promql)
         if not isinstance(result, list) or not all(
             isinstance(item, dict) and "metric" in item and "values" in item for item in result
         ):
@@ -390,16 +282,10 @@ def _by_label(result: list[dict[str, Any]], label: str) -> dict[str, float]:
 
 
 def _ids(ids: Sequence[str]) -> str:
-    shown = ", ".join(_printable(i) for i in sorted(ids)[:_WARN_IDS])
+    """Ids as they are: every output escapes what it must (`recommender.quoting`)."""
+    shown = ", ".join(sorted(ids)[:_WARN_IDS])
     more = len(ids) - _WARN_IDS
     return f"{shown} and {more} more" if more > 0 else shown
-
-
-def _printable(text: str) -> str:
-    """An id safe to print on one terminal line (ids are label values)."""
-    if text.isprintable():
-        return text
-    return repr(text)
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,20 +22,25 @@ from recommender.config import Config
 from recommender.markdown import environment
 from recommender.model import RESOURCE_UNITS
 from recommender.plan import Migration, Plan
-from recommender.shell import UnsafeCommandError, libvirt_migrate, proxmox_migrate
+from recommender.quoting import display, json_text
+from recommender.shell import (
+    UnsafeCommandError,
+    is_proxmox_vmid,
+    libvirt_migrate,
+    proxmox_migrate,
+)
 
 PLAN_FORMAT = "vmbalance-plan"
 PLAN_VERSION = 1
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def command_flavour(plan: Plan, config: Config) -> str:
-    """`auto`: Proxmox when every VM in the plan has a numeric VMID, else libvirt."""
+    """`auto`: Proxmox when every VM in the plan has a VMID (ASCII digits), else libvirt."""
     flavour = config.output.commands
     if flavour != "auto":
         return flavour
     vms = [m.vm for m in plan.migrations] or ["0"]
-    return "proxmox" if all(vm.isdigit() for vm in vms) else "libvirt"
+    return "proxmox" if all(is_proxmox_vmid(vm) for vm in vms) else "libvirt"
 
 
 def migration_command(migration: Migration, flavour: str, config: Config) -> str:
@@ -162,15 +166,35 @@ def _clean(values: dict[str, float]) -> dict[str, float | None]:
     return {key: _number(value) for key, value in values.items()}
 
 
+def json_document(document: dict[str, Any], indent: int | None = 2) -> str:
+    """JSON for people and programs: UTF-8 names as they are, active characters escaped."""
+    return json_text(json.dumps(document, indent=indent, ensure_ascii=False))
+
+
 def render_json(plan: Plan, config: Config) -> str:
-    return json.dumps(plan_document(plan, config), indent=2, ensure_ascii=False) + "\n"
+    return json_document(plan_document(plan, config)) + "\n"
+
+
+def commands_refusal(commands: tuple[str, Commands]) -> UnsafeCommandError | None:
+    """The first migration no safe command exists for, if any: then no script is written."""
+    for command in commands[1].values():
+        if isinstance(command, UnsafeCommandError):
+            return UnsafeCommandError(f"cannot write the commands: {command}")
+    return None
 
 
 def render_commands(
     plan: Plan, config: Config, commands: tuple[str, Commands] | None = None
 ) -> str:
-    """A bash script: waves in order, the migrations of a wave in parallel, stop on failure."""
-    _, by_step = commands or plan_commands(plan, config)
+    """A bash script: waves in order, the migrations of a wave in parallel, stop on failure.
+
+    Raises UnsafeCommandError when a migration has no safe command: a script that skipped it
+    would run later waves that count on it."""
+    commands = commands or plan_commands(plan, config)
+    refusal = commands_refusal(commands)
+    if refusal is not None:
+        raise refusal
+    _, by_step = commands
     lines = [
         "#!/bin/bash",
         f"# vmbalance plan: {len(plan.migrations)} migration(s) in {len(plan.waves)} wave(s); "
@@ -186,12 +210,11 @@ def render_commands(
     for number, wave in enumerate(plan.waves, start=1):
         lines += ["", f"# wave {number}", "pids=()"]
         for migration in wave:
-            command = by_step[migration.step]
-            if not isinstance(command, str):
-                lines.append(f"# skipped {_comment(migration.vm)}: {_comment(str(command))}")
-                continue
-            lines.append(f"# {_comment(migration.name)}: {migration.source} -> {migration.target}")
-            lines.append(f"{command} &")
+            lines.append(
+                f"# {display(migration.vm)} ({display(migration.name)}): "
+                f"{display(migration.source)} -> {display(migration.target)}"
+            )
+            lines.append(f"{by_step[migration.step]} &")
             lines.append('pids+=("$!")')
         lines.append('run_wave "${pids[@]}"')
     if not plan.migrations:
@@ -199,25 +222,22 @@ def render_commands(
     return "\n".join(lines) + "\n"
 
 
-def _comment(text: str) -> str:
-    """Text safe inside a `#` comment: one line, no control characters."""
-    return _CONTROL.sub("?", text)
-
-
 def render_markdown(plan: Plan, config: Config) -> str:
     template = environment().get_template("plan.md.j2")
     commands = plan_commands(plan, config)
+    refusal = commands_refusal(commands)
     return template.render(
         plan=plan,
         doc=plan_document(plan, config, commands),
-        commands=render_commands(plan, config, commands),
+        commands=render_commands(plan, config, commands) if refusal is None else "",
+        commands_refusal=str(refusal) if refusal is not None else None,
         units=RESOURCE_UNITS,
     )
 
 
 def _text(value: object) -> Text:
-    """Untrusted text for rich: never markup, one line."""
-    return Text(_CONTROL.sub(" ", str(value)))
+    """Untrusted text for rich: never markup, one line, active characters escaped."""
+    return Text(display(value))
 
 
 def _pct(value: float | None) -> str:

@@ -20,8 +20,8 @@ Names are untrusted: everything a tenant can choose goes through the escaping fi
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,7 +47,9 @@ from recommender.forecast import (
 from recommender.markdown import environment
 from recommender.measure import imbalance_per_resource, overall_imbalance, weight_vector
 from recommender.model import RESOURCES, Snapshot
+from recommender.output_file import write_output
 from recommender.plan import Plan, build_plan
+from recommender.preflight import SnapshotUnusable, check_snapshot
 from recommender.prometheus import (
     RATE_COUNTERS,
     PrometheusSource,
@@ -55,7 +57,8 @@ from recommender.prometheus import (
     SourceError,
     counter_sum,
 )
-from recommender.render import plan_document, render_commands
+from recommender.quoting import display
+from recommender.render import commands_refusal, plan_commands, plan_document, render_commands
 
 # Points per series: a week at 30-minute steps. The step is rounded up to whole minutes.
 TARGET_POINTS = 336
@@ -823,7 +826,7 @@ def signed_points(value: float | None) -> str:
 
 def chart_label(text: object) -> str:
     """Text safe as a matplotlib label: one line, no mathtext, not hidden from the legend."""
-    flat = " ".join(str(text).split())
+    flat = display(text)
     flat = flat.replace("$", r"\$")
     return "\u200b" + flat if flat.startswith("_") else flat
 
@@ -844,7 +847,9 @@ def _time_axis(ax: Any) -> None:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=CHART_DPI, format="png")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=CHART_DPI, format="png")
+    write_output(path, buffer.getvalue())
     return path
 
 
@@ -1074,8 +1079,9 @@ def build_report(
     plan_error: str | None = None
     try:
         snapshot = source.build_snapshot(config, at=datetime.fromtimestamp(window.end, UTC))
+        check_snapshot(snapshot)
         plan = build_plan(snapshot, config)
-    except SourceError as exc:
+    except (SourceError, SnapshotUnusable) as exc:
         plan_error = str(exc)
 
     series = imbalance_series(history, config)
@@ -1098,8 +1104,9 @@ def build_report(
     if plan is not None:
         charts["plan"] = chart_plan(plan, out_dir / CHARTS["plan"])
     for key, name in CHARTS.items():
-        if key not in charts:  # left from an earlier report in the same directory
-            (out_dir / name).unlink(missing_ok=True)
+        stale = out_dir / name
+        if key not in charts and stale.is_file():  # left from an earlier report
+            stale.unlink()
 
     warnings = list(history.warnings)
     if snapshot is not None:
@@ -1141,12 +1148,15 @@ def render_report(data: ReportData) -> str:
         crossing=describe_crossing,
     )
     plan = data.plan
+    commands = plan_commands(plan, data.config) if plan is not None else None
+    refusal = commands_refusal(commands) if commands is not None else None
     return env.get_template("report.md.j2").render(
         r=data,
         config=data.config,
         plan=plan,
-        doc=plan_document(plan, data.config) if plan is not None else None,
-        commands=render_commands(plan, data.config) if plan is not None else "",
+        doc=plan_document(plan, data.config, commands) if plan is not None else None,
+        commands=render_commands(plan, data.config, commands) if plan and not refusal else "",
+        commands_refusal=str(refusal) if refusal is not None else None,
         labels=RESOURCE_LABELS,
         titles=RESOURCE_TITLES,
         resources=RESOURCES,
@@ -1175,12 +1185,7 @@ def write_report(
     text = render_report(data)
     target = out_dir / "report.md"
     # Written whole or not at all: a reader (or a mail job) never sees half a report.
-    partial = out_dir / f".report.md.{os.getpid()}.tmp"
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_output(target, text)
     return target
 
 

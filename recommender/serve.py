@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from recommender.config import Config
 from recommender.errors import CommandError, known_error
+from recommender.listen import parse_listen
 from recommender.model import RESOURCES, Snapshot
 
 log = logging.getLogger("vmbalance.serve")
@@ -64,11 +65,13 @@ class Recommender:
 
     def run_once(self) -> bool:
         from recommender.plan import build_plan
+        from recommender.preflight import check_snapshot
         from recommender.render import plan_document
 
         started = time.monotonic()
         try:
             snapshot = self._source(self.config)
+            check_snapshot(snapshot)
             plan = build_plan(snapshot, self.config)
             document = plan_document(plan, self.config)
         except Exception as exc:
@@ -231,6 +234,8 @@ def make_app(recommender: Recommender, registry: CollectorRegistry) -> Callable[
         if path == "/metrics":
             return metrics_app(environ, start_response)
         if path == "/plan":
+            from recommender.render import json_document
+
             latest = recommender.latest()
             if latest.plan_document is None:
                 body = json.dumps(
@@ -238,7 +243,7 @@ def make_app(recommender: Recommender, registry: CollectorRegistry) -> Callable[
                 ).encode()
                 start_response("503 Service Unavailable", [("Content-Type", "application/json")])
                 return [body]
-            body = json.dumps(latest.plan_document, ensure_ascii=False).encode("utf-8")
+            body = json_document(latest.plan_document, indent=None).encode("utf-8")
             start_response("200 OK", [("Content-Type", "application/json; charset=utf-8")])
             return [body]
         if path == "/-/healthy":
@@ -262,15 +267,8 @@ class _QuietHandler(WSGIRequestHandler):
         return
 
 
-def _listen_address(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise CommandError(f"listen address {listen!r}: expected HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def serve(config: Config, once: bool = False) -> int:
-    """Run until SIGTERM/SIGINT (or one run with `once`)."""
+def serve(config: Config, once: bool = False, out: TextIO | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or one run with `once`, its metrics written to `out`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     recommender = Recommender(config)
     registry = CollectorRegistry(auto_describe=False)
@@ -279,15 +277,23 @@ def serve(config: Config, once: bool = False) -> int:
         from prometheus_client import generate_latest
 
         ok = recommender.run_once()
-        sys.stdout.write(generate_latest(registry).decode())
+        (out or sys.stdout).write(generate_latest(registry).decode())
         if not ok:
             raise CommandError(recommender.latest().last_error or "planning failed")
         return 0
 
-    host, port = _listen_address(config.serve.listen)
+    try:
+        address = parse_listen(config.serve.listen)
+    except ValueError as exc:
+        raise CommandError(f"--listen {exc}") from None
+    server_class = type("Server", (WSGIServer,), {"address_family": address.family})
     try:
         httpd: WSGIServer = make_server(
-            host, port, make_app(recommender, registry), handler_class=_QuietHandler
+            address.host,
+            address.port,
+            make_app(recommender, registry),
+            server_class=server_class,
+            handler_class=_QuietHandler,
         )
     except OSError as exc:
         raise CommandError(f"cannot listen on {config.serve.listen}: {exc.strerror}") from None

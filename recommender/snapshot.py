@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (
@@ -23,19 +22,31 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictFloat,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from recommender.config import Config
+from recommender.config import MAX_QUANTITY, Config
 from recommender.model import RESOURCES, Snapshot, make_nodes, make_vms
+from recommender.output_file import write_output
+from recommender.promql_http import redact_url
 
 FORMAT = "vmbalance-snapshot"
 VERSION = 1
 
 # Never written into a snapshot file: they would leak with it.
 _SECRET_FIELDS = {"prometheus": {"bearer_token", "password"}}
+# No field of the format nests deeper than this; a deeper document is refused before parsing.
+MAX_DEPTH = 32
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+# A JSON number: `true` and `"0.5"` are not numbers here, and a value so large that sums of
+# loads could overflow is refused with the field named.
+Quantity = Annotated[StrictFloat, Field(ge=0, le=MAX_QUANTITY)]
 
 
 class SnapshotError(Exception):
@@ -50,15 +61,15 @@ def _check_resources(value: Mapping[str, float | None]) -> Mapping[str, float | 
     for resource, amount in value.items():
         if resource not in RESOURCES:
             raise ValueError(f"unknown resource {resource!r} (known: {', '.join(RESOURCES)})")
-        if amount is not None and amount < 0:
-            raise ValueError(f"{resource}: must be >= 0")
+        if amount is not None and not 0 <= amount <= MAX_QUANTITY:
+            raise ValueError(f"{resource}: must be >= 0 and <= 1e18")
     return value
 
 
 class NodeEntry(_Model):
     name: str = Field(min_length=1)
-    capacity: dict[str, float | None] = Field(default_factory=dict)
-    maintenance: bool = False
+    capacity: dict[str, StrictFloat | None] = Field(default_factory=dict)
+    maintenance: StrictBool = False
 
     _resources = field_validator("capacity")(_check_resources)
 
@@ -67,9 +78,9 @@ class VMEntry(_Model):
     vm: str = Field(min_length=1)
     name: str | None = None
     node: str = Field(min_length=1)
-    load: dict[str, float | None] = Field(default_factory=dict)
-    memory_max_bytes: float | None = Field(None, ge=0)
-    burst_ratio: float | None = Field(None, ge=0)
+    load: dict[str, StrictFloat | None] = Field(default_factory=dict)
+    memory_max_bytes: Quantity | None = None
+    burst_ratio: Quantity | None = None
     last_migration: AwareDatetime | None = None
 
     _resources = field_validator("load")(_check_resources)
@@ -157,8 +168,16 @@ def _document(snapshot: Snapshot, config: Config | None) -> dict[str, Any]:
         "vms": vms,
     }
     if config is not None:
-        document["config"] = config.model_dump(mode="json", exclude=_SECRET_FIELDS)
+        settings = config.model_dump(mode="json", exclude=_SECRET_FIELDS)
+        settings["prometheus"]["url"] = redact_url(config.prometheus.url)
+        document["config"] = settings
     return document
+
+
+def snapshot_text(snapshot: Snapshot, config: Config | None = None) -> str:
+    """The snapshot (and `config`, minus credentials) as the JSON text of the file."""
+    text = json.dumps(_document(snapshot, config), indent=2, ensure_ascii=True, allow_nan=False)
+    return text + "\n"
 
 
 def save_snapshot(
@@ -166,25 +185,13 @@ def save_snapshot(
     path_or_file: str | os.PathLike[str] | IO[str],
     config: Config | None = None,
 ) -> None:
-    """Write the snapshot (and `config`, minus credentials) as JSON.
-
-    A path is written atomically (temporary file, then rename); an open text file is
-    written as is.
-    """
-    text = json.dumps(_document(snapshot, config), indent=2, ensure_ascii=True, allow_nan=False)
-    text += "\n"
-    if not isinstance(path_or_file, str | os.PathLike):
+    """Write the snapshot (and `config`, minus credentials) as JSON: a path through
+    `recommender.output_file` (atomic for a regular file), an open text file as is."""
+    text = snapshot_text(snapshot, config)
+    if isinstance(path_or_file, str | os.PathLike):
+        write_output(path_or_file, text)
+    else:
         path_or_file.write(text)
-        return
-    target = Path(path_or_file)
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="ascii", newline="\n") as handle:
-            handle.write(text)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _one_line(text: str) -> str:
@@ -252,22 +259,41 @@ def parse_snapshot(document: Any, name: str = "snapshot") -> tuple[Snapshot, Con
     return snapshot, parsed.config
 
 
+def nesting_depth(text: str) -> int:
+    """How deeply the JSON text nests arrays and objects (strings skipped), without parsing."""
+    depth = deepest = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def load_snapshot(path: str | os.PathLike[str] | IO[str]) -> tuple[Snapshot, Config | None]:
-    """Read a snapshot file; returns the snapshot and the config stored with it (or None).
+    """Read a snapshot file (`-` or an open file: that stream); returns the snapshot and the
+    config stored with it (or None).
 
     Raises SnapshotError with one line naming the file and the bad field.
     """
     if isinstance(path, str | os.PathLike):
         name = os.fspath(path)
         try:
-            with open(path, encoding="utf-8") as handle:
-                text = handle.read()
-        except (OSError, UnicodeDecodeError) as exc:
+            with open(path, "rb") as handle:
+                raw = handle.read()
+        except OSError as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise SnapshotError(f"{name}: cannot read: {_one_line(reason)}") from None
     else:
         name = getattr(path, "name", "snapshot")
-        text = path.read()
+        stream = getattr(path, "buffer", None)
+        raw = stream.read() if stream is not None else path.read()
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as exc:
+        raise SnapshotError(f"{name}: not UTF-8 text (byte {exc.start})") from None
+    if nesting_depth(text) > MAX_DEPTH:
+        raise SnapshotError(
+            f"{name}: nested deeper than {MAX_DEPTH} levels; not a vmbalance snapshot"
+        )
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -283,4 +309,5 @@ __all__ = [
     "load_snapshot",
     "parse_snapshot",
     "save_snapshot",
+    "snapshot_text",
 ]

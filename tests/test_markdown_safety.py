@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 
 from recommender.markdown import md_alt, md_cell, md_fenced, md_text
+from recommender.quoting import display, is_active
 
 HOSTILE = [
     "a|b",
@@ -25,8 +24,6 @@ HOSTILE = [
     "&amp; &#124;",
     "abc\u202edcba",
 ]
-
-BIDI_AND_CONTROL = r"[\x00-\x1f\x7f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
 
 names = st.one_of(st.sampled_from(HOSTILE), st.text(max_size=30))
 
@@ -69,8 +66,10 @@ def test_text_survives_as_plain_text(value: str) -> None:
     children = inline[-1].children or []
     assert all(child.type == "text" for child in children)
     text = "".join(child.content for child in children)
-    expected = " ".join(re.sub(BIDI_AND_CONTROL, " ", value).split())
+    # The cell shows the value's one-line form (active characters as visible escapes).
+    expected = " ".join(display(value).split())
     assert " ".join(text.split()) == (expected or "—")
+    assert not any(is_active(ch) for ch in text)
 
 
 def test_fence_cannot_be_closed_early() -> None:
@@ -98,5 +97,6 @@ def test_list_item_stays_one_plain_item(value: str) -> None:
     assert all(c.type in ("text", "softbreak") for t in inline for c in t.children or [])
 
 
-def test_direction_overrides_are_removed() -> None:
-    assert "\u202e" not in md_cell("evil\u202egnp.exe") and "\u2066" not in md_text("a\u2066b")
+def test_direction_overrides_are_shown_not_obeyed() -> None:
+    assert md_cell("evil\u202egnp.exe") == "evil\\\\u202egnp.exe"
+    assert "\u2066" not in md_text("a\u2066b") and "\u2028" not in md_text("a\u2028b")

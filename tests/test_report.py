@@ -26,6 +26,7 @@ from recommender.config import Config
 from recommender.measure import imbalance_per_resource, overall_imbalance, weight_vector
 from recommender.model import RESOURCES
 from recommender.prometheus import PrometheusSource, SourceError
+from recommender.quoting import display
 from recommender.report import (
     CHARTS,
     TARGET_POINTS,
@@ -222,7 +223,8 @@ def test_charts_survive_odd_node_names(tmp_path: Path) -> None:
     path = chart_utilisation(history, cluster_utilisation(history), tmp_path / "u.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert chart_label("$x$") == "\\$x\\$" and chart_label("_a").endswith("_a")
-    assert chart_label("_a") != "_a" and chart_label("a\nb") == "a b"
+    assert chart_label("_a") != "_a" and chart_label("a\nb") == "a\\nb"
+    assert chart_label("rtl \u202eab") == "rtl \\u202eab"
 
 
 def test_prometheus_down_is_a_clear_error(tmp_path: Path) -> None:
@@ -359,11 +361,9 @@ def table_with(tokens: list[Token], *header: str) -> list[list[list[Token]]]:
     return [t for t in tables(tokens) if [text(c) for c in t[0][: len(header)]] == list(header)]
 
 
-INVISIBLE = r"[\x00-\x1f\x7f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
-
-
 def flat(name: str) -> str:
-    return " ".join(re.sub(INVISIBLE, " ", name).split())
+    """The name as a cell shows it: one line, active characters as visible escapes."""
+    return " ".join(display(name).split())
 
 
 @pytest.mark.slow
@@ -555,7 +555,7 @@ def test_a_period_without_data_is_a_clear_error(reported: Reported, tmp_path: Pa
 
 @pytest.mark.slow
 def test_cli_writes_the_report(
-    reported: Reported, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    reported: Reported, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     config_file = tmp_path / "vmbalance.yml"
     settings: dict[str, Any] = {"capacity": reported.history.capacity_settings()}
@@ -564,10 +564,10 @@ def test_cli_writes_the_report(
     argv = ["report", "-c", str(config_file), "--prometheus-url", reported.prometheus.url]
     argv += ["--out", str(out), "--period", "1d", "--at", reported.at.isoformat()]
     assert main(argv) == 0
-    assert capsys.readouterr().out.strip() == f"wrote {out / 'report.md'}"
+    assert capfd.readouterr().out.strip() == f"wrote {out / 'report.md'}"
     tokens = parser().parse((out / "report.md").read_text(encoding="utf-8"))
     assert headings(tokens, 2) == SECTIONS
     down = f"http://127.0.0.1:{free_port()}"
     assert main(["report", "--prometheus-url", down, "--out", str(tmp_path / "x")]) == 2
-    error = capsys.readouterr().err.strip()
+    error = capfd.readouterr().err.strip()
     assert error.startswith("vmbalance: prometheus at") and "connection refused" in error
