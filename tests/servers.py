@@ -75,6 +75,8 @@ class _Server(ABC):
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.tmp_path / f"{self.name}-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        # Basic-auth credentials the readiness check sends (a server with auth answers 401).
+        self.auth: tuple[str, str] | None = None
 
     @abstractmethod
     def command(self) -> list[str]:
@@ -111,7 +113,8 @@ class _Server(ABC):
                     f"{_tail(self.log_path)}"
                 )
             try:
-                ready = requests.get(self.url + self.ready_path, timeout=1).status_code == 200
+                answer = requests.get(self.url + self.ready_path, timeout=1, auth=self.auth)
+                ready = answer.status_code == 200
             except requests.RequestException:
                 ready = False
             if ready:
