@@ -19,6 +19,8 @@ import base64
 import hashlib
 import hmac
 import html
+import ipaddress
+import re
 import socket
 import ssl
 import threading
@@ -301,13 +303,28 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
         return
 
 
+_LISTEN_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+_LISTEN_PORT = re.compile(r"[0-9]{1,5}")
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
-    """`host:port`, `:port` (all interfaces) or `[v6addr]:port`."""
+    """`host:port`, `:port` (every IPv4 interface) or `[v6addr]:port`; an IPv6 address must be
+    in brackets (`::1:9641` reads two ways). The recommender's `serve --listen` follows the
+    same rules with its own parser (`recommender/listen.py`): the two share no code."""
+    expected = f"--listen {listen!r}: expected HOST:PORT, :PORT or [IPV6]:PORT"
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise WebConfigError(f"--listen {listen!r}: expected HOST:PORT, :PORT or [ADDR]:PORT")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+    if not sep or not _LISTEN_PORT.fullmatch(port) or not 0 < int(port) < 65536:
+        raise WebConfigError(f"{expected} (port 1-65535)")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1])), int(port)
+        except ValueError:
+            raise WebConfigError(f"{expected}: {host} is not an IPv6 address") from None
+    if ":" in host:
+        raise WebConfigError(f"{expected}: write an IPv6 address in brackets")
+    if host and not _LISTEN_HOST.fullmatch(host):
+        raise WebConfigError(f"{expected}: {host!r} is not a host name or address")
+    return host or "0.0.0.0", int(port)
 
 
 def serve(listen: str, app: WSGIApp, web: WebConfig) -> tuple[WSGIServer, threading.Thread]:
