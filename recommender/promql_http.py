@@ -9,8 +9,7 @@ within N s".
 
 Only the standard library speaks HTTP here (`http.client`, `ssl`), so what an operator reads is
 "connection refused" or "TLS: certificate verify failed: ...", never a client library's
-internals. Proxies come from the usual environment variables (`https_proxy`, `http_proxy`,
-`no_proxy`), as with other HTTP tools.
+internals. The server is reached directly: proxy environment variables are not used.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import socket
 import ssl
 import threading
 import time
-import urllib.request
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -205,11 +203,11 @@ class PromQLClient:
         timeout: float,
     ) -> None:
         try:
-            connection, target, extra = self._connection(url, timeout)
+            connection, target = self._connection(url, timeout)
             # Every socket the connection opens is known to the attempt, so it can be cut.
             connection._create_connection = attempt.create_connection  # type: ignore[attr-defined]
             try:
-                connection.request("GET", target, headers={**headers, **extra})
+                connection.request("GET", target, headers=dict(headers))
                 response = connection.getresponse()
                 answer.body = response.read()
                 answer.status = response.status
@@ -219,39 +217,17 @@ class PromQLClient:
         except BaseException as exc:  # reported by the caller, in words
             answer.error = exc
 
-    def _connection(
-        self, url: str, timeout: float
-    ) -> tuple[http.client.HTTPConnection, str, dict[str, str]]:
-        """The connection to open, the request target, and headers the proxy needs."""
+    def _connection(self, url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+        """The connection to open and the request target."""
         parts = urlsplit(url)
         host = parts.hostname or ""
-        https = parts.scheme == "https"
-        port = parts.port or (443 if https else 80)
         target = urlunsplit(("", "", parts.path or "/", parts.query, ""))
-        proxy = _proxy_for(parts.scheme, host)
-        if proxy is None:
-            if https:
-                tls = http.client.HTTPSConnection(host, port, timeout=timeout, context=self._tls)
-                return tls, target, {}
-            return http.client.HTTPConnection(host, port, timeout=timeout), target, {}
-        proxy_parts = urlsplit(proxy)
-        proxy_headers = {}
-        if proxy_parts.username is not None:
-            pair = f"{unquote(proxy_parts.username)}:{unquote(proxy_parts.password or '')}"
-            proxy_headers["Proxy-Authorization"] = "Basic " + base64.b64encode(
-                pair.encode()
-            ).decode("ascii")
-        proxy_host = proxy_parts.hostname or ""
-        proxy_port = proxy_parts.port or 80
-        if https:
-            connection = http.client.HTTPSConnection(
-                proxy_host, proxy_port, timeout=timeout, context=self._tls
-            )
-            connection.set_tunnel(host, port, headers=proxy_headers)
-            return connection, target, {}
-        # Plain HTTP through a proxy: the absolute URL as the target, proxy auth as a header.
-        connection = http.client.HTTPConnection(proxy_host, proxy_port, timeout=timeout)
-        return connection, url, proxy_headers
+        if parts.scheme == "https":
+            port = parts.port or 443
+            return http.client.HTTPSConnection(
+                host, port, timeout=timeout, context=self._tls
+            ), target
+        return http.client.HTTPConnection(host, parts.port or 80, timeout=timeout), target
 
     def _failure(self, error: BaseException, timeout: float) -> str:
         if isinstance(error, TimeoutError | socket.timeout):
@@ -282,25 +258,21 @@ class PromQLClient:
             raise SourceError(f"{self.where}: HTTP {answer.status}{hint}: {shown}{suffix}")
         if document is None:
             raise SourceError(f"{self.where}: the answer is not JSON (is this a PromQL API?)")
-        if not isinstance(document, dict) or "data" not in document:
-            raise SourceError(f"{self.where}: the answer is not a PromQL API response")
-        if document.get("status") != "success":
-            shown = _one_line(str(document.get("error") or document.get("status")))
+        if isinstance(document, dict) and document.get("status") == "error":
+            shown = _one_line(str(document.get("error") or document.get("errorType")))
             raise SourceError(f"{self.where}: the server reported an error: {shown}{suffix}")
+        if (
+            not isinstance(document, dict)
+            or document.get("status") != "success"
+            or ("data" not in document)
+        ):
+            raise SourceError(f"{self.where}: the answer is not a PromQL API response")
         return document["data"]
 
 
 def _netloc(host: str, port: int | None) -> str:
     shown = f"[{host}]" if ":" in host else host
     return f"{shown}:{port}" if port is not None else shown
-
-
-def _proxy_for(scheme: str, host: str) -> str | None:
-    proxies = urllib.request.getproxies()
-    proxy = proxies.get(scheme)
-    if not proxy or urllib.request.proxy_bypass(host):
-        return None
-    return proxy
 
 
 def _tls_context(settings: ClientSettings) -> ssl.SSLContext:
