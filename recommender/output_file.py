@@ -6,20 +6,24 @@ directory, then a rename — so a reader never sees half a document. Anything el
 to replace: renaming over `/dev/null` would turn the host's null device into a plain file, and
 over a FIFO would leave its reader waiting for ever. So a character device or a FIFO is
 opened and written in place, as is anything reached through `/dev/stdout`, `/dev/fd/N` or
-`/proc/.../fd/N` (the stream a caller handed over). A symlink is followed: its target is
-replaced and the link kept. A block device, a directory or a socket is refused.
+`/proc/<pid>/fd/N` (the stream a caller handed over). A symlink is followed: its target is
+replaced and the link kept. A block device, a directory, a socket or any other file under
+`/proc` is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 _MAX_LINKS = 40
+# Where a process's open descriptors are: /proc/<pid>/fd (and a thread's, under task/).
+_FD_DIRECTORY = re.compile(r"/proc/[0-9]+(/task/[0-9]+)?/fd")
 
 
 class OutputFileError(Exception):
@@ -38,7 +42,9 @@ def resolve(path: str | os.PathLike[str]) -> tuple[Path, bool]:
         parent = Path(os.path.realpath(current.parent))
         current = parent / current.name
         if parent.parts[:2] == ("/", "proc"):
-            return current, True
+            if _FD_DIRECTORY.fullmatch(str(parent)):
+                return current, True
+            raise OutputFileError(f"{os.fspath(path)}: is under /proc; not writing there")
         if not current.is_symlink():
             return current, False
         current = parent / os.readlink(current)

@@ -83,6 +83,7 @@ class _Attempt:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
+        self.connection: http.client.HTTPConnection | None = None
         self.cancelled = False
 
     def create_connection(
@@ -99,9 +100,15 @@ class _Attempt:
     def cancel(self) -> None:
         with self._lock:
             self.cancelled = True
-            for sock in self._sockets:
+            sockets = list(self._sockets)
+            # TLS wraps the plain socket into a new object that owns the descriptor.
+            wrapped = self.connection.sock if self.connection is not None else None
+            if wrapped is not None:
+                sockets.append(wrapped)
+            for sock in sockets:
                 with contextlib.suppress(OSError):
-                    # shutdown, not close: the worker still owns the descriptor.
+                    # shutdown, not close: the worker still owns the descriptor; the plain
+                    # socket call, so a TLS socket's state is not touched from this thread.
                     socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
@@ -206,6 +213,7 @@ class PromQLClient:
             connection, target = self._connection(url, timeout)
             # Every socket the connection opens is known to the attempt, so it can be cut.
             connection._create_connection = attempt.create_connection  # type: ignore[attr-defined]
+            attempt.connection = connection
             try:
                 connection.request("GET", target, headers=dict(headers))
                 response = connection.getresponse()

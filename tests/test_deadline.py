@@ -33,10 +33,12 @@ class TrickleServer:
     """Loopback HTTP server: `mode` "drip" sends headers then one body byte a second; "headers"
     drips the status line itself; "silent" accepts and says nothing."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, tls: ssl.SSLContext | None = None) -> None:
         self.mode = mode
+        self.tls = tls
         self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.sock.getsockname()[1]}"
         self.connections = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -61,6 +63,12 @@ class TrickleServer:
             threading.Thread(target=self._answer, args=(client,), daemon=True).start()
 
     def _answer(self, client: socket.socket) -> None:
+        if self.tls is not None:
+            try:
+                client = self.tls.wrap_socket(client, server_side=True)
+            except (OSError, ssl.SSLError):
+                client.close()
+                return
         with client:
             try:
                 client.recv(65536)
@@ -182,10 +190,9 @@ def test_refused_connection_in_words() -> None:
     assert result.stderr == f"vmbalance: prometheus at {url}: connection refused\n"
 
 
-@pytest.fixture
-def untrusted_tls(tmp_path: Path) -> Iterator[str]:
-    """An HTTPS server with a self-signed certificate the client does not trust."""
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+def server_tls(directory: Path) -> ssl.SSLContext:
+    """A server context with a fresh self-signed certificate."""
+    key, cert = directory / "key.pem", directory / "cert.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
          "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"],
@@ -193,6 +200,31 @@ def untrusted_tls(tmp_path: Path) -> Iterator[str]:
     )  # fmt: skip
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
+    return context
+
+
+def test_a_dripping_tls_answer_is_cut_and_its_worker_ends(tmp_path: Path) -> None:
+    with TrickleServer("drip", tls=server_tls(tmp_path)) as server:
+        config = Config.model_validate(
+            {"prometheus": {"url": server.url, "timeout_seconds": 1, "insecure_skip_verify": True}}
+        )
+        started = time.monotonic()
+        with pytest.raises(SourceError, match="no answer from https://"):
+            PrometheusSource(config.prometheus).query("up", time.time())
+        assert time.monotonic() - started < 1.5
+        # The request's thread does not go on reading the drip in the background.
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and any(
+            t.name == "promql-request" for t in threading.enumerate()
+        ):
+            time.sleep(0.05)
+        assert not [t for t in threading.enumerate() if t.name == "promql-request"]
+
+
+@pytest.fixture
+def untrusted_tls(tmp_path: Path) -> Iterator[str]:
+    """An HTTPS server with a self-signed certificate the client does not trust."""
+    context = server_tls(tmp_path)
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 

@@ -132,3 +132,8 @@ def test_dev_stdout_is_the_stream_not_a_file(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == b"on the pipe\nagain\n"
+
+
+def test_proc_is_refused_except_a_processes_own_descriptors() -> None:
+    with pytest.raises(OutputFileError, match="is under /proc; not writing there"):
+        write_output("/proc/self/cmdline", "x")
