@@ -363,7 +363,7 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     from recommender.serve import serve
 
-    return serve(effective_config(args), once=args.once, out=out)
+    return serve(effective_config(args), once=args.once, out=out, at=evaluation_time(args))
 
 
 def cmd_report(args: argparse.Namespace, out: TextIO) -> int:

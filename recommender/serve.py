@@ -16,6 +16,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
 from typing import Any, TextIO
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -115,10 +117,10 @@ class Recommender:
         return True
 
 
-def _prometheus_snapshot(config: Config) -> Snapshot:
+def _prometheus_snapshot(config: Config, at: datetime | None = None) -> Snapshot:
     from recommender.prometheus import PrometheusSource
 
-    return PrometheusSource(config.prometheus).build_snapshot(config)
+    return PrometheusSource(config.prometheus).build_snapshot(config, at=at)
 
 
 class RecommenderCollector(Collector):
@@ -267,10 +269,18 @@ class _QuietHandler(WSGIRequestHandler):
         return
 
 
-def serve(config: Config, once: bool = False, out: TextIO | None = None) -> int:
-    """Run until SIGTERM/SIGINT (or one run with `once`, its metrics written to `out`)."""
+def serve(
+    config: Config,
+    once: bool = False,
+    out: TextIO | None = None,
+    at: datetime | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT (or one run with `once`, its metrics written to `out`, the
+    cluster read as it was at `at`, default now)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    recommender = Recommender(config)
+    if at is not None and not once:
+        raise CommandError("--at goes with --once: a serving loop plans the present")
+    recommender = Recommender(config, partial(_prometheus_snapshot, at=at))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RecommenderCollector(recommender))
     if once:

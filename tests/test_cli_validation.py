@@ -138,6 +138,10 @@ def test_input_dash_reads_stdin() -> None:
     one_line_error(run("plan", "-i", "-", stdin="{not json"), "<stdin>:1:2: invalid JSON")
 
 
+def test_at_is_for_one_serve_run_only() -> None:
+    one_line_error(run("serve", "--at", "2026-01-01T00:00:00Z"), "--at goes with --once")
+
+
 def test_a_missing_password_file_names_the_option() -> None:
     line = one_line_error(run("plan", "--password-file", "/nonexistent/password"))
     assert line == (
