@@ -239,6 +239,10 @@ class _Job:
     domain_id: int | None = None  # known for a listed domain, else read when needed
     name: str | None = None
 
+    def label(self) -> str:
+        """The domain's name, the `vm` label (read from the handle, no round trip)."""
+        return self.name if self.name is not None else self.domain.name()
+
 
 @dataclass(frozen=True, slots=True)
 class _Listed:
@@ -260,8 +264,16 @@ class _Batch:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     samples: list[VMSample] = field(default_factory=list)
-    elsewhere: int = 0  # paused here because the VM now runs on another node: not an error
+    failed: dict[str, str] = field(default_factory=dict)  # domain name: why it was skipped
+    started: set[str] = field(default_factory=set)  # UUIDs
+    finished: set[str] = field(default_factory=set)
+    timeouts: int = 0  # domains whose call was still out at the deadline
     closed: bool = False
+
+
+_NOT_REACHED = "not reached before the scrape deadline"
+_ELSEWHERE = "runs on another node"  # paused here for a migration: neither sample nor error
+_STILL_BUSY = "a libvirt call of an earlier scrape has not returned"
 
 
 class _DeadlineExceeded(Exception):
@@ -293,6 +305,7 @@ class LibvirtBackend:
     """
 
     name = "libvirt"
+    read_sources = ("libvirt",)
 
     def __init__(
         self,
@@ -300,9 +313,13 @@ class LibvirtBackend:
         concurrency: int = 8,
         *,
         opener: Callable[[str], virConnect] | None = None,
+        connect_timeout: float = 5.0,
     ) -> None:
-        """Open `uri` now; BackendError (one line) when libvirt-python is missing or it fails.
+        """Try `uri` now; BackendError (one line) when libvirt-python is missing or the URI
+        cannot work (malformed, a driver file that does not parse).
 
+        A daemon that is not running or does not answer yet is not an error: the exporter
+        serves `vmbalance_up 0` and each scrape connects again until it answers.
         `opener(uri)` opens the connection: by default libvirt's `openReadOnly`, since an
         exporter never changes a domain; a caller needing credentials passes its own.
         """
@@ -348,7 +365,7 @@ class LibvirtBackend:
         self._connection_error_domains = frozenset(
             {self._lv.VIR_FROM_RPC, self._lv.VIR_FROM_REMOTE}
         )
-        self._connection()  # fail now, in one line, on a URI that cannot work
+        self._try_first_connection(connect_timeout)
 
     # -- connection -----------------------------------------------------------------------
 
@@ -374,6 +391,18 @@ class LibvirtBackend:
                 self._bulk_useful = None
                 self._node_memory_stats = True
         return conn
+
+    def _try_first_connection(self, timeout: float) -> None:
+        """Connect once at start, bounded; only an error of the URI itself is fatal."""
+        try:
+            self._call_by(time.monotonic() + timeout, self._connection)
+        except TimeoutError:
+            log.debug("libvirt: %r did not answer within %gs at start", self.uri, timeout)
+        except BackendError as exc:
+            cause = exc.__cause__
+            if not self._is_connection_error(cause):  # type: ignore[arg-type]
+                raise
+            log.debug("libvirt: %s (at start)", exc)
 
     def _alive(self, conn: virConnect) -> bool:
         try:
@@ -426,13 +455,19 @@ class LibvirtBackend:
         """Read every active domain; VMs not read by `timeout` seconds count in `vm_errors`."""
         deadline = time.monotonic() + max(timeout, 0.0)
         if self._pending is not None and self._pending.is_alive():
-            return ScrapeResult(up=False, error="libvirt: a previous call has not returned yet")
+            return ScrapeResult(
+                up=False,
+                error=f"libvirt: a call of an earlier scrape to {self.uri!r} has not returned",
+                read_timeouts={"libvirt": 1},
+            )
         self._pending = None
         try:
             node, records, listed, errors = self._call_by(deadline, self._read_domains)
         except TimeoutError:
             return ScrapeResult(
-                up=False, error=f"libvirt: no answer from {self.uri!r} within {timeout:g}s"
+                up=False,
+                error=f"libvirt: no answer from {self.uri!r} within the scrape timeout",
+                read_timeouts={"libvirt": 1},
             )
         except BackendError as exc:
             return ScrapeResult(up=False, error=str(exc))
@@ -443,6 +478,7 @@ class LibvirtBackend:
         vms: list[VMSample] = []
         jobs: list[_Job] = []
         seen: set[str] = set()
+        skipped: dict[str, str] = {}
         with self._lock:
             busy = set(self._busy)
         for domain, stats in records:
@@ -450,11 +486,11 @@ class LibvirtBackend:
             seen.add(uuid)
             state = stats.get("state.state")
             if state in _NOT_RUNNING:
-                errors += 1
+                skipped[domain.name()] = "stopped while it was read"
             elif state == _PAUSED and stats.get("state.reason") in _PAUSED_ELSEWHERE:
                 continue
             elif uuid in busy:  # still hung from an earlier scrape: do not pile on
-                errors += 1
+                skipped[domain.name()] = _STILL_BUSY
             elif self._complete(stats, balloon := _bulk_balloon(stats)):
                 vms.append(self._sample_from_bulk(domain, uuid, stats, balloon))
             else:
@@ -462,18 +498,27 @@ class LibvirtBackend:
         for job in listed:
             seen.add(job.uuid)
             if job.uuid in busy:
-                errors += 1
+                skipped[job.label()] = _STILL_BUSY
             else:
                 jobs.append(job)
+        timeouts = 0
         if jobs:
-            done, elsewhere = self._run_jobs(jobs, deadline)
-            errors += len(jobs) - len(done) - elsewhere
-            vms.extend(done)
+            outcome = self._run_jobs(jobs, deadline)
+            vms.extend(outcome.samples)
+            skipped.update(outcome.failed)
+            timeouts = outcome.timeouts
         with self._lock:
             for uuid in self._devices.keys() - seen:
                 del self._devices[uuid]
         vms.sort(key=lambda vm: vm.vm)
-        return ScrapeResult(up=True, node=node, vms=vms, vm_errors=errors)
+        return ScrapeResult(
+            up=True,
+            node=node,
+            vms=vms,
+            vm_errors=errors + len(skipped),
+            skipped=skipped,
+            read_timeouts={"libvirt": timeouts} if timeouts else {},
+        )
 
     def _call_by(self, deadline: float, func: Callable[[], _T]) -> _T:
         """`func()` in a daemon thread, abandoned (and remembered) if it overruns `deadline`."""
@@ -629,11 +674,12 @@ class LibvirtBackend:
 
     # -- per-domain completion ------------------------------------------------------------
 
-    def _run_jobs(self, jobs: list[_Job], deadline: float) -> tuple[list[VMSample], int]:
+    def _run_jobs(self, jobs: list[_Job], deadline: float) -> _Batch:
         """Complete `jobs` with up to `concurrency` daemon threads.
 
-        Returns the samples that finished in time and how many domains turned out to run on
-        another node (paused for a migration here), which are neither samples nor errors.
+        Returns the samples that finished in time, and the domains that failed, with why.
+        Domains that turned out to run on another node (paused for a migration here) are
+        neither samples nor errors.
 
         Workers pull from one shared queue, so a hung domain stalls one worker, not a share of
         the domains. The scrape starts one worker and adds another after each `_WORKER_SLICE`
@@ -654,30 +700,37 @@ class LibvirtBackend:
                     return
                 with self._lock:
                     self._busy.add(job.uuid)
+                with batch.lock:
+                    batch.started.add(job.uuid)
+                failure: str | None = None
                 try:
                     sample = self._sample_per_domain(job, deadline)
                 except _RunsElsewhere:
-                    with batch.lock:
-                        batch.elsewhere += 1
-                    continue
-                except (_DeadlineExceeded, _NotRunning):
-                    continue
+                    failure = _ELSEWHERE
+                except _DeadlineExceeded:
+                    failure = _NOT_REACHED
+                except _NotRunning:
+                    failure = "stopped while it was read"
                 except self._lv.libvirtError as exc:
                     # Vanished, stopped, or a device unplugged: its XML is read afresh next time.
                     self._note_error(exc)
                     with self._lock:
                         self._devices.pop(job.uuid, None)
-                    log.debug("libvirt: skipping domain %s: %s", job.uuid, _one_line(exc))
-                    continue
-                except Exception:
-                    log.warning("libvirt: skipping domain %s", job.uuid, exc_info=True)
-                    continue
+                    failure = f"libvirt: {_one_line(exc)}"
+                except Exception as exc:
+                    log.debug("libvirt: domain %s failed", job.uuid, exc_info=True)
+                    failure = _one_line(f"{type(exc).__name__}: {exc}")
                 finally:
                     with self._lock:
                         self._busy.discard(job.uuid)
                 with batch.lock:
-                    if not batch.closed:
+                    batch.finished.add(job.uuid)
+                    if batch.closed or failure is _ELSEWHERE:
+                        continue
+                    if failure is None:
                         batch.samples.append(sample)
+                    else:
+                        batch.failed[job.label()] = failure
 
         workers: list[threading.Thread] = []
         idle = True
@@ -696,7 +749,15 @@ class LibvirtBackend:
             idle = time.process_time() - cpu < 0.5 * (time.monotonic() - wall)
         with batch.lock:
             batch.closed = True
-            return list(batch.samples), batch.elsewhere
+            for job in jobs:
+                if job.uuid in batch.finished:
+                    continue
+                if job.uuid in batch.started:  # a call of this domain is still out
+                    batch.failed[job.label()] = "a libvirt call did not answer in time"
+                    batch.timeouts += 1
+                else:
+                    batch.failed[job.label()] = _NOT_REACHED
+            return batch
 
     def _sample_per_domain(self, job: _Job, deadline: float) -> VMSample:
         """A VMSample from bulk fields where present and per-domain calls for the rest.

@@ -17,12 +17,14 @@ import os
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Final
 
 from qemu.qmp import ExecuteError, Message, QMPClient, Runstate
 
+from exporter.hostio import HostReader, ReadTimeout
 from exporter.samples import (
     BackendError,
     DiskSample,
@@ -55,6 +57,16 @@ ALLOWED_COMMANDS: Final[frozenset[str]] = frozenset(
 BALLOON_QOM_PATH: Final = "/machine/peripheral/balloon0"
 
 _MIB: Final = 1024 * 1024
+# A config tree that does not answer a stat within this is taken as hung (pmxcfs without
+# quorum); one `.conf` may take this share of its VM's time, the rest is for the VM itself.
+_CONF_TREE_PROBE: Final = 1.0
+_CONF_SHARE: Final = 0.5
+_STAGE_WORDS: Final = {
+    "conf": "its .conf",
+    "qmp": "its QMP socket",
+    "proc": "its process in /proc",
+    "sysfs": "its tap devices in sysfs",
+}
 # How long cancelled VM sessions get to hang up before the scrape returns without them.
 _CANCEL_GRACE: Final = 0.2
 # QEMU reports a guest statistic it has not received as -1 in an unsigned 64-bit field.
@@ -363,6 +375,18 @@ class _Target:
     socket: str
 
 
+@dataclass(slots=True)
+class _Stage:
+    """Where one VM's reading is: the source to blame if its time runs out there."""
+
+    source: str = "conf"
+    timeouts: dict[str, int] = field(default_factory=dict)
+
+
+class _DeadlinePassed(Exception):
+    """The scrape's deadline passed before this VM's turn came."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Reading:
     """One VM's session; `sample` is None for a VM whose guest runs on another node."""
@@ -375,6 +399,7 @@ class QmpBackend:
     """Reads the VMs Proxmox VE runs on this node, over QMP, /proc and sysfs."""
 
     name = "qmp"
+    read_sources = ("conf", "qmp", "proc", "sysfs", "run")
 
     def __init__(
         self,
@@ -399,6 +424,9 @@ class QmpBackend:
         self.vm_timeout = vm_timeout
         self._node_sample = node_sample
         self._last_version: str | None = None
+        self._reader = HostReader()
+        self._configs: dict[str, VMConfig] = {}  # last good `.conf` per VMID
+        self._memory_bytes: int | None = None
         self.validate()
 
     def validate(self) -> None:
@@ -435,8 +463,26 @@ class QmpBackend:
     # ------------------------------------------------------------------ internals
 
     def _scrape(self, deadline: float) -> ScrapeResult:
+        # /etc/pve is pmxcfs: when it hangs, every .conf read would; find out once, quickly.
+        probe_deadline = min(deadline, time.monotonic() + _CONF_TREE_PROBE)
         try:
-            targets, listing_errors = self._list_vms()
+            self._reader.call("conf", "conf-dir", self._probe_conf_dir, probe_deadline)
+        except ReadTimeout:
+            return ScrapeResult(
+                up=False,
+                error=f"Proxmox config tree {self.conf_dir} does not answer",
+                read_timeouts={"conf": 1},
+            )
+        except OSError:
+            pass  # unreadable now (the constructor checked it once): .conf reads say more
+        try:
+            targets, listing_skipped = self._reader.call("run", "run-dir", self._list_vms, deadline)
+        except ReadTimeout:
+            return ScrapeResult(
+                up=False,
+                error=f"QMP run directory {self.run_dir} does not answer",
+                read_timeouts={"run": 1},
+            )
         except OSError as exc:
             return ScrapeResult(
                 up=False,
@@ -444,29 +490,44 @@ class QmpBackend:
                     f"cannot list QMP run directory {self.run_dir}: {exc.strerror or exc}"
                 ),
             )
-        readings, failed = self._read_all(targets, deadline)
+        try:
+            memory = self._memory(min(deadline, time.monotonic() + _CONF_TREE_PROBE))
+        except (OSError, ValueError) as exc:
+            return ScrapeResult(up=False, error=_one_line(f"cannot read node facts: {exc}"))
+        readings, skipped, timeouts = self._read_all(targets, deadline)
+        skipped = listing_skipped | skipped
         versions = [r.version for r in readings if r.version is not None]
         if versions:
             self._last_version = ".".join(map(str, max(versions)))
-        try:
-            node = self._node(self._last_version or "unknown")
-        except (OSError, ValueError) as exc:
-            return ScrapeResult(up=False, error=_one_line(f"cannot read node facts: {exc}"))
+        node = self._node_sample or NodeSample(
+            cpus=os.cpu_count() or 1, memory_bytes=memory, version=self._last_version or "unknown"
+        )
         return ScrapeResult(
             up=True,
             node=node,
             vms=[r.sample for r in readings if r.sample is not None],
-            vm_errors=listing_errors + failed,
+            vm_errors=len(skipped),
+            skipped=skipped,
+            read_timeouts=timeouts,
         )
 
-    def _node(self, version: str) -> NodeSample:
+    def _probe_conf_dir(self) -> None:
+        os.stat(self.conf_dir)
+
+    def _memory(self, deadline: float) -> int:
+        """The host's memory, read each scrape; the last value stands in while /proc hangs."""
         if self._node_sample is not None:
-            return self._node_sample
-        return NodeSample(
-            cpus=os.cpu_count() or 1, memory_bytes=_mem_total(self.proc_root), version=version
-        )
+            return self._node_sample.memory_bytes
+        try:
+            self._memory_bytes = self._reader.call(
+                "proc", "meminfo", partial(_mem_total, self.proc_root), deadline
+            )
+        except ReadTimeout:
+            if self._memory_bytes is None:
+                raise OSError(f"{self.proc_root}/meminfo does not answer") from None
+        return self._memory_bytes
 
-    def _list_vms(self) -> tuple[list[_Target], int]:
+    def _list_vms(self) -> tuple[list[_Target], dict[str, str]]:
         """VMs with a pid file naming a live process and a QMP socket, and the broken ones.
 
         A pid file whose process is dead is a VM that crashed (QEMU removes the file when it
@@ -479,45 +540,51 @@ class QmpBackend:
         stems = (stem for stem, _, ext in (n.partition(".") for n in names) if ext == "pid")
         vmids = sorted((stem for stem in stems if stem.isdigit()), key=int)
         targets: list[_Target] = []
-        errors = 0
+        skipped: dict[str, str] = {}
         for vmid in vmids:
             try:
                 pid = int(Path(self.run_dir, f"{vmid}.pid").read_text().strip())
             except FileNotFoundError:
                 continue  # stopped between listing and reading
             except (OSError, ValueError) as exc:
-                logger.debug("VM %s: unusable pid file: %s", vmid, _describe(exc))
-                errors += 1
+                skipped[vmid] = f"unusable pid file: {_describe(exc)}"
                 continue
             if not os.path.exists(os.path.join(self.proc_root, str(pid), "stat")):
-                logger.debug("VM %s: stale pid file, process %d is gone", vmid, pid)
-                errors += 1
+                skipped[vmid] = "stale pid file, its process is gone"
                 continue
             socket = os.path.join(self.run_dir, f"{vmid}.qmp")
             if not os.path.exists(socket):
                 continue
             targets.append(_Target(vmid=vmid, pid=pid, socket=socket))
-        return targets, errors
+        return targets, skipped
 
-    def _read_all(self, targets: list[_Target], deadline: float) -> tuple[list[_Reading], int]:
+    def _read_all(
+        self, targets: list[_Target], deadline: float
+    ) -> tuple[list[_Reading], dict[str, str], dict[str, int]]:
         """One event loop per scrape; a loop left over from an earlier scrape can't leak in."""
         if not targets:
-            return [], 0
+            return [], {}, {}
         loop = asyncio.new_event_loop()
         try:
             return loop.run_until_complete(self._gather(targets, deadline))
         finally:
             loop.close()
 
-    async def _gather(self, targets: list[_Target], deadline: float) -> tuple[list[_Reading], int]:
+    async def _gather(
+        self, targets: list[_Target], deadline: float
+    ) -> tuple[list[_Reading], dict[str, str], dict[str, int]]:
         semaphore = asyncio.Semaphore(self.concurrency)
+        stages = {target.vmid: _Stage() for target in targets}
 
         async def bounded(target: _Target) -> _Reading:
             async with semaphore:
                 budget = min(self.vm_timeout, deadline - time.monotonic())
                 if budget <= 0:
-                    raise TimeoutError("scrape deadline passed before this VM's turn")
-                return await asyncio.wait_for(self._read_vm(target), budget)
+                    raise _DeadlinePassed
+                vm_deadline = time.monotonic() + budget
+                return await asyncio.wait_for(
+                    self._read_vm(target, stages[target.vmid], vm_deadline), budget
+                )
 
         tasks = [asyncio.create_task(bounded(t), name=f"qmp-{t.vmid}") for t in targets]
         # wait_for already bounds each VM; this is the backstop for the scrape as a whole.
@@ -529,20 +596,50 @@ class QmpBackend:
         if pending:
             await asyncio.wait(pending, timeout=_CANCEL_GRACE)
         readings: list[_Reading] = []
-        failed = 0
+        skipped: dict[str, str] = {}
+        timeouts: dict[str, int] = {}
         for target, task in zip(targets, tasks, strict=True):
-            if not task.done() or task.cancelled():
-                failed += 1
-                logger.debug("VM %s skipped: cancelled at the scrape deadline", target.vmid)
-            elif (exc := task.exception()) is not None:
-                failed += 1
-                logger.debug("VM %s skipped: %s", target.vmid, _describe(exc))
-            else:
+            stage = stages[target.vmid]
+            exc = None if not task.done() or task.cancelled() else task.exception()
+            if task.done() and not task.cancelled() and exc is None:
                 readings.append(task.result())
-        return readings, failed
+                timeouts.update(
+                    {src: timeouts.get(src, 0) + n for src, n in stage.timeouts.items()}
+                )
+                continue
+            if isinstance(exc, _DeadlinePassed):
+                skipped[target.vmid] = "not reached before the scrape deadline"
+                continue
+            if isinstance(exc, TimeoutError) or exc is None:  # ReadTimeout is one too
+                source = exc.source if isinstance(exc, ReadTimeout) else stage.source
+                stage.timeouts[source] = stage.timeouts.get(source, 0) + 1
+                skipped[target.vmid] = f"{_STAGE_WORDS[source]} did not answer in time"
+            else:
+                skipped[target.vmid] = _describe(exc)
+            timeouts.update({src: timeouts.get(src, 0) + n for src, n in stage.timeouts.items()})
+        return readings, skipped, timeouts
 
-    async def _read_vm(self, target: _Target) -> _Reading:
-        conf = read_config(os.path.join(self.conf_dir, f"{target.vmid}.conf"))
+    async def _config(self, target: _Target, stage: _Stage, vm_deadline: float) -> VMConfig:
+        """The VM's `.conf`, or its last good reading while the file does not answer."""
+        stage.source = "conf"
+        path = os.path.join(self.conf_dir, f"{target.vmid}.conf")
+        budget = max(vm_deadline - time.monotonic(), 0.0) * _CONF_SHARE
+        try:
+            conf = await self._reader.read(
+                "conf", f"conf:{target.vmid}", partial(read_config, path), time.monotonic() + budget
+            )
+        except ReadTimeout:
+            last = self._configs.get(target.vmid)
+            if last is None:
+                raise
+            stage.timeouts["conf"] = stage.timeouts.get("conf", 0) + 1
+            return last
+        self._configs[target.vmid] = conf
+        return conf
+
+    async def _read_vm(self, target: _Target, stage: _Stage, vm_deadline: float) -> _Reading:
+        conf = await self._config(target, stage, vm_deadline)
+        stage.source = "qmp"
         queries: dict[str, Mapping[str, object] | None] = {
             "query-status": None,
             "query-blockstats": None,
@@ -588,7 +685,20 @@ class QmpBackend:
             raise blockstats
         disks = disks_from_blockstats(blockstats)
         # Read /proc after the session: it also proves the process outlived the queries.
-        usage = read_process_usage(self.proc_root, target.pid)
+        stage.source = "proc"
+        usage = await self._reader.read(
+            "proc",
+            f"proc:{target.pid}",
+            partial(read_process_usage, self.proc_root, target.pid),
+            vm_deadline,
+        )
+        stage.source = "sysfs"
+        interfaces = await self._reader.read(
+            "sysfs",
+            f"sysfs:{target.vmid}",
+            partial(read_tap_counters, self.net_root, target.vmid, conf.nets),
+            vm_deadline,
+        )
         cpus = replies["query-cpus-fast"]
         name_reply = replies.get("query-name")
         uuid_reply = replies.get("query-uuid")
@@ -609,7 +719,7 @@ class QmpBackend:
             memory_used_bytes=used if used is not None else usage.rss_bytes,
             memory_rss_bytes=usage.rss_bytes,
             disks=disks,
-            interfaces=read_tap_counters(self.net_root, target.vmid, conf.nets),
+            interfaces=interfaces,
         )
         return _Reading(sample=sample, version=version)
 

@@ -138,7 +138,7 @@ def test_bad_web_config_is_one_line(tmp_path: Path, content: str, expected: str)
 
 def test_bad_uri_and_unreadable_dirs_are_one_line(tmp_path: Path) -> None:
     for args in (
-        ["--backend", "libvirt", "--libvirt-uri", "nosuchdriver:///nowhere"],
+        ["--backend", "libvirt", "--libvirt-uri", "::not a uri"],
         [
             "--backend",
             "qmp",
