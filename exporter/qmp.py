@@ -60,6 +60,7 @@ _MIB: Final = 1024 * 1024
 # A config tree that does not answer a stat within this is taken as hung (pmxcfs without
 # quorum); one `.conf` may take this share of its VM's time, the rest is for the VM itself.
 _CONF_TREE_PROBE: Final = 1.0
+_START_PROBE = 5.0  # how long the start-up check waits for a directory
 _CONF_SHARE: Final = 0.5
 _STAGE_WORDS: Final = {
     "conf": "its .conf",
@@ -346,6 +347,11 @@ def read_tap_counters(
     return tuple(samples)
 
 
+def _can_list(path: str) -> None:
+    with os.scandir(path):
+        pass
+
+
 def _mem_total(proc_root: str) -> int:
     for line in Path(proc_root, "meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
@@ -424,9 +430,9 @@ class QmpBackend:
         self.vm_timeout = vm_timeout
         self._node_sample = node_sample
         self._last_version: str | None = None
-        self._reader = HostReader()
         self._configs: dict[str, VMConfig] = {}  # last good `.conf` per VMID
         self._memory_bytes: int | None = None
+        self._reader = HostReader()
         self.validate()
 
     def validate(self) -> None:
@@ -441,8 +447,15 @@ class QmpBackend:
             ("proc root", self.proc_root),
         ):
             try:
-                with os.scandir(path):
-                    pass
+                # Bounded: a hung pmxcfs at start is a backend that is down, not a hung start.
+                self._reader.call(
+                    "conf",
+                    f"start:{path}",
+                    partial(_can_list, path),
+                    time.monotonic() + _START_PROBE,
+                )
+            except ReadTimeout:
+                logger.debug("%s %s does not answer at start", what, path)
             except OSError as exc:
                 raise BackendError(
                     _one_line(f"{what} {path} is not readable: {exc.strerror or exc}")

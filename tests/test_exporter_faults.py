@@ -238,3 +238,27 @@ def test_libvirt_unreachable_at_start_then_started(tmp_path: Path, started: list
     assert len(log_lines(exporter, "backend down: libvirt: cannot connect")) == 1
     assert all("WARNING" in line for line in log_lines(exporter, "backend down:"))
     assert len(log_lines(exporter, "backend answers again")) == 1
+
+
+def test_a_config_tree_hung_at_start_does_not_hang_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import exporter.qmp as qmp
+
+    node = PveNode(tmp_path)
+    release = threading.Event()
+    real = qmp._can_list
+
+    def hung_conf_dir(path: str) -> None:
+        if path == str(node.conf):
+            release.wait(30)
+        real(path)
+
+    monkeypatch.setattr(qmp, "_can_list", hung_conf_dir)
+    monkeypatch.setattr(qmp, "_START_PROBE", 0.3)
+    try:
+        started = time.monotonic()
+        QmpBackend(run_dir=str(node.run), conf_dir=str(node.conf))
+        assert time.monotonic() - started < 1.0
+    finally:
+        release.set()
