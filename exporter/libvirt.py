@@ -1,11 +1,14 @@
-"""The libvirt backend: every active domain of one libvirt URI, read in one bulk call.
+"""The libvirt backend: every active domain of one libvirt URI.
 
-One `getAllDomainStats` call returns state, CPU, balloon, vCPU, block and interface counters for
-all domains at once, so on the QEMU driver a scrape is a single round trip however many VMs
-run. Drivers whose bulk stats lack some of those fields are completed per domain, and only for
-the missing fields, by a few worker threads. A driver whose bulk stats carry nothing but
-`state.*` (the test driver), or that has no bulk call at all, gains nothing from it: the
-backend then lists domain IDs, keeps one handle per running domain, and reads each per domain.
+One `getAllDomainStats` call lists the running domains with their state, balloon and
+interface counters: the stat groups that cost next to nothing on QEMU (see `BULK_STATS`). CPU
+time, vCPUs and each disk's counters are read per domain (`virDomainGetInfo`, one
+`virDomainBlockStats` per disk) by a few worker threads at once, which on a node of tens of
+VMs costs less than the bulk call's `VCPU` and `BLOCK` groups, each a monitor round trip (or
+two) per domain plus work the metric contract does not need. A driver whose bulk stats carry
+nothing but `state.*` (the test driver), or that has no bulk call at all, gains nothing from
+it: the backend then lists domain IDs, keeps one handle per running domain, and reads each per
+domain.
 
 libvirt-python is imported on first use, never at module import, so the exporter runs on
 hosts without it (Proxmox) as long as this backend is not chosen.
@@ -23,8 +26,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
-from xml.etree import ElementTree
 
+from exporter.libvirt_stats import (
+    Devices,
+    block_stats_skipped,
+    bulk_balloon,
+    bulk_disks,
+    bulk_interfaces,
+    memory_bytes,
+    needs_memory_stats,
+)
 from exporter.samples import (
     BackendError,
     DiskSample,
@@ -59,7 +70,6 @@ _PAUSED_ELSEWHERE = frozenset({2, 12})
 BULK_STATS: tuple[str, ...] = ("STATE", "BALLOON", "INTERFACE")
 PER_DOMAIN_STATS: tuple[str, ...] = ("info", "blockStats")
 
-_BALLOON_PREFIX = "balloon."
 # How often a scrape checks whether its per-domain workers wait rather than compute.
 _WORKER_SLICE = 0.02
 # The first check comes sooner: on a real libvirtd a handful of domains is read within it.
@@ -91,153 +101,6 @@ def _one_line(text: object) -> str:
 def _format_version(number: int) -> str:
     """libvirt encodes versions as major * 1,000,000 + minor * 1,000 + release."""
     return f"{number // 1_000_000}.{number // 1_000 % 1_000}.{number % 1_000}"
-
-
-def _memory_bytes(balloon: Mapping[str, int], current_kib: int) -> tuple[int, int | None]:
-    """(used, rss) in bytes from balloon statistics in KiB, keyed as `virDomainMemoryStats` does.
-
-    Bulk `balloon.*` stats and `dom.memoryStats()` both pass through here so a VM's memory
-    means the same whichever path read it: guest-visible use (`available - unused`, else
-    `actual - usable`) where the guest's balloon driver reports it, else the QEMU process RSS,
-    else the current balloon size (all a busy domain has when NOWAIT skipped its figures).
-    """
-    rss = balloon.get("rss")
-    available, unused = balloon.get("available"), balloon.get("unused")
-    actual, usable = balloon.get("actual"), balloon.get("usable")
-    if available is not None and unused is not None:
-        used = available - unused
-    elif actual is not None and usable is not None:
-        used = actual - usable
-    elif rss is not None:
-        used = rss
-    else:
-        used = current_kib
-    return max(used, 0) * _KIB, None if rss is None else rss * _KIB
-
-
-def _needs_memory_stats(balloon: Mapping[str, int]) -> bool:
-    """Whether to ask `memoryStats()`: only when the bulk call has no balloon group at all.
-
-    Bulk `balloon.*` and `memoryStats()` come from the same source. Where the group is there
-    but lacks the guest figures, NOWAIT skipped them because the domain was busy, and
-    `memoryStats()` would block on that same busy domain.
-    """
-    return not balloon
-
-
-def _bulk_balloon(stats: Mapping[str, Any]) -> dict[str, int]:
-    """`balloon.*` bulk stats renamed to `memoryStats()` keys (`current` is `actual` there)."""
-    balloon = {
-        key[len(_BALLOON_PREFIX) :]: value
-        for key, value in stats.items()
-        if key.startswith(_BALLOON_PREFIX)
-    }
-    if "current" in balloon:
-        balloon["actual"] = balloon.pop("current")
-    return balloon
-
-
-def _block_stats_skipped(stats: Mapping[str, Any]) -> bool:
-    """Whether NOWAIT skipped a busy domain's block counters.
-
-    libvirt then lists each disk with its `name` and `path` only. A disk with a source has a
-    path and normally counters; one with a path but no `rd.bytes` had them skipped. (An empty
-    CD-ROM drive has neither path nor counters, and has nothing to read.)
-    """
-    return any(
-        f"block.{i}.path" in stats and f"block.{i}.rd.bytes" not in stats
-        for i in range(stats.get("block.count", 0))
-    )
-
-
-class _BlockStatsSkipped(Exception):
-    """Bulk stats lack a disk's counters and nothing was given to read them per domain."""
-
-
-def _bulk_disks(
-    stats: Mapping[str, Any], read_skipped: Callable[[str], DiskSample] | None = None
-) -> tuple[DiskSample, ...]:
-    """Disks from bulk `block.*`; `read_skipped(name)` reads those whose counters NOWAIT skipped.
-
-    Without `read_skipped` such a disk raises rather than vanish from the VM's series.
-    """
-    disks = []
-    for i in range(stats["block.count"]):
-        prefix = f"block.{i}."
-        name = stats.get(prefix + "name")
-        read_bytes = stats.get(prefix + "rd.bytes")
-        if name is None:
-            continue
-        if read_bytes is None:
-            if prefix + "path" not in stats:  # an empty CD-ROM drive has no counters
-                continue
-            if read_skipped is None:
-                raise _BlockStatsSkipped(name)
-            disks.append(read_skipped(name))
-            continue
-        disks.append(
-            DiskSample(
-                disk=name,
-                read_bytes=read_bytes,
-                written_bytes=stats.get(prefix + "wr.bytes", 0),
-                reads_completed=stats.get(prefix + "rd.reqs", 0),
-                writes_completed=stats.get(prefix + "wr.reqs", 0),
-            )
-        )
-    return tuple(disks)
-
-
-def _bulk_interfaces(stats: Mapping[str, Any]) -> tuple[InterfaceSample, ...]:
-    interfaces = []
-    for i in range(stats["net.count"]):
-        prefix = f"net.{i}."
-        name = stats.get(prefix + "name")
-        if name is None or prefix + "rx.bytes" not in stats:
-            continue
-        interfaces.append(
-            InterfaceSample(
-                interface=name,
-                receive_bytes=stats[prefix + "rx.bytes"],
-                transmit_bytes=stats.get(prefix + "tx.bytes", 0),
-            )
-        )
-    return tuple(interfaces)
-
-
-@dataclass(frozen=True, slots=True)
-class _Devices:
-    """A domain's disk and NIC target names, parsed from its XML.
-
-    Only drivers whose bulk stats lack `block.*`/`net.*` need this (QEMU's list the devices
-    themselves). Kept per domain UUID and trusted while the domain ID is unchanged: a restart
-    gives the domain a new ID, so the XML is parsed once per boot rather than once per scrape.
-    A hot-unplugged device makes its stats call fail, which drops the entry so the next scrape
-    parses again; a hot-plugged one shows from the domain's next boot.
-    """
-
-    domain_id: int
-    disks: tuple[str, ...]
-    interfaces: tuple[str, ...]
-
-    @classmethod
-    def parse(cls, domain_id: int, xml: str) -> _Devices:
-        devices = ElementTree.fromstring(xml).find("devices")
-        if devices is None:
-            return cls(domain_id, (), ())
-        disks = tuple(
-            target.get("dev", "")
-            for disk in devices.iterfind("disk")
-            # A drive without a medium (empty CD-ROM) has no block stats to ask for.
-            if disk.find("source") is not None
-            and (target := disk.find("target")) is not None
-            and target.get("dev")
-        )
-        interfaces = tuple(
-            target.get("dev", "")
-            for target in devices.iterfind("interface/target")
-            if target.get("dev")
-        )
-        return cls(domain_id, disks, interfaces)
 
 
 @dataclass(slots=True)
@@ -352,7 +215,7 @@ class LibvirtBackend:
         self._bulk_stats = 0
         for group in BULK_STATS:
             self._bulk_stats |= getattr(self._lv, f"VIR_DOMAIN_STATS_{group}")
-        self._devices: dict[str, _Devices] = {}
+        self._devices: dict[str, Devices] = {}
         # Whether the bulk call is worth making on this connection: None until the first
         # scrape tells, False when it carries only `state.*` or is not supported at all.
         self._bulk_useful: bool | None = None
@@ -500,7 +363,7 @@ class LibvirtBackend:
                 continue
             elif uuid in busy:  # still hung from an earlier scrape: do not pile on
                 skipped[domain.name()] = _STILL_BUSY
-            elif self._complete(stats, balloon := _bulk_balloon(stats)):
+            elif self._complete(stats, balloon := bulk_balloon(stats)):
                 vms.append(self._sample_from_bulk(domain, uuid, stats, balloon))
             else:
                 jobs.append(_Job(domain, stats, balloon, uuid))
@@ -674,15 +537,15 @@ class LibvirtBackend:
             and "balloon.maximum" in stats
             and "block.count" in stats
             and "net.count" in stats
-            and not _needs_memory_stats(balloon)
-            and not _block_stats_skipped(stats)
+            and not needs_memory_stats(balloon)
+            and not block_stats_skipped(stats)
         )
 
     @staticmethod
     def _sample_from_bulk(
         domain: virDomain, uuid: str, stats: Mapping[str, Any], balloon: Mapping[str, int]
     ) -> VMSample:
-        used, rss = _memory_bytes(balloon, balloon.get("actual", balloon["maximum"]))
+        used, rss = memory_bytes(balloon, balloon.get("actual", balloon["maximum"]))
         name = domain.name()
         return VMSample(
             vm=name,
@@ -693,8 +556,8 @@ class LibvirtBackend:
             memory_max_bytes=balloon["maximum"] * _KIB,
             memory_used_bytes=used,
             memory_rss_bytes=rss,
-            disks=_bulk_disks(stats),
-            interfaces=_bulk_interfaces(stats),
+            disks=bulk_disks(stats),
+            interfaces=bulk_interfaces(stats),
         )
 
     # -- per-domain completion ------------------------------------------------------------
@@ -823,20 +686,20 @@ class LibvirtBackend:
                 max_kib = info_max
             if current_kib is None:
                 current_kib = info_current
-        if _needs_memory_stats(balloon):
+        if needs_memory_stats(balloon):
             balloon = domain.memoryStats() | balloon
-        used, rss = _memory_bytes(balloon, max_kib if current_kib is None else current_kib)
+        used, rss = memory_bytes(balloon, max_kib if current_kib is None else current_kib)
 
         # Disks NOWAIT skipped are read here, within the deadline; if that fails or runs out,
         # the VM is skipped and counted rather than published without them.
         has_block, has_net = "block.count" in stats, "net.count" in stats
         devices = None if has_block and has_net else self._devices_of(job)
         if has_block:
-            disks = _bulk_disks(stats, functools.partial(_read_disk, domain))
+            disks = bulk_disks(stats, functools.partial(_read_disk, domain))
         else:
             disks = tuple(_read_disk(domain, dev) for dev in devices.disks)  # type: ignore[union-attr]
         if has_net:
-            interfaces = _bulk_interfaces(stats)
+            interfaces = bulk_interfaces(stats)
         else:
             nics = []
             for dev in devices.interfaces:  # type: ignore[union-attr]
@@ -858,14 +721,14 @@ class LibvirtBackend:
             interfaces=interfaces,
         )
 
-    def _devices_of(self, job: _Job) -> _Devices:
+    def _devices_of(self, job: _Job) -> Devices:
         """Cached disk and NIC targets, parsed again only when the domain ID changed."""
         domain_id = job.domain.ID() if job.domain_id is None else job.domain_id
         with self._lock:
             cached = self._devices.get(job.uuid)
         if cached is not None and cached.domain_id == domain_id:
             return cached
-        devices = _Devices.parse(domain_id, job.domain.XMLDesc(0))
+        devices = Devices.parse(domain_id, job.domain.XMLDesc(0))
         with self._lock:
             self._devices[job.uuid] = devices
         return devices
