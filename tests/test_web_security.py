@@ -346,3 +346,28 @@ def test_unknown_user_costs_what_a_known_user_costs(pair_for: Any, long_hash: st
         assert statistics.median(repeated[1:]) < known / 3, (repeated, known)
     finally:
         conn.close()
+
+
+def test_a_version_range_that_cannot_work_is_refused_at_start_unlike_prometheus(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """A documented difference (docs/deploy.md): Go starts and fails every handshake."""
+    web = write_config(tmp_path, pki, "  min_version: TLS13\n  max_version: TLS12\n")
+    assert not prometheus_refuses(tmp_path, web)
+    with pytest.raises(RuntimeError, match="exited 2"):
+        start_exporter(
+            ["--backend", "libvirt", "--libvirt-uri", "test:///default", "--web-config", str(web)],
+            tmp_path / "exporter.log",
+        )
+    assert "no TLS version satisfies" in (tmp_path / "exporter.log").read_text()
+
+
+def test_several_curve_preferences_offer_only_the_first_unlike_prometheus(pair_for: Any) -> None:
+    """A documented difference (docs/deploy.md): Python's ssl sets one curve only."""
+    pair: Pair = pair_for("  curve_preferences: [CurveP384, CurveP256]\n")
+    first = Row("P-384", client=Client(version=TLS13, curve="secp384r1"))
+    second = Row("P-256", client=Client(version=TLS13, curve="prime256v1"))
+    ours, theirs = pair.both(first)
+    assert ours == theirs and ours.tls == "ok"
+    ours, theirs = pair.both(second)
+    assert theirs.tls == "ok" and ours.tls == "failed"
