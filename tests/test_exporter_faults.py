@@ -113,6 +113,24 @@ def log_lines(exporter: ExporterProcess, text: str) -> list[str]:
     return [line for line in exporter.log.read_text().splitlines() if text in line]
 
 
+RUNBOOK = Path(__file__).resolve().parent.parent / "docs" / "runbook.md"
+
+
+def assert_runbook_shows(exporter: ExporterProcess, before_id: str, after_id: str) -> None:
+    """The runbook's example of a log line is the line the exporter writes, but for the time,
+    the VM id and anything after the reason's first words."""
+
+    def shape(line: str) -> str:
+        message = line.split(" ", 2)[2]  # drop date and time
+        head, _, rest = message.partition(before_id)
+        _vm, _, tail = rest.partition(" ")
+        return head + before_id + "<vm> " + tail
+
+    logged = {shape(line) for line in exporter.log.read_text().splitlines() if after_id in line}
+    shown = {shape(line) for line in RUNBOOK.read_text().splitlines() if after_id in line}
+    assert logged and shown & logged, (shown, logged)
+
+
 @pytest.mark.slow
 def test_a_hung_conf_costs_its_vm_and_a_hung_qmp_socket_costs_its_vm(
     pve: PveNode, started: list, tmp_path: Path
@@ -150,6 +168,8 @@ def test_a_hung_conf_costs_its_vm_and_a_hung_qmp_socket_costs_its_vm(
     assert len(log_lines(exporter, "VM 103 skipped: its QMP socket did not answer in time")) == 1
     assert all("WARNING" in line for line in log_lines(exporter, "skipped"))
     assert not log_lines(exporter, "Traceback")
+    assert_runbook_shows(exporter, "WARNING exporter.qmp: VM ", " skipped: its QMP socket")
+    assert_runbook_shows(exporter, "WARNING exporter.qmp: VM ", " skipped: its .conf")
 
     # Read again once the file answers: one INFO line.
     pve.release()
@@ -159,6 +179,7 @@ def test_a_hung_conf_costs_its_vm_and_a_hung_qmp_socket_costs_its_vm(
     _, body = scrape(exporter)
     assert published_vms(body) == {"100": "web-1", "101": "db-1", "102": "db-2"}
     assert len(log_lines(exporter, "VM 101 read again")) == 1
+    assert_runbook_shows(exporter, "INFO exporter.qmp: VM ", " read again")
 
 
 @pytest.mark.slow
