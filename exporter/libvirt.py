@@ -63,10 +63,10 @@ _PAUSED_ELSEWHERE = frozenset({2, 12})
 
 # The stat groups the one bulk call asks for: those that cost next to nothing on QEMU. `VCPU`
 # asks each domain's monitor for its vCPUs and reads every vCPU thread, `BLOCK` asks the
-# monitor for the block graph besides the counters, `CPU_TOTAL` reads the cgroup tree; on the
-# lab's node (bench/bench_exporter_lab_node.py) they were most of the scrape. CPU time and
-# vCPUs come from `virDomainGetInfo` and each disk's counters from `virDomainBlockStats`
-# instead, per domain on a few threads.
+# monitor for the block graph besides the counters, and `CPU_TOTAL` cost more than
+# `virDomainGetInfo` on the lab's node (bench/bench_exporter_lab_node.py), where the three
+# were most of the scrape. CPU time and vCPUs come from `virDomainGetInfo` and each disk's
+# counters from `virDomainBlockStats` instead, per domain on a few threads at once.
 BULK_STATS: tuple[str, ...] = ("STATE", "BALLOON", "INTERFACE")
 PER_DOMAIN_STATS: tuple[str, ...] = ("info", "blockStats")
 
