@@ -154,3 +154,20 @@ def test_bad_uri_and_unreadable_dirs_are_one_line(tmp_path: Path) -> None:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("vmbalance-exporter: "), result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_the_exporter_imports_none_of_the_recommenders_stack() -> None:
+    """It runs on every hypervisor: no data-frame, plotting, solver or validation stack."""
+    heavy = ("pandas", "numpy", "matplotlib", "highspy", "pydantic", "jinja2", "requests")
+    probe = (
+        "import sys, exporter.cli, exporter.web, exporter.webconfig, exporter.tlsconfig, "
+        "exporter.qmp, exporter.libvirt\n"
+        "from exporter.webconfig import parse_web_config\n"
+        "from pathlib import Path\n"
+        "parse_web_config({'basic_auth_users': {'u': '$2y$10$' + 'a' * 53}}, Path('.'))\n"
+        f"print(','.join(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert result.stdout.strip() == ""
