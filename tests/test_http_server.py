@@ -245,3 +245,18 @@ def test_20_parallel_scrapes_connect_at_once_and_share_a_read(tmp_path: Path) ->
         assert max(connect_times) < 0.5, connect_times
     finally:
         exporter.stop()
+
+
+def test_head_gets_the_headers_without_the_body(server_for) -> None:
+    server = server_for(ServerLimits())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"HEAD /x HTTP/1.1\r\nHost: x\r\n\r\nGET /y HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = b""
+        while b"hello /y" not in reply:
+            chunk = sock.recv(4096)
+            assert chunk, reply
+            reply += chunk
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: 9" in head
+    # The next bytes are the second response: the first sent no body.
+    assert rest.startswith(b"HTTP/1.1 200 OK") and rest.endswith(b"hello /y\n")
