@@ -9,12 +9,15 @@ import signal
 import socket
 import sys
 import threading
+import time
+from functools import partial
 from pathlib import Path
 
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
 from exporter.collector import VMCollector
+from exporter.hostio import HostReader, ReadTimeout
 from exporter.httpserver import ServerLimits
 from exporter.samples import Backend, BackendError
 from exporter.web import MetricsApp, landing_page, serve
@@ -70,10 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# /etc/pve is pmxcfs, which hangs while the cluster has no quorum: what the start reads there
+# is bounded, so the exporter starts (and says vmbalance_up 0) instead of hanging.
+START_READ_TIMEOUT = 5.0
+_start_reads = HostReader(threads=1, max_threads=2)
+
+
 def default_node_name(pve_local: str = PVE_LOCAL_LINK) -> str:
     """Proxmox's /etc/pve/local points at nodes/<name>; elsewhere the short hostname."""
     try:
-        target = os.readlink(pve_local)
+        target = _start_reads.call(
+            "conf", pve_local, partial(os.readlink, pve_local), _start_deadline()
+        )
+    except ReadTimeout:
+        log.warning("%s does not answer: node label from the hostname", pve_local)
+        return socket.gethostname().split(".")[0]
     except OSError:
         return socket.gethostname().split(".")[0]
     return Path(target).name
@@ -82,7 +96,16 @@ def default_node_name(pve_local: str = PVE_LOCAL_LINK) -> str:
 def choose_backend(args: argparse.Namespace) -> str:
     if args.backend != "auto":
         return args.backend
-    return "qmp" if Path(args.pve_conf_dir).is_dir() else "libvirt"
+    path = args.pve_conf_dir
+    try:
+        is_dir = _start_reads.call("conf", path, partial(os.path.isdir, path), _start_deadline())
+    except ReadTimeout:
+        return "qmp"  # only a FUSE file system such as pmxcfs hangs a stat: this is Proxmox
+    return "qmp" if is_dir else "libvirt"
+
+
+def _start_deadline() -> float:
+    return time.monotonic() + START_READ_TIMEOUT
 
 
 def make_backend(kind: str, args: argparse.Namespace) -> Backend:

@@ -283,3 +283,39 @@ def test_a_config_tree_hung_at_start_does_not_hang_the_start(
         assert time.monotonic() - started < 1.0
     finally:
         release.set()
+
+
+def test_start_reads_of_a_hung_pve_tree_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/etc/pve/local and the config dir are read at start; a hung pmxcfs must not hang it."""
+    import argparse
+    import socket
+
+    import exporter.cli as cli
+
+    release = threading.Event()
+    hung = str(tmp_path / "pve")
+    real_readlink, real_isdir = os.readlink, os.path.isdir
+
+    def readlink(path: str, *args: object, **kwargs: object) -> str:
+        if str(path).startswith(hung):
+            release.wait(30)
+        return real_readlink(path, *args, **kwargs)
+
+    def isdir(path: str) -> bool:
+        if str(path).startswith(hung):
+            release.wait(30)
+        return real_isdir(path)
+
+    monkeypatch.setattr(os, "readlink", readlink)
+    monkeypatch.setattr(os.path, "isdir", isdir)
+    monkeypatch.setattr(cli, "START_READ_TIMEOUT", 0.3)
+    try:
+        started = time.monotonic()
+        assert cli.default_node_name(hung + "/local") == socket.gethostname().split(".")[0]
+        args = argparse.Namespace(backend="auto", pve_conf_dir=hung + "/qemu-server")
+        assert cli.choose_backend(args) == "qmp"
+        assert time.monotonic() - started < 1.5
+    finally:
+        release.set()
