@@ -192,9 +192,10 @@ def prometheus_command(directory: Path, port: int, web_config: Path) -> list[str
     ]
 
 
-@contextmanager
-def prometheus(directory: Path, web_config: Path) -> Iterator[int]:
-    """A real Prometheus serving with `web_config`; yields its port."""
+def launch_prometheus(
+    directory: Path, web_config: Path
+) -> tuple[int, subprocess.Popen[bytes], Path]:
+    """Start Prometheus in its own process group; (port, process, log file)."""
     port = free_port()
     log = directory / f"prometheus-{port}.log"
     with log.open("wb") as out:
@@ -205,6 +206,13 @@ def prometheus(directory: Path, web_config: Path) -> Iterator[int]:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+    return port, process, log
+
+
+@contextmanager
+def prometheus(directory: Path, web_config: Path) -> Iterator[int]:
+    """A real Prometheus serving with `web_config`; yields its port."""
+    port, process, log = launch_prometheus(directory, web_config)
     try:
         wait_listening(port, process, log, 30.0)
         yield port
@@ -214,16 +222,7 @@ def prometheus(directory: Path, web_config: Path) -> Iterator[int]:
 
 def prometheus_refuses(directory: Path, web_config: Path, timeout: float = 30.0) -> bool:
     """Whether Prometheus exits with an error instead of serving with this web config."""
-    port = free_port()
-    log = directory / f"prometheus-{port}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            prometheus_command(directory, port, web_config),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    port, process, log = launch_prometheus(directory, web_config)
     try:
         # Prometheus listens before it validates the web config, so a listening socket proves
         # nothing yet: it serves if it is still running a while after it started listening.
