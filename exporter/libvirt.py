@@ -72,8 +72,6 @@ PER_DOMAIN_STATS: tuple[str, ...] = ("info", "blockStats")
 
 # How often a scrape checks whether its per-domain workers wait rather than compute.
 _WORKER_SLICE = 0.02
-# The first check comes sooner: on a real libvirtd a handful of domains is read within it.
-_FIRST_SLICE = 0.002
 _NODE_FACTS_TTL = 60.0
 
 
@@ -378,7 +376,7 @@ class LibvirtBackend:
             # Jobs from the bulk call wait on libvirtd's RPC (and QEMU's monitors): read them
             # in parallel at once. Listed ones may be in-process calls (the test driver):
             # parallel only once the workers turn out to wait.
-            outcome = self._run_jobs(jobs, deadline, at_once=bool(records))
+            outcome = self._run_jobs(jobs, deadline, at_once=self._bulk_useful is True)
             vms.extend(outcome.samples)
             skipped.update(outcome.failed)
             timeouts = outcome.timeouts
@@ -570,14 +568,13 @@ class LibvirtBackend:
         neither samples nor errors.
 
         Workers pull from one shared queue, so a hung domain stalls one worker, not a share of
-        the domains. The scrape starts one worker and, after a first short slice and then each
-        `_WORKER_SLICE` in which the process used less than half a CPU, one per queued domain
-        up to `concurrency`: the workers are then waiting on libvirtd or a hung call, and
-        more of them help. `at_once` starts them all at the outset, for calls known to go to
-        libvirtd. When the calls are in-process and
+        the domains. The scrape starts one worker and adds another after each `_WORKER_SLICE`
+        in which the process used less than half a CPU: the workers are then waiting on
+        libvirtd or a hung call, and more of them help. When the calls are in-process and
         CPU-bound, extra threads would only contend for the GIL, which doubled scrape time in
-        measurements against the test driver. Threads are started per scrape, so an
-        abandoned, hung worker never takes a later scrape's slot.
+        measurements against the test driver. `at_once` starts `concurrency` workers at the
+        outset, for calls known to wait on libvirtd (and QEMU's monitors). Threads are started
+        per scrape, so an abandoned, hung worker never takes a later scrape's slot.
         """
         queue = deque(jobs)
         batch = _Batch()
@@ -624,12 +621,10 @@ class LibvirtBackend:
 
         workers: list[threading.Thread] = []
         idle = True
-        slice_seconds = _FIRST_SLICE
         while True:
             alive = [thread for thread in workers if thread.is_alive()]
             if queue and (idle or not alive):
-                # Waiting on libvirtd: one worker per queued domain, up to `concurrency`.
-                wanted = 1 if not workers and not at_once else len(queue)
+                wanted = len(queue) if at_once and not workers else 1
                 for _ in range(min(wanted, self.concurrency - len(workers))):
                     thread = threading.Thread(target=work, name="libvirt-domain", daemon=True)
                     thread.start()
@@ -639,9 +634,8 @@ class LibvirtBackend:
             if not alive or remaining <= 0:
                 break
             cpu, wall = time.process_time(), time.monotonic()
-            alive[0].join(min(slice_seconds, remaining))
+            alive[0].join(min(_WORKER_SLICE, remaining))
             idle = time.process_time() - cpu < 0.5 * (time.monotonic() - wall)
-            slice_seconds = _WORKER_SLICE
         with batch.lock:
             batch.closed = True
             for job in jobs:
