@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,11 +23,12 @@ from typing import Final
 
 from qemu.qmp import ExecuteError, Message, QMPClient, Runstate
 
+from exporter.hostfiles import can_list, mem_total, read_process_usage, read_tap_counters
 from exporter.hostio import HostReader, ReadTimeout
+from exporter.pve_conf import VMConfig, read_config
 from exporter.samples import (
     BackendError,
     DiskSample,
-    InterfaceSample,
     NodeSample,
     ScrapeResult,
     VMSample,
@@ -56,7 +56,6 @@ ALLOWED_COMMANDS: Final[frozenset[str]] = frozenset(
 #: `guest-stats` property holds the guest's own memory figures on an unpatched QEMU.
 BALLOON_QOM_PATH: Final = "/machine/peripheral/balloon0"
 
-_MIB: Final = 1024 * 1024
 # A config tree that does not answer a stat within this is taken as hung (pmxcfs without
 # quorum); one `.conf` may take this share of its VM's time, the rest is for the VM itself.
 _CONF_TREE_PROBE: Final = 1.0
@@ -79,8 +78,6 @@ _QDEV_ALIASES: Final = {"/machine/system.flash0": "pflash0", "/machine/system.fl
 # reports the VM; publishing it here too would count it twice (and a failed migration would
 # look like a VM that moved). Not an error either: the VM is simply not here.
 _RUNNING_ELSEWHERE: Final = frozenset({"inmigrate", "postmigrate", "finish-migrate"})
-_CONF_LINE = re.compile(r"^([a-z][a-z0-9_-]*)\s*:\s*(.*?)\s*$")
-_NET_KEY = re.compile(r"^net(\d+)$")
 
 
 class CommandNotAllowedError(Exception):
@@ -108,91 +105,6 @@ class _Client(QMPClient):
 
     def _cb_inbound(self, msg: Message) -> Message:
         return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
-
-
-# --------------------------------------------------------------------------- .conf files
-
-
-@dataclass(frozen=True, slots=True)
-class VMConfig:
-    """What the exporter uses from the main section of a Proxmox `<vmid>.conf`."""
-
-    name: str | None = None
-    memory_bytes: int | None = None
-    vcpus: int | None = None
-    sockets: int | None = None
-    cores: int | None = None
-    uuid: str | None = None
-    nets: tuple[int, ...] = ()
-
-    @property
-    def cpu_count(self) -> int:
-        """vCPUs as Proxmox starts the VM: `vcpus:` when set, else sockets x cores."""
-        if self.vcpus:
-            return self.vcpus
-        return (self.sockets or 1) * (self.cores or 1)
-
-
-def parse_config(text: str) -> VMConfig:
-    """Parse a Proxmox VM config; only the main section, which describes the running VM.
-
-    Sections such as `[snapshot]`, `[PENDING]` or `[special:cloudinit]` follow the main
-    section and describe other states, so parsing stops at the first one.
-    """
-    fields: dict[str, str] = {}
-    nets: list[int] = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line.startswith("["):
-            break
-        if not line or line.startswith("#"):
-            continue
-        match = _CONF_LINE.match(line)
-        if match is None:
-            continue
-        key, value = match.groups()
-        fields[key] = value
-        net = _NET_KEY.match(key)
-        if net is not None:
-            nets.append(int(net.group(1)))
-    memory_mib = _positive_int(_property_string(fields.get("memory", ""), "current").get("current"))
-    return VMConfig(
-        name=fields.get("name") or None,
-        memory_bytes=memory_mib * _MIB if memory_mib else None,
-        vcpus=_positive_int(fields.get("vcpus")),
-        sockets=_positive_int(fields.get("sockets")),
-        cores=_positive_int(fields.get("cores")),
-        uuid=_property_string(fields.get("smbios1", "")).get("uuid") or None,
-        nets=tuple(sorted(set(nets))),
-    )
-
-
-def read_config(path: str | os.PathLike[str]) -> VMConfig:
-    """Read a `.conf`; a missing or unreadable one (a VM mid-migration) gives defaults."""
-    try:
-        return parse_config(Path(path).read_text(encoding="utf-8", errors="replace"))
-    except OSError:
-        return VMConfig()
-
-
-def _property_string(value: str, default_key: str | None = None) -> dict[str, str]:
-    """Split a Proxmox property string (`current=4096,foo=bar` or a bare default value)."""
-    result: dict[str, str] = {}
-    for part in value.split(","):
-        key, sep, val = part.partition("=")
-        if sep:
-            result[key.strip()] = val.strip()
-        elif default_key is not None and part.strip():
-            result[default_key] = part.strip()
-    return result
-
-
-def _positive_int(value: object) -> int | None:
-    try:
-        number = int(str(value))
-    except ValueError:
-        return None
-    return number if number > 0 else None
 
 
 # --------------------------------------------------------------------------- QMP replies
@@ -294,71 +206,6 @@ def _qemu_version(reply: object) -> tuple[int, int, int] | None:
         return None
 
 
-# --------------------------------------------------------------------------- host files
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessUsage:
-    """CPU time and resident memory of one QEMU process."""
-
-    cpu_seconds: float
-    rss_bytes: int
-
-
-def read_process_usage(proc_root: str, pid: int) -> ProcessUsage:
-    """utime+stime and RSS of a process; FileNotFoundError when it is gone (or a zombie)."""
-    stat = Path(proc_root, str(pid), "stat").read_text()
-    # The command name may contain spaces and parentheses: fields start after the last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        raise FileNotFoundError(f"process {pid} has exited")
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
-    cpu_seconds = ticks / os.sysconf("SC_CLK_TCK")
-    rss: int | None = None
-    for line in Path(proc_root, str(pid), "status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) * 1024
-            break
-    if rss is None:
-        statm = Path(proc_root, str(pid), "statm").read_text().split()
-        rss = int(statm[1]) * os.sysconf("SC_PAGE_SIZE")
-    return ProcessUsage(cpu_seconds=cpu_seconds, rss_bytes=rss)
-
-
-def read_tap_counters(
-    net_root: str, vmid: str, nets: tuple[int, ...]
-) -> tuple[InterfaceSample, ...]:
-    """Counters of the VM's Proxmox tap devices (`tap<vmid>i<N>`), labelled `net<N>`.
-
-    A tap counts from the host side: what it receives the guest sent, so rx and tx swap.
-    A missing tap (link down, not yet plugged) gives no sample.
-    """
-    samples = []
-    for index in nets:
-        base = Path(net_root, f"tap{vmid}i{index}", "statistics")
-        try:
-            host_rx = int((base / "rx_bytes").read_text())
-            host_tx = int((base / "tx_bytes").read_text())
-        except (OSError, ValueError):
-            continue
-        samples.append(
-            InterfaceSample(interface=f"net{index}", receive_bytes=host_tx, transmit_bytes=host_rx)
-        )
-    return tuple(samples)
-
-
-def _can_list(path: str) -> None:
-    with os.scandir(path):
-        pass
-
-
-def _mem_total(proc_root: str) -> int:
-    for line in Path(proc_root, "meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    raise OSError(f"no MemTotal in {proc_root}/meminfo")
-
-
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -451,7 +298,7 @@ class QmpBackend:
                 self._reader.call(
                     "conf",
                     f"start:{path}",
-                    partial(_can_list, path),
+                    partial(can_list, path),
                     time.monotonic() + _START_PROBE,
                 )
             except ReadTimeout:
@@ -533,7 +380,7 @@ class QmpBackend:
             return self._node_sample.memory_bytes
         try:
             self._memory_bytes = self._reader.call(
-                "proc", "meminfo", partial(_mem_total, self.proc_root), deadline
+                "proc", "meminfo", partial(mem_total, self.proc_root), deadline
             )
         except ReadTimeout:
             if self._memory_bytes is None:

@@ -268,14 +268,14 @@ def test_a_config_tree_hung_at_start_does_not_hang_the_start(
 
     node = PveNode(tmp_path)
     release = threading.Event()
-    real = qmp._can_list
+    real = qmp.can_list
 
     def hung_conf_dir(path: str) -> None:
         if path == str(node.conf):
             release.wait(30)
         real(path)
 
-    monkeypatch.setattr(qmp, "_can_list", hung_conf_dir)
+    monkeypatch.setattr(qmp, "can_list", hung_conf_dir)
     monkeypatch.setattr(qmp, "_START_PROBE", 0.3)
     try:
         started = time.monotonic()
