@@ -31,6 +31,7 @@ class ReadTimeout(TimeoutError):
         super().__init__(f"{source} read {key} {what}")
         self.source = source
         self.key = key
+        self.earlier = earlier
 
 
 class HostReader:

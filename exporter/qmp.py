@@ -23,12 +23,19 @@ from typing import Final
 
 from qemu.qmp import ExecuteError, Message, QMPClient, Runstate
 
-from exporter.hostfiles import can_list, mem_total, read_process_usage, read_tap_counters
+from exporter.hostfiles import (
+    ProcessUsage,
+    can_list,
+    mem_total,
+    read_process_usage,
+    read_tap_counters,
+)
 from exporter.hostio import HostReader, ReadTimeout
 from exporter.pve_conf import VMConfig, read_config
 from exporter.samples import (
     BackendError,
     DiskSample,
+    InterfaceSample,
     NodeSample,
     ScrapeResult,
     VMSample,
@@ -278,6 +285,7 @@ class QmpBackend:
         self._node_sample = node_sample
         self._last_version: str | None = None
         self._configs: dict[str, VMConfig] = {}  # last good `.conf` per VMID
+        self._stuck_at: dict[str, str] = {}  # VMID: the source its last timed-out read hung in
         self._memory_bytes: int | None = None
         self._reader = HostReader()
         self.validate()
@@ -471,7 +479,13 @@ class QmpBackend:
                 skipped[target.vmid] = "not reached before the scrape deadline"
                 continue
             if isinstance(exc, TimeoutError) or exc is None:  # ReadTimeout is one too
-                source = exc.source if isinstance(exc, ReadTimeout) else stage.source
+                # Where this VM's reading was when its time ran out; a read still stuck from an
+                # earlier scrape was where it was then.
+                if isinstance(exc, ReadTimeout) and exc.earlier:
+                    source = self._stuck_at.get(target.vmid, stage.source)
+                else:
+                    source = stage.source
+                    self._stuck_at[target.vmid] = source
                 stage.timeouts[source] = stage.timeouts.get(source, 0) + 1
                 skipped[target.vmid] = f"{_STAGE_WORDS[source]} did not answer in time"
             else:
@@ -496,6 +510,13 @@ class QmpBackend:
             return last
         self._configs[target.vmid] = conf
         return conf
+
+    def _host_figures(
+        self, target: _Target, nets: tuple[int, ...], stage: _Stage
+    ) -> tuple[ProcessUsage, tuple[InterfaceSample, ...]]:
+        usage = read_process_usage(self.proc_root, target.pid)
+        stage.source = "sysfs"
+        return usage, read_tap_counters(self.net_root, target.vmid, nets)
 
     async def _read_vm(self, target: _Target, stage: _Stage, vm_deadline: float) -> _Reading:
         conf = await self._config(target, stage, vm_deadline)
@@ -545,18 +566,12 @@ class QmpBackend:
             raise blockstats
         disks = disks_from_blockstats(blockstats)
         # Read /proc after the session: it also proves the process outlived the queries.
+        # /proc, then sysfs, in one trip to a reader thread; `stage` says which one hung.
         stage.source = "proc"
-        usage = await self._reader.read(
+        usage, interfaces = await self._reader.read(
             "proc",
-            f"proc:{target.pid}",
-            partial(read_process_usage, self.proc_root, target.pid),
-            vm_deadline,
-        )
-        stage.source = "sysfs"
-        interfaces = await self._reader.read(
-            "sysfs",
-            f"sysfs:{target.vmid}",
-            partial(read_tap_counters, self.net_root, target.vmid, conf.nets),
+            f"host:{target.vmid}",
+            partial(self._host_figures, target, conf.nets, stage),
             vm_deadline,
         )
         cpus = replies["query-cpus-fast"]

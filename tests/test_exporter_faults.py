@@ -319,3 +319,30 @@ def test_start_reads_of_a_hung_pve_tree_are_bounded(
         assert time.monotonic() - started < 1.5
     finally:
         release.set()
+
+
+def test_a_hung_sysfs_read_costs_its_vm_and_is_blamed_on_sysfs(
+    pve: PveNode, started: list, tmp_path: Path
+) -> None:
+    net = tmp_path / "net"
+    for vmid in ("400", "401"):
+        stats = net / f"tap{vmid}i0" / "statistics"
+        stats.mkdir(parents=True)
+        (stats / "tx_bytes").write_text("7\n")
+        if vmid == "401":
+            os.mkfifo(stats / "rx_bytes")  # a counter file that never answers
+            pve.fifos.append(stats / "rx_bytes")
+        else:
+            (stats / "rx_bytes").write_text("5\n")
+    started.append(FakeQmpServer(pve.run, [FakeVM("400"), FakeVM("401")]).start())
+    pve.vm("400", "name: a\nnet0: virtio=AA:BB:CC:DD:EE:00,bridge=vmbr0\n")
+    pve.vm("401", "name: b\nnet0: virtio=AA:BB:CC:DD:EE:01,bridge=vmbr0\n")
+    backend = QmpBackend(run_dir=str(pve.run), conf_dir=str(pve.conf), net_root=str(net))
+    for _ in range(2):  # the second time the read is still stuck from the first
+        began = time.monotonic()
+        result = backend.scrape(timeout=TIMEOUT)
+        assert time.monotonic() - began <= TIMEOUT + MARGIN
+        assert [vm.vm for vm in result.vms] == ["400"]
+        assert result.vms[0].interfaces[0].receive_bytes == 7  # the tap's tx is the guest's rx
+        assert result.skipped == {"401": "its tap devices in sysfs did not answer in time"}
+        assert result.read_timeouts == {"sysfs": 1}
