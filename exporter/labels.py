@@ -45,7 +45,12 @@ def _clean_vm(vm: VMSample) -> VMSample:
 
 def sanitise(result: ScrapeResult) -> ScrapeResult:
     """The result with every label value valid UTF-8 (in place: the result is the scrape's)."""
-    result.vms = [_clean_vm(vm) for vm in result.vms]
+    # Nearly always all ASCII: one check over every string first, VM by VM only if not.
+    strings = [s for vm in result.vms for s in (vm.vm, vm.name, vm.uuid)]
+    strings += [d.disk for vm in result.vms for d in vm.disks]
+    strings += [n.interface for vm in result.vms for n in vm.interfaces]
+    if not "".join(strings).isascii():
+        result.vms = [_clean_vm(vm) for vm in result.vms]
     if result.node is not None and not result.node.version.isascii():
         node = result.node
         result.node = NodeSample(node.cpus, node.memory_bytes, valid_utf8(node.version))
