@@ -9,14 +9,19 @@ import signal
 import socket
 import sys
 import threading
+import time
+from functools import partial
 from pathlib import Path
 
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
 from exporter.collector import VMCollector
+from exporter.hostio import HostReader, ReadTimeout
+from exporter.httpserver import ServerLimits
 from exporter.samples import Backend, BackendError
-from exporter.web import WebConfig, WebConfigError, landing_page, load_web_config, make_app, serve
+from exporter.web import MetricsApp, landing_page, serve
+from exporter.webconfig import WebConfig, WebConfigError, load_web_config
 
 DEFAULT_LISTEN = ":9641"
 PVE_CONF_DIR = "/etc/pve/qemu-server"
@@ -57,15 +62,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=5.0, help="seconds one scrape may take (default 5)"
     )
     parser.add_argument("--concurrency", type=int, default=8, help="VMs read at once (default 8)")
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=ServerLimits.max_connections,
+        help=f"HTTP connections served at once (default {ServerLimits.max_connections})",
+    )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
+# /etc/pve is pmxcfs, which hangs while the cluster has no quorum: what the start reads there
+# is bounded, so the exporter starts (and says vmbalance_up 0) instead of hanging.
+START_READ_TIMEOUT = 5.0
+_start_reads = HostReader(threads=1, max_threads=2)
+
+
 def default_node_name(pve_local: str = PVE_LOCAL_LINK) -> str:
     """Proxmox's /etc/pve/local points at nodes/<name>; elsewhere the short hostname."""
     try:
-        target = os.readlink(pve_local)
+        target = _start_reads.call(
+            "conf", pve_local, partial(os.readlink, pve_local), _start_deadline()
+        )
+    except ReadTimeout:
+        log.warning("%s does not answer: node label from the hostname", pve_local)
+        return socket.gethostname().split(".")[0]
     except OSError:
         return socket.gethostname().split(".")[0]
     return Path(target).name
@@ -74,7 +96,16 @@ def default_node_name(pve_local: str = PVE_LOCAL_LINK) -> str:
 def choose_backend(args: argparse.Namespace) -> str:
     if args.backend != "auto":
         return args.backend
-    return "qmp" if Path(args.pve_conf_dir).is_dir() else "libvirt"
+    path = args.pve_conf_dir
+    try:
+        is_dir = _start_reads.call("conf", path, partial(os.path.isdir, path), _start_deadline())
+    except ReadTimeout:
+        return "qmp"  # only a FUSE file system such as pmxcfs hangs a stat: this is Proxmox
+    return "qmp" if is_dir else "libvirt"
+
+
+def _start_deadline() -> float:
+    return time.monotonic() + START_READ_TIMEOUT
 
 
 def make_backend(kind: str, args: argparse.Namespace) -> Backend:
@@ -97,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_level != "debug":
         # qemu.qmp logs every hung or refused socket as an ERROR; the collector counts those.
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-    if args.timeout <= 0 or args.concurrency < 1:
-        return fail("--timeout must be > 0 and --concurrency >= 1")
+    if args.timeout <= 0 or args.concurrency < 1 or args.max_connections < 1:
+        return fail("--timeout must be > 0, --concurrency and --max-connections >= 1")
     try:
         web = load_web_config(args.web_config) if args.web_config else WebConfig()
         kind = choose_backend(args)
@@ -112,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     registry.register(collector)
     details = {"node": node, "backend": kind, "version": __version__}
     details["source"] = args.libvirt_uri if kind == "libvirt" else args.qmp_run_dir
-    app = make_app(registry, landing_page("vmbalance-exporter", details), web, collector.exposition)
+    landing = landing_page("vmbalance-exporter", details)
+    app = MetricsApp(registry, landing, web, collector.exposition)
     try:
-        httpd, _thread = serve(args.listen, app, web)
+        server = serve(args.listen, app, web, ServerLimits(max_connections=args.max_connections))
     except WebConfigError as exc:
+        app.close()
         backend.close()
         return fail(str(exc))
 
@@ -125,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     scheme = "https" if web.tls else "http"
     log.info("serving %s://%s/metrics for node %s (%s backend)", scheme, args.listen, node, kind)
     stop.wait()
-    httpd.shutdown()
-    httpd.server_close()
+    server.stop()
+    app.close()
     backend.close()
     return 0
 

@@ -12,6 +12,7 @@ from one family table and one walk over the samples, and a test checks they pars
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -23,7 +24,9 @@ from typing import Any, Literal
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from exporter.labels import sanitise, valid_utf8
 from exporter.samples import Backend, ScrapeResult
+from exporter.scrapelog import ScrapeLog
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,12 @@ ERRORS = Family(
     "VMs skipped because they errored, hung or vanished during a scrape.",
     NODE,
 )
+READ_TIMEOUTS = Family(
+    "vmbalance_read_timeouts",
+    "counter",
+    "Reads of the host that did not answer by the scrape deadline, by source.",
+    ("node", "source"),
+)
 
 FAMILIES: tuple[Family, ...] = (
     VM_INFO,
@@ -165,14 +174,23 @@ FAMILIES: tuple[Family, ...] = (
     UP,
     DURATION,
     ERRORS,
+    READ_TIMEOUTS,
 )
 
 # One series: family, label values in the family's label order, value.
 Series = tuple[Family, tuple[str, ...], float]
 
 
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """The exporter's own counters, summed over its scrapes."""
+
+    vm_errors: int = 0
+    read_timeouts: tuple[tuple[str, int], ...] = ()  # (source, count), every source listed
+
+
 def series(
-    result: ScrapeResult, node: str, backend: str, errors_total: int, duration: float
+    result: ScrapeResult, node: str, backend: str, totals: Totals, duration: float
 ) -> Iterator[Series]:
     """Every sample of one scrape, family by family in FAMILIES order."""
     vms = result.vms
@@ -191,11 +209,11 @@ def series(
         for vm in vms:
             for nic in vm.interfaces:
                 yield family, (node, vm.vm, nic.interface), getattr(nic, attr)
-    yield from node_series(result, node, backend, errors_total, duration)
+    yield from node_series(result, node, backend, totals, duration)
 
 
 def node_series(
-    result: ScrapeResult, node: str, backend: str, errors_total: int, duration: float
+    result: ScrapeResult, node: str, backend: str, totals: Totals, duration: float
 ) -> Iterator[Series]:
     """The node's own samples and the exporter's health, which follow the per-VM ones."""
     if result.node is not None:
@@ -204,7 +222,9 @@ def node_series(
         yield NODE_MEMORY, (node,), result.node.memory_bytes
     yield UP, (node,), 1 if result.up else 0
     yield DURATION, (node,), duration
-    yield ERRORS, (node,), errors_total
+    yield ERRORS, (node,), totals.vm_errors
+    for source, count in totals.read_timeouts:
+        yield READ_TIMEOUTS, (node, source), count
 
 
 def escape_label(value: str) -> str:
@@ -226,7 +246,7 @@ def format_value(value: float) -> str:
 
 
 def render_text(
-    result: ScrapeResult, node: str, backend: str, errors_total: int, duration: float
+    result: ScrapeResult, node: str, backend: str, totals: Totals, duration: float
 ) -> bytes:
     """Text exposition 0.0.4 of the same series `series()` yields, written directly.
 
@@ -258,7 +278,7 @@ def render_text(
             out.append(_header(family))
             _append_samples(out, family.sample_name, attrgetter(attr), device_label)
     current: Family | None = None
-    for family, label_values, value in node_series(result, node, backend, errors_total, duration):
+    for family, label_values, value in node_series(result, node, backend, totals, duration):
         if family is not current:
             current = family
             out.append(_header(family))
@@ -269,6 +289,8 @@ def render_text(
     for family in (NODE_INFO, NODE_CPUS, NODE_MEMORY):
         if result.node is None:
             out.append(_header(family))
+    if not totals.read_timeouts:
+        out.append(_header(READ_TIMEOUTS))
     return "".join(out).encode("utf-8")
 
 
@@ -310,10 +332,12 @@ class VMCollector(Collector):
 
     def __init__(self, backend: Backend, node: str, timeout: float) -> None:
         self._backend = backend
-        self._node = node
+        self._node = valid_utf8(node)
         self._timeout = timeout
         self._lock = threading.Lock()
         self._vm_errors_total = 0
+        self._read_timeouts = dict.fromkeys(getattr(backend, "read_sources", ()), 0)
+        self._log = ScrapeLog(logging.getLogger(f"exporter.{backend.name}"))
 
     def describe(self) -> Iterator[Metric]:
         return iter([self._empty_family(family) for family in FAMILIES])
@@ -331,14 +355,17 @@ class VMCollector(Collector):
     def _scrape_series(self) -> Iterator[Series]:
         return series(*self._scrape_once())
 
-    def _scrape_once(self) -> tuple[ScrapeResult, str, str, int, float]:
+    def _scrape_once(self) -> tuple[ScrapeResult, str, str, Totals, float]:
         with self._lock:
             started = time.monotonic()
-            result = self._scrape()
+            result = sanitise(self._scrape())
             duration = time.monotonic() - started
+            self._log.record(result)
             self._vm_errors_total += result.vm_errors
-            errors_total = self._vm_errors_total
-        return result, self._node, self._backend.name, errors_total, duration
+            for source, count in result.read_timeouts.items():
+                self._read_timeouts[source] = self._read_timeouts.get(source, 0) + count
+            totals = Totals(self._vm_errors_total, tuple(sorted(self._read_timeouts.items())))
+        return result, self._node, self._backend.name, totals, duration
 
     def _scrape(self) -> ScrapeResult:
         """A backend must not raise; if one does anyway, report it as down, not as HTTP 500."""

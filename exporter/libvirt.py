@@ -1,11 +1,14 @@
-"""The libvirt backend: every active domain of one libvirt URI, read in one bulk call.
+"""The libvirt backend: every active domain of one libvirt URI.
 
-One `getAllDomainStats` call returns state, CPU, balloon, vCPU, block and interface counters for
-all domains at once, so on the QEMU driver a scrape is a single round trip however many VMs
-run. Drivers whose bulk stats lack some of those fields are completed per domain, and only for
-the missing fields, by a few worker threads. A driver whose bulk stats carry nothing but
-`state.*` (the test driver), or that has no bulk call at all, gains nothing from it: the
-backend then lists domain IDs, keeps one handle per running domain, and reads each per domain.
+One `getAllDomainStats` call lists the running domains with their state, balloon and
+interface counters: the stat groups that cost next to nothing on QEMU (see `BULK_STATS`). CPU
+time, vCPUs and each disk's counters are read per domain (`virDomainGetInfo`, one
+`virDomainBlockStats` per disk) by a few worker threads at once, which on a node of tens of
+VMs costs less than the bulk call's `VCPU` and `BLOCK` groups, each a monitor round trip (or
+two) per domain plus work the metric contract does not need. A driver whose bulk stats carry
+nothing but `state.*` (the test driver), or that has no bulk call at all, gains nothing from
+it: the backend then lists domain IDs, keeps one handle per running domain, and reads each per
+domain.
 
 libvirt-python is imported on first use, never at module import, so the exporter runs on
 hosts without it (Proxmox) as long as this backend is not chosen.
@@ -23,8 +26,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
-from xml.etree import ElementTree
 
+from exporter.libvirt_stats import (
+    Devices,
+    block_stats_skipped,
+    bulk_balloon,
+    bulk_disks,
+    bulk_interfaces,
+    memory_bytes,
+    needs_memory_stats,
+)
 from exporter.samples import (
     BackendError,
     DiskSample,
@@ -50,9 +61,18 @@ _NOT_RUNNING = frozenset({_SHUTOFF, _CRASHED})
 # paused with reason POSTCOPY (12): the VM runs on the other node, which reports it.
 _PAUSED_ELSEWHERE = frozenset({2, 12})
 
-_BALLOON_PREFIX = "balloon."
+# The stat groups the one bulk call asks for: those that cost next to nothing on QEMU. `VCPU`
+# asks each domain's monitor for its vCPUs and reads every vCPU thread, `BLOCK` asks the
+# monitor for the block graph besides the counters, and `CPU_TOTAL` cost more than
+# `virDomainGetInfo` on the lab's node (bench/bench_exporter_lab_node.py), where the three
+# were most of the scrape. CPU time and vCPUs come from `virDomainGetInfo` and each disk's
+# counters from `virDomainBlockStats` instead, per domain on a few threads at once.
+BULK_STATS: tuple[str, ...] = ("STATE", "BALLOON", "INTERFACE")
+PER_DOMAIN_STATS: tuple[str, ...] = ("info", "blockStats")
+
 # How often a scrape checks whether its per-domain workers wait rather than compute.
 _WORKER_SLICE = 0.02
+_NODE_FACTS_TTL = 60.0
 
 
 def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
@@ -81,153 +101,6 @@ def _format_version(number: int) -> str:
     return f"{number // 1_000_000}.{number // 1_000 % 1_000}.{number % 1_000}"
 
 
-def _memory_bytes(balloon: Mapping[str, int], current_kib: int) -> tuple[int, int | None]:
-    """(used, rss) in bytes from balloon statistics in KiB, keyed as `virDomainMemoryStats` does.
-
-    Bulk `balloon.*` stats and `dom.memoryStats()` both pass through here so a VM's memory
-    means the same whichever path read it: guest-visible use (`available - unused`, else
-    `actual - usable`) where the guest's balloon driver reports it, else the QEMU process RSS,
-    else the current balloon size (all a busy domain has when NOWAIT skipped its figures).
-    """
-    rss = balloon.get("rss")
-    available, unused = balloon.get("available"), balloon.get("unused")
-    actual, usable = balloon.get("actual"), balloon.get("usable")
-    if available is not None and unused is not None:
-        used = available - unused
-    elif actual is not None and usable is not None:
-        used = actual - usable
-    elif rss is not None:
-        used = rss
-    else:
-        used = current_kib
-    return max(used, 0) * _KIB, None if rss is None else rss * _KIB
-
-
-def _needs_memory_stats(balloon: Mapping[str, int]) -> bool:
-    """Whether to ask `memoryStats()`: only when the bulk call has no balloon group at all.
-
-    Bulk `balloon.*` and `memoryStats()` come from the same source. Where the group is there
-    but lacks the guest figures, NOWAIT skipped them because the domain was busy, and
-    `memoryStats()` would block on that same busy domain.
-    """
-    return not balloon
-
-
-def _bulk_balloon(stats: Mapping[str, Any]) -> dict[str, int]:
-    """`balloon.*` bulk stats renamed to `memoryStats()` keys (`current` is `actual` there)."""
-    balloon = {
-        key[len(_BALLOON_PREFIX) :]: value
-        for key, value in stats.items()
-        if key.startswith(_BALLOON_PREFIX)
-    }
-    if "current" in balloon:
-        balloon["actual"] = balloon.pop("current")
-    return balloon
-
-
-def _block_stats_skipped(stats: Mapping[str, Any]) -> bool:
-    """Whether NOWAIT skipped a busy domain's block counters.
-
-    libvirt then lists each disk with its `name` and `path` only. A disk with a source has a
-    path and normally counters; one with a path but no `rd.bytes` had them skipped. (An empty
-    CD-ROM drive has neither path nor counters, and has nothing to read.)
-    """
-    return any(
-        f"block.{i}.path" in stats and f"block.{i}.rd.bytes" not in stats
-        for i in range(stats.get("block.count", 0))
-    )
-
-
-class _BlockStatsSkipped(Exception):
-    """Bulk stats lack a disk's counters and nothing was given to read them per domain."""
-
-
-def _bulk_disks(
-    stats: Mapping[str, Any], read_skipped: Callable[[str], DiskSample] | None = None
-) -> tuple[DiskSample, ...]:
-    """Disks from bulk `block.*`; `read_skipped(name)` reads those whose counters NOWAIT skipped.
-
-    Without `read_skipped` such a disk raises rather than vanish from the VM's series.
-    """
-    disks = []
-    for i in range(stats["block.count"]):
-        prefix = f"block.{i}."
-        name = stats.get(prefix + "name")
-        read_bytes = stats.get(prefix + "rd.bytes")
-        if name is None:
-            continue
-        if read_bytes is None:
-            if prefix + "path" not in stats:  # an empty CD-ROM drive has no counters
-                continue
-            if read_skipped is None:
-                raise _BlockStatsSkipped(name)
-            disks.append(read_skipped(name))
-            continue
-        disks.append(
-            DiskSample(
-                disk=name,
-                read_bytes=read_bytes,
-                written_bytes=stats.get(prefix + "wr.bytes", 0),
-                reads_completed=stats.get(prefix + "rd.reqs", 0),
-                writes_completed=stats.get(prefix + "wr.reqs", 0),
-            )
-        )
-    return tuple(disks)
-
-
-def _bulk_interfaces(stats: Mapping[str, Any]) -> tuple[InterfaceSample, ...]:
-    interfaces = []
-    for i in range(stats["net.count"]):
-        prefix = f"net.{i}."
-        name = stats.get(prefix + "name")
-        if name is None or prefix + "rx.bytes" not in stats:
-            continue
-        interfaces.append(
-            InterfaceSample(
-                interface=name,
-                receive_bytes=stats[prefix + "rx.bytes"],
-                transmit_bytes=stats.get(prefix + "tx.bytes", 0),
-            )
-        )
-    return tuple(interfaces)
-
-
-@dataclass(frozen=True, slots=True)
-class _Devices:
-    """A domain's disk and NIC target names, parsed from its XML.
-
-    Only drivers whose bulk stats lack `block.*`/`net.*` need this (QEMU's list the devices
-    themselves). Kept per domain UUID and trusted while the domain ID is unchanged: a restart
-    gives the domain a new ID, so the XML is parsed once per boot rather than once per scrape.
-    A hot-unplugged device makes its stats call fail, which drops the entry so the next scrape
-    parses again; a hot-plugged one shows from the domain's next boot.
-    """
-
-    domain_id: int
-    disks: tuple[str, ...]
-    interfaces: tuple[str, ...]
-
-    @classmethod
-    def parse(cls, domain_id: int, xml: str) -> _Devices:
-        devices = ElementTree.fromstring(xml).find("devices")
-        if devices is None:
-            return cls(domain_id, (), ())
-        disks = tuple(
-            target.get("dev", "")
-            for disk in devices.iterfind("disk")
-            # A drive without a medium (empty CD-ROM) has no block stats to ask for.
-            if disk.find("source") is not None
-            and (target := disk.find("target")) is not None
-            and target.get("dev")
-        )
-        interfaces = tuple(
-            target.get("dev", "")
-            for target in devices.iterfind("interface/target")
-            if target.get("dev")
-        )
-        return cls(domain_id, disks, interfaces)
-
-
 @dataclass(slots=True)
 class _Job:
     """A domain whose bulk stats miss fields, to complete with per-domain calls."""
@@ -238,6 +111,10 @@ class _Job:
     uuid: str
     domain_id: int | None = None  # known for a listed domain, else read when needed
     name: str | None = None
+
+    def label(self) -> str:
+        """The domain's name, the `vm` label (read from the handle, no round trip)."""
+        return self.name if self.name is not None else self.domain.name()
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,8 +137,16 @@ class _Batch:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     samples: list[VMSample] = field(default_factory=list)
-    elsewhere: int = 0  # paused here because the VM now runs on another node: not an error
+    failed: dict[str, str] = field(default_factory=dict)  # domain name: why it was skipped
+    started: set[str] = field(default_factory=set)  # UUIDs
+    finished: set[str] = field(default_factory=set)
+    timeouts: int = 0  # domains whose call was still out at the deadline
     closed: bool = False
+
+
+_NOT_REACHED = "not reached before the scrape deadline"
+_ELSEWHERE = "runs on another node"  # paused here for a migration: neither sample nor error
+_STILL_BUSY = "a libvirt call of an earlier scrape has not returned"
 
 
 class _DeadlineExceeded(Exception):
@@ -293,6 +178,7 @@ class LibvirtBackend:
     """
 
     name = "libvirt"
+    read_sources = ("libvirt",)
 
     def __init__(
         self,
@@ -300,9 +186,13 @@ class LibvirtBackend:
         concurrency: int = 8,
         *,
         opener: Callable[[str], virConnect] | None = None,
+        connect_timeout: float = 5.0,
     ) -> None:
-        """Open `uri` now; BackendError (one line) when libvirt-python is missing or it fails.
+        """Try `uri` now; BackendError (one line) when libvirt-python is missing or the URI
+        cannot work (malformed, a driver file that does not parse).
 
+        A daemon that is not running or does not answer yet is not an error: the exporter
+        serves `vmbalance_up 0` and each scrape connects again until it answers.
         `opener(uri)` opens the connection: by default libvirt's `openReadOnly`, since an
         exporter never changes a domain; a caller needing credentials passes its own.
         """
@@ -320,15 +210,10 @@ class LibvirtBackend:
             self._lv.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
             | self._lv.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
         )
-        self._bulk_stats = (
-            self._lv.VIR_DOMAIN_STATS_STATE
-            | self._lv.VIR_DOMAIN_STATS_CPU_TOTAL
-            | self._lv.VIR_DOMAIN_STATS_BALLOON
-            | self._lv.VIR_DOMAIN_STATS_VCPU
-            | self._lv.VIR_DOMAIN_STATS_INTERFACE
-            | self._lv.VIR_DOMAIN_STATS_BLOCK
-        )
-        self._devices: dict[str, _Devices] = {}
+        self._bulk_stats = 0
+        for group in BULK_STATS:
+            self._bulk_stats |= getattr(self._lv, f"VIR_DOMAIN_STATS_{group}")
+        self._devices: dict[str, Devices] = {}
         # Whether the bulk call is worth making on this connection: None until the first
         # scrape tells, False when it carries only `state.*` or is not supported at all.
         self._bulk_useful: bool | None = None
@@ -336,6 +221,8 @@ class LibvirtBackend:
         # Whether the driver answers getMemoryStats(); found out again on each new connection.
         self._node_memory_stats = True
         self._busy: set[str] = set()  # UUIDs with a per-domain call still running
+        # (connection, when, cpus, memory bytes) of the last node facts read
+        self._node_cache: tuple[virConnect, float, int, int] | None = None
         self._pending: threading.Thread | None = None  # a bulk call that overran its scrape
         self._connection_errors = frozenset(
             {
@@ -348,7 +235,7 @@ class LibvirtBackend:
         self._connection_error_domains = frozenset(
             {self._lv.VIR_FROM_RPC, self._lv.VIR_FROM_REMOTE}
         )
-        self._connection()  # fail now, in one line, on a URI that cannot work
+        self._try_first_connection(connect_timeout)
 
     # -- connection -----------------------------------------------------------------------
 
@@ -374,6 +261,18 @@ class LibvirtBackend:
                 self._bulk_useful = None
                 self._node_memory_stats = True
         return conn
+
+    def _try_first_connection(self, timeout: float) -> None:
+        """Connect once at start, bounded; only an error of the URI itself is fatal."""
+        try:
+            self._call_by(time.monotonic() + timeout, self._connection)
+        except TimeoutError:
+            log.debug("libvirt: %r did not answer within %gs at start", self.uri, timeout)
+        except BackendError as exc:
+            cause = exc.__cause__
+            if not self._is_connection_error(cause):  # type: ignore[arg-type]
+                raise
+            log.debug("libvirt: %s (at start)", exc)
 
     def _alive(self, conn: virConnect) -> bool:
         try:
@@ -426,13 +325,19 @@ class LibvirtBackend:
         """Read every active domain; VMs not read by `timeout` seconds count in `vm_errors`."""
         deadline = time.monotonic() + max(timeout, 0.0)
         if self._pending is not None and self._pending.is_alive():
-            return ScrapeResult(up=False, error="libvirt: a previous call has not returned yet")
+            return ScrapeResult(
+                up=False,
+                error=f"libvirt: a call of an earlier scrape to {self.uri!r} has not returned",
+                read_timeouts={"libvirt": 1},
+            )
         self._pending = None
         try:
             node, records, listed, errors = self._call_by(deadline, self._read_domains)
         except TimeoutError:
             return ScrapeResult(
-                up=False, error=f"libvirt: no answer from {self.uri!r} within {timeout:g}s"
+                up=False,
+                error=f"libvirt: no answer from {self.uri!r} within the scrape timeout",
+                read_timeouts={"libvirt": 1},
             )
         except BackendError as exc:
             return ScrapeResult(up=False, error=str(exc))
@@ -443,6 +348,7 @@ class LibvirtBackend:
         vms: list[VMSample] = []
         jobs: list[_Job] = []
         seen: set[str] = set()
+        skipped: dict[str, str] = {}
         with self._lock:
             busy = set(self._busy)
         for domain, stats in records:
@@ -450,30 +356,42 @@ class LibvirtBackend:
             seen.add(uuid)
             state = stats.get("state.state")
             if state in _NOT_RUNNING:
-                errors += 1
+                skipped[domain.name()] = "stopped while it was read"
             elif state == _PAUSED and stats.get("state.reason") in _PAUSED_ELSEWHERE:
                 continue
             elif uuid in busy:  # still hung from an earlier scrape: do not pile on
-                errors += 1
-            elif self._complete(stats, balloon := _bulk_balloon(stats)):
+                skipped[domain.name()] = _STILL_BUSY
+            elif self._complete(stats, balloon := bulk_balloon(stats)):
                 vms.append(self._sample_from_bulk(domain, uuid, stats, balloon))
             else:
                 jobs.append(_Job(domain, stats, balloon, uuid))
         for job in listed:
             seen.add(job.uuid)
             if job.uuid in busy:
-                errors += 1
+                skipped[job.label()] = _STILL_BUSY
             else:
                 jobs.append(job)
+        timeouts = 0
         if jobs:
-            done, elsewhere = self._run_jobs(jobs, deadline)
-            errors += len(jobs) - len(done) - elsewhere
-            vms.extend(done)
+            # Jobs from the bulk call wait on libvirtd's RPC (and QEMU's monitors): read them
+            # in parallel at once. Listed ones may be in-process calls (the test driver):
+            # parallel only once the workers turn out to wait.
+            outcome = self._run_jobs(jobs, deadline, at_once=self._bulk_useful is True)
+            vms.extend(outcome.samples)
+            skipped.update(outcome.failed)
+            timeouts = outcome.timeouts
         with self._lock:
             for uuid in self._devices.keys() - seen:
                 del self._devices[uuid]
         vms.sort(key=lambda vm: vm.vm)
-        return ScrapeResult(up=True, node=node, vms=vms, vm_errors=errors)
+        return ScrapeResult(
+            up=True,
+            node=node,
+            vms=vms,
+            vm_errors=errors + len(skipped),
+            skipped=skipped,
+            read_timeouts={"libvirt": timeouts} if timeouts else {},
+        )
 
     def _call_by(self, deadline: float, func: Callable[[], _T]) -> _T:
         """`func()` in a daemon thread, abandoned (and remembered) if it overruns `deadline`."""
@@ -506,8 +424,7 @@ class LibvirtBackend:
         """
         conn = self._connection()
         try:
-            info = conn.getInfo()
-            memory = self._node_memory(conn, info)
+            cpus, memory = self._node_facts(conn)
             records: list[tuple[virDomain, dict[str, Any]]] = []
             jobs: list[_Job] = []
             lost = 0
@@ -522,8 +439,22 @@ class LibvirtBackend:
             raise
         with self._lock:
             version = self._version
-        node = NodeSample(cpus=info[2], memory_bytes=memory, version=version)
+        node = NodeSample(cpus=cpus, memory_bytes=memory, version=version)
         return node, records, jobs, lost
+
+    def _node_facts(self, conn: virConnect) -> tuple[int, int]:
+        """The host's CPUs and memory, asked again once a minute (and on a new connection):
+        two round trips a scrape for figures that change only with hardware."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._node_cache
+        if cached is not None and cached[0] is conn and now - cached[1] < _NODE_FACTS_TTL:
+            return cached[2], cached[3]
+        info = conn.getInfo()
+        memory = self._node_memory(conn, info)
+        with self._lock:
+            self._node_cache = (conn, now, int(info[2]), memory)
+        return int(info[2]), memory
 
     def _bulk_records(self, conn: virConnect) -> list[tuple[virDomain, dict[str, Any]]]:
         """`getAllDomainStats`, learning on the way whether it is worth calling again."""
@@ -604,15 +535,15 @@ class LibvirtBackend:
             and "balloon.maximum" in stats
             and "block.count" in stats
             and "net.count" in stats
-            and not _needs_memory_stats(balloon)
-            and not _block_stats_skipped(stats)
+            and not needs_memory_stats(balloon)
+            and not block_stats_skipped(stats)
         )
 
     @staticmethod
     def _sample_from_bulk(
         domain: virDomain, uuid: str, stats: Mapping[str, Any], balloon: Mapping[str, int]
     ) -> VMSample:
-        used, rss = _memory_bytes(balloon, balloon.get("actual", balloon["maximum"]))
+        used, rss = memory_bytes(balloon, balloon.get("actual", balloon["maximum"]))
         name = domain.name()
         return VMSample(
             vm=name,
@@ -623,25 +554,27 @@ class LibvirtBackend:
             memory_max_bytes=balloon["maximum"] * _KIB,
             memory_used_bytes=used,
             memory_rss_bytes=rss,
-            disks=_bulk_disks(stats),
-            interfaces=_bulk_interfaces(stats),
+            disks=bulk_disks(stats),
+            interfaces=bulk_interfaces(stats),
         )
 
     # -- per-domain completion ------------------------------------------------------------
 
-    def _run_jobs(self, jobs: list[_Job], deadline: float) -> tuple[list[VMSample], int]:
+    def _run_jobs(self, jobs: list[_Job], deadline: float, at_once: bool = False) -> _Batch:
         """Complete `jobs` with up to `concurrency` daemon threads.
 
-        Returns the samples that finished in time and how many domains turned out to run on
-        another node (paused for a migration here), which are neither samples nor errors.
+        Returns the samples that finished in time, and the domains that failed, with why.
+        Domains that turned out to run on another node (paused for a migration here) are
+        neither samples nor errors.
 
         Workers pull from one shared queue, so a hung domain stalls one worker, not a share of
         the domains. The scrape starts one worker and adds another after each `_WORKER_SLICE`
         in which the process used less than half a CPU: the workers are then waiting on
         libvirtd or a hung call, and more of them help. When the calls are in-process and
         CPU-bound, extra threads would only contend for the GIL, which doubled scrape time in
-        measurements against the test driver. Threads are started per scrape, so an
-        abandoned, hung worker never takes a later scrape's slot.
+        measurements against the test driver. `at_once` starts `concurrency` workers at the
+        outset, for calls known to wait on libvirtd (and QEMU's monitors). Threads are started
+        per scrape, so an abandoned, hung worker never takes a later scrape's slot.
         """
         queue = deque(jobs)
         batch = _Batch()
@@ -654,40 +587,49 @@ class LibvirtBackend:
                     return
                 with self._lock:
                     self._busy.add(job.uuid)
+                with batch.lock:
+                    batch.started.add(job.uuid)
+                failure: str | None = None
                 try:
                     sample = self._sample_per_domain(job, deadline)
                 except _RunsElsewhere:
-                    with batch.lock:
-                        batch.elsewhere += 1
-                    continue
-                except (_DeadlineExceeded, _NotRunning):
-                    continue
+                    failure = _ELSEWHERE
+                except _DeadlineExceeded:
+                    failure = _NOT_REACHED
+                except _NotRunning:
+                    failure = "stopped while it was read"
                 except self._lv.libvirtError as exc:
                     # Vanished, stopped, or a device unplugged: its XML is read afresh next time.
                     self._note_error(exc)
                     with self._lock:
                         self._devices.pop(job.uuid, None)
-                    log.debug("libvirt: skipping domain %s: %s", job.uuid, _one_line(exc))
-                    continue
-                except Exception:
-                    log.warning("libvirt: skipping domain %s", job.uuid, exc_info=True)
-                    continue
+                    failure = f"libvirt: {_one_line(exc)}"
+                except Exception as exc:
+                    log.debug("libvirt: domain %s failed", job.uuid, exc_info=True)
+                    failure = _one_line(f"{type(exc).__name__}: {exc}")
                 finally:
                     with self._lock:
                         self._busy.discard(job.uuid)
                 with batch.lock:
-                    if not batch.closed:
+                    batch.finished.add(job.uuid)
+                    if batch.closed or failure is _ELSEWHERE:
+                        continue
+                    if failure is None:
                         batch.samples.append(sample)
+                    else:
+                        batch.failed[job.label()] = failure
 
         workers: list[threading.Thread] = []
         idle = True
         while True:
             alive = [thread for thread in workers if thread.is_alive()]
-            if queue and len(workers) < self.concurrency and (idle or not alive):
-                thread = threading.Thread(target=work, name="libvirt-domain", daemon=True)
-                thread.start()
-                workers.append(thread)
-                alive.append(thread)
+            if queue and (idle or not alive):
+                wanted = len(queue) if at_once and not workers else 1
+                for _ in range(min(wanted, self.concurrency - len(workers))):
+                    thread = threading.Thread(target=work, name="libvirt-domain", daemon=True)
+                    thread.start()
+                    workers.append(thread)
+                    alive.append(thread)
             remaining = deadline - time.monotonic()
             if not alive or remaining <= 0:
                 break
@@ -696,7 +638,15 @@ class LibvirtBackend:
             idle = time.process_time() - cpu < 0.5 * (time.monotonic() - wall)
         with batch.lock:
             batch.closed = True
-            return list(batch.samples), batch.elsewhere
+            for job in jobs:
+                if job.uuid in batch.finished:
+                    continue
+                if job.uuid in batch.started:  # a call of this domain is still out
+                    batch.failed[job.label()] = "a libvirt call did not answer in time"
+                    batch.timeouts += 1
+                else:
+                    batch.failed[job.label()] = _NOT_REACHED
+            return batch
 
     def _sample_per_domain(self, job: _Job, deadline: float) -> VMSample:
         """A VMSample from bulk fields where present and per-domain calls for the rest.
@@ -730,20 +680,20 @@ class LibvirtBackend:
                 max_kib = info_max
             if current_kib is None:
                 current_kib = info_current
-        if _needs_memory_stats(balloon):
+        if needs_memory_stats(balloon):
             balloon = domain.memoryStats() | balloon
-        used, rss = _memory_bytes(balloon, max_kib if current_kib is None else current_kib)
+        used, rss = memory_bytes(balloon, max_kib if current_kib is None else current_kib)
 
         # Disks NOWAIT skipped are read here, within the deadline; if that fails or runs out,
         # the VM is skipped and counted rather than published without them.
         has_block, has_net = "block.count" in stats, "net.count" in stats
         devices = None if has_block and has_net else self._devices_of(job)
         if has_block:
-            disks = _bulk_disks(stats, functools.partial(_read_disk, domain))
+            disks = bulk_disks(stats, functools.partial(_read_disk, domain))
         else:
             disks = tuple(_read_disk(domain, dev) for dev in devices.disks)  # type: ignore[union-attr]
         if has_net:
-            interfaces = _bulk_interfaces(stats)
+            interfaces = bulk_interfaces(stats)
         else:
             nics = []
             for dev in devices.interfaces:  # type: ignore[union-attr]
@@ -765,14 +715,14 @@ class LibvirtBackend:
             interfaces=interfaces,
         )
 
-    def _devices_of(self, job: _Job) -> _Devices:
+    def _devices_of(self, job: _Job) -> Devices:
         """Cached disk and NIC targets, parsed again only when the domain ID changed."""
         domain_id = job.domain.ID() if job.domain_id is None else job.domain_id
         with self._lock:
             cached = self._devices.get(job.uuid)
         if cached is not None and cached.domain_id == domain_id:
             return cached
-        devices = _Devices.parse(domain_id, job.domain.XMLDesc(0))
+        devices = Devices.parse(domain_id, job.domain.XMLDesc(0))
         with self._lock:
             self._devices[job.uuid] = devices
         return devices

@@ -14,15 +14,24 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Final
 
 from qemu.qmp import ExecuteError, Message, QMPClient, Runstate
 
+from exporter.hostfiles import (
+    ProcessUsage,
+    can_list,
+    mem_total,
+    read_process_usage,
+    read_tap_counters,
+)
+from exporter.hostio import HostReader, ReadTimeout
+from exporter.pve_conf import VMConfig, read_config
 from exporter.samples import (
     BackendError,
     DiskSample,
@@ -54,7 +63,17 @@ ALLOWED_COMMANDS: Final[frozenset[str]] = frozenset(
 #: `guest-stats` property holds the guest's own memory figures on an unpatched QEMU.
 BALLOON_QOM_PATH: Final = "/machine/peripheral/balloon0"
 
-_MIB: Final = 1024 * 1024
+# A config tree that does not answer a stat within this is taken as hung (pmxcfs without
+# quorum); one `.conf` may take this share of its VM's time, the rest is for the VM itself.
+_CONF_TREE_PROBE: Final = 1.0
+_START_PROBE = 5.0  # how long the start-up check waits for a directory
+_CONF_SHARE: Final = 0.5
+_STAGE_WORDS: Final = {
+    "conf": "its .conf",
+    "qmp": "its QMP socket",
+    "proc": "its process in /proc",
+    "sysfs": "its tap devices in sysfs",
+}
 # How long cancelled VM sessions get to hang up before the scrape returns without them.
 _CANCEL_GRACE: Final = 0.2
 # QEMU reports a guest statistic it has not received as -1 in an unsigned 64-bit field.
@@ -66,8 +85,6 @@ _QDEV_ALIASES: Final = {"/machine/system.flash0": "pflash0", "/machine/system.fl
 # reports the VM; publishing it here too would count it twice (and a failed migration would
 # look like a VM that moved). Not an error either: the VM is simply not here.
 _RUNNING_ELSEWHERE: Final = frozenset({"inmigrate", "postmigrate", "finish-migrate"})
-_CONF_LINE = re.compile(r"^([a-z][a-z0-9_-]*)\s*:\s*(.*?)\s*$")
-_NET_KEY = re.compile(r"^net(\d+)$")
 
 
 class CommandNotAllowedError(Exception):
@@ -95,91 +112,6 @@ class _Client(QMPClient):
 
     def _cb_inbound(self, msg: Message) -> Message:
         return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
-
-
-# --------------------------------------------------------------------------- .conf files
-
-
-@dataclass(frozen=True, slots=True)
-class VMConfig:
-    """What the exporter uses from the main section of a Proxmox `<vmid>.conf`."""
-
-    name: str | None = None
-    memory_bytes: int | None = None
-    vcpus: int | None = None
-    sockets: int | None = None
-    cores: int | None = None
-    uuid: str | None = None
-    nets: tuple[int, ...] = ()
-
-    @property
-    def cpu_count(self) -> int:
-        """vCPUs as Proxmox starts the VM: `vcpus:` when set, else sockets x cores."""
-        if self.vcpus:
-            return self.vcpus
-        return (self.sockets or 1) * (self.cores or 1)
-
-
-def parse_config(text: str) -> VMConfig:
-    """Parse a Proxmox VM config; only the main section, which describes the running VM.
-
-    Sections such as `[snapshot]`, `[PENDING]` or `[special:cloudinit]` follow the main
-    section and describe other states, so parsing stops at the first one.
-    """
-    fields: dict[str, str] = {}
-    nets: list[int] = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line.startswith("["):
-            break
-        if not line or line.startswith("#"):
-            continue
-        match = _CONF_LINE.match(line)
-        if match is None:
-            continue
-        key, value = match.groups()
-        fields[key] = value
-        net = _NET_KEY.match(key)
-        if net is not None:
-            nets.append(int(net.group(1)))
-    memory_mib = _positive_int(_property_string(fields.get("memory", ""), "current").get("current"))
-    return VMConfig(
-        name=fields.get("name") or None,
-        memory_bytes=memory_mib * _MIB if memory_mib else None,
-        vcpus=_positive_int(fields.get("vcpus")),
-        sockets=_positive_int(fields.get("sockets")),
-        cores=_positive_int(fields.get("cores")),
-        uuid=_property_string(fields.get("smbios1", "")).get("uuid") or None,
-        nets=tuple(sorted(set(nets))),
-    )
-
-
-def read_config(path: str | os.PathLike[str]) -> VMConfig:
-    """Read a `.conf`; a missing or unreadable one (a VM mid-migration) gives defaults."""
-    try:
-        return parse_config(Path(path).read_text(encoding="utf-8", errors="replace"))
-    except OSError:
-        return VMConfig()
-
-
-def _property_string(value: str, default_key: str | None = None) -> dict[str, str]:
-    """Split a Proxmox property string (`current=4096,foo=bar` or a bare default value)."""
-    result: dict[str, str] = {}
-    for part in value.split(","):
-        key, sep, val = part.partition("=")
-        if sep:
-            result[key.strip()] = val.strip()
-        elif default_key is not None and part.strip():
-            result[default_key] = part.strip()
-    return result
-
-
-def _positive_int(value: object) -> int | None:
-    try:
-        number = int(str(value))
-    except ValueError:
-        return None
-    return number if number > 0 else None
 
 
 # --------------------------------------------------------------------------- QMP replies
@@ -281,66 +213,6 @@ def _qemu_version(reply: object) -> tuple[int, int, int] | None:
         return None
 
 
-# --------------------------------------------------------------------------- host files
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessUsage:
-    """CPU time and resident memory of one QEMU process."""
-
-    cpu_seconds: float
-    rss_bytes: int
-
-
-def read_process_usage(proc_root: str, pid: int) -> ProcessUsage:
-    """utime+stime and RSS of a process; FileNotFoundError when it is gone (or a zombie)."""
-    stat = Path(proc_root, str(pid), "stat").read_text()
-    # The command name may contain spaces and parentheses: fields start after the last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        raise FileNotFoundError(f"process {pid} has exited")
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
-    cpu_seconds = ticks / os.sysconf("SC_CLK_TCK")
-    rss: int | None = None
-    for line in Path(proc_root, str(pid), "status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) * 1024
-            break
-    if rss is None:
-        statm = Path(proc_root, str(pid), "statm").read_text().split()
-        rss = int(statm[1]) * os.sysconf("SC_PAGE_SIZE")
-    return ProcessUsage(cpu_seconds=cpu_seconds, rss_bytes=rss)
-
-
-def read_tap_counters(
-    net_root: str, vmid: str, nets: tuple[int, ...]
-) -> tuple[InterfaceSample, ...]:
-    """Counters of the VM's Proxmox tap devices (`tap<vmid>i<N>`), labelled `net<N>`.
-
-    A tap counts from the host side: what it receives the guest sent, so rx and tx swap.
-    A missing tap (link down, not yet plugged) gives no sample.
-    """
-    samples = []
-    for index in nets:
-        base = Path(net_root, f"tap{vmid}i{index}", "statistics")
-        try:
-            host_rx = int((base / "rx_bytes").read_text())
-            host_tx = int((base / "tx_bytes").read_text())
-        except (OSError, ValueError):
-            continue
-        samples.append(
-            InterfaceSample(interface=f"net{index}", receive_bytes=host_tx, transmit_bytes=host_rx)
-        )
-    return tuple(samples)
-
-
-def _mem_total(proc_root: str) -> int:
-    for line in Path(proc_root, "meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    raise OSError(f"no MemTotal in {proc_root}/meminfo")
-
-
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -363,6 +235,18 @@ class _Target:
     socket: str
 
 
+@dataclass(slots=True)
+class _Stage:
+    """Where one VM's reading is: the source to blame if its time runs out there."""
+
+    source: str = "conf"
+    timeouts: dict[str, int] = field(default_factory=dict)
+
+
+class _DeadlinePassed(Exception):
+    """The scrape's deadline passed before this VM's turn came."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Reading:
     """One VM's session; `sample` is None for a VM whose guest runs on another node."""
@@ -375,6 +259,7 @@ class QmpBackend:
     """Reads the VMs Proxmox VE runs on this node, over QMP, /proc and sysfs."""
 
     name = "qmp"
+    read_sources = ("conf", "qmp", "proc", "sysfs", "run")
 
     def __init__(
         self,
@@ -399,6 +284,10 @@ class QmpBackend:
         self.vm_timeout = vm_timeout
         self._node_sample = node_sample
         self._last_version: str | None = None
+        self._configs: dict[str, VMConfig] = {}  # last good `.conf` per VMID
+        self._stuck_at: dict[str, str] = {}  # VMID: the source its last timed-out read hung in
+        self._memory_bytes: int | None = None
+        self._reader = HostReader()
         self.validate()
 
     def validate(self) -> None:
@@ -413,8 +302,15 @@ class QmpBackend:
             ("proc root", self.proc_root),
         ):
             try:
-                with os.scandir(path):
-                    pass
+                # Bounded: a hung pmxcfs at start is a backend that is down, not a hung start.
+                self._reader.call(
+                    "conf",
+                    f"start:{path}",
+                    partial(can_list, path),
+                    time.monotonic() + _START_PROBE,
+                )
+            except ReadTimeout:
+                logger.debug("%s %s does not answer at start", what, path)
             except OSError as exc:
                 raise BackendError(
                     _one_line(f"{what} {path} is not readable: {exc.strerror or exc}")
@@ -435,8 +331,26 @@ class QmpBackend:
     # ------------------------------------------------------------------ internals
 
     def _scrape(self, deadline: float) -> ScrapeResult:
+        # /etc/pve is pmxcfs: when it hangs, every .conf read would; find out once, quickly.
+        probe_deadline = min(deadline, time.monotonic() + _CONF_TREE_PROBE)
         try:
-            targets, listing_errors = self._list_vms()
+            self._reader.call("conf", "conf-dir", self._probe_conf_dir, probe_deadline)
+        except ReadTimeout:
+            return ScrapeResult(
+                up=False,
+                error=f"Proxmox config tree {self.conf_dir} does not answer",
+                read_timeouts={"conf": 1},
+            )
+        except OSError:
+            pass  # unreadable now (the constructor checked it once): .conf reads say more
+        try:
+            targets, listing_skipped = self._reader.call("run", "run-dir", self._list_vms, deadline)
+        except ReadTimeout:
+            return ScrapeResult(
+                up=False,
+                error=f"QMP run directory {self.run_dir} does not answer",
+                read_timeouts={"run": 1},
+            )
         except OSError as exc:
             return ScrapeResult(
                 up=False,
@@ -444,29 +358,44 @@ class QmpBackend:
                     f"cannot list QMP run directory {self.run_dir}: {exc.strerror or exc}"
                 ),
             )
-        readings, failed = self._read_all(targets, deadline)
+        try:
+            memory = self._memory(min(deadline, time.monotonic() + _CONF_TREE_PROBE))
+        except (OSError, ValueError) as exc:
+            return ScrapeResult(up=False, error=_one_line(f"cannot read node facts: {exc}"))
+        readings, skipped, timeouts = self._read_all(targets, deadline)
+        skipped = listing_skipped | skipped
         versions = [r.version for r in readings if r.version is not None]
         if versions:
             self._last_version = ".".join(map(str, max(versions)))
-        try:
-            node = self._node(self._last_version or "unknown")
-        except (OSError, ValueError) as exc:
-            return ScrapeResult(up=False, error=_one_line(f"cannot read node facts: {exc}"))
+        node = self._node_sample or NodeSample(
+            cpus=os.cpu_count() or 1, memory_bytes=memory, version=self._last_version or "unknown"
+        )
         return ScrapeResult(
             up=True,
             node=node,
             vms=[r.sample for r in readings if r.sample is not None],
-            vm_errors=listing_errors + failed,
+            vm_errors=len(skipped),
+            skipped=skipped,
+            read_timeouts=timeouts,
         )
 
-    def _node(self, version: str) -> NodeSample:
+    def _probe_conf_dir(self) -> None:
+        os.stat(self.conf_dir)
+
+    def _memory(self, deadline: float) -> int:
+        """The host's memory, read each scrape; the last value stands in while /proc hangs."""
         if self._node_sample is not None:
-            return self._node_sample
-        return NodeSample(
-            cpus=os.cpu_count() or 1, memory_bytes=_mem_total(self.proc_root), version=version
-        )
+            return self._node_sample.memory_bytes
+        try:
+            self._memory_bytes = self._reader.call(
+                "proc", "meminfo", partial(mem_total, self.proc_root), deadline
+            )
+        except ReadTimeout:
+            if self._memory_bytes is None:
+                raise OSError(f"{self.proc_root}/meminfo does not answer") from None
+        return self._memory_bytes
 
-    def _list_vms(self) -> tuple[list[_Target], int]:
+    def _list_vms(self) -> tuple[list[_Target], dict[str, str]]:
         """VMs with a pid file naming a live process and a QMP socket, and the broken ones.
 
         A pid file whose process is dead is a VM that crashed (QEMU removes the file when it
@@ -479,45 +408,51 @@ class QmpBackend:
         stems = (stem for stem, _, ext in (n.partition(".") for n in names) if ext == "pid")
         vmids = sorted((stem for stem in stems if stem.isdigit()), key=int)
         targets: list[_Target] = []
-        errors = 0
+        skipped: dict[str, str] = {}
         for vmid in vmids:
             try:
                 pid = int(Path(self.run_dir, f"{vmid}.pid").read_text().strip())
             except FileNotFoundError:
                 continue  # stopped between listing and reading
             except (OSError, ValueError) as exc:
-                logger.debug("VM %s: unusable pid file: %s", vmid, _describe(exc))
-                errors += 1
+                skipped[vmid] = f"unusable pid file: {_describe(exc)}"
                 continue
             if not os.path.exists(os.path.join(self.proc_root, str(pid), "stat")):
-                logger.debug("VM %s: stale pid file, process %d is gone", vmid, pid)
-                errors += 1
+                skipped[vmid] = "stale pid file, its process is gone"
                 continue
             socket = os.path.join(self.run_dir, f"{vmid}.qmp")
             if not os.path.exists(socket):
                 continue
             targets.append(_Target(vmid=vmid, pid=pid, socket=socket))
-        return targets, errors
+        return targets, skipped
 
-    def _read_all(self, targets: list[_Target], deadline: float) -> tuple[list[_Reading], int]:
+    def _read_all(
+        self, targets: list[_Target], deadline: float
+    ) -> tuple[list[_Reading], dict[str, str], dict[str, int]]:
         """One event loop per scrape; a loop left over from an earlier scrape can't leak in."""
         if not targets:
-            return [], 0
+            return [], {}, {}
         loop = asyncio.new_event_loop()
         try:
             return loop.run_until_complete(self._gather(targets, deadline))
         finally:
             loop.close()
 
-    async def _gather(self, targets: list[_Target], deadline: float) -> tuple[list[_Reading], int]:
+    async def _gather(
+        self, targets: list[_Target], deadline: float
+    ) -> tuple[list[_Reading], dict[str, str], dict[str, int]]:
         semaphore = asyncio.Semaphore(self.concurrency)
+        stages = {target.vmid: _Stage() for target in targets}
 
         async def bounded(target: _Target) -> _Reading:
             async with semaphore:
                 budget = min(self.vm_timeout, deadline - time.monotonic())
                 if budget <= 0:
-                    raise TimeoutError("scrape deadline passed before this VM's turn")
-                return await asyncio.wait_for(self._read_vm(target), budget)
+                    raise _DeadlinePassed
+                vm_deadline = time.monotonic() + budget
+                return await asyncio.wait_for(
+                    self._read_vm(target, stages[target.vmid], vm_deadline), budget
+                )
 
         tasks = [asyncio.create_task(bounded(t), name=f"qmp-{t.vmid}") for t in targets]
         # wait_for already bounds each VM; this is the backstop for the scrape as a whole.
@@ -529,20 +464,63 @@ class QmpBackend:
         if pending:
             await asyncio.wait(pending, timeout=_CANCEL_GRACE)
         readings: list[_Reading] = []
-        failed = 0
+        skipped: dict[str, str] = {}
+        timeouts: dict[str, int] = {}
         for target, task in zip(targets, tasks, strict=True):
-            if not task.done() or task.cancelled():
-                failed += 1
-                logger.debug("VM %s skipped: cancelled at the scrape deadline", target.vmid)
-            elif (exc := task.exception()) is not None:
-                failed += 1
-                logger.debug("VM %s skipped: %s", target.vmid, _describe(exc))
-            else:
+            stage = stages[target.vmid]
+            exc = None if not task.done() or task.cancelled() else task.exception()
+            if task.done() and not task.cancelled() and exc is None:
                 readings.append(task.result())
-        return readings, failed
+                timeouts.update(
+                    {src: timeouts.get(src, 0) + n for src, n in stage.timeouts.items()}
+                )
+                continue
+            if isinstance(exc, _DeadlinePassed):
+                skipped[target.vmid] = "not reached before the scrape deadline"
+                continue
+            if isinstance(exc, TimeoutError) or exc is None:  # ReadTimeout is one too
+                # Where this VM's reading was when its time ran out; a read still stuck from an
+                # earlier scrape was where it was then.
+                if isinstance(exc, ReadTimeout) and exc.earlier:
+                    source = self._stuck_at.get(target.vmid, stage.source)
+                else:
+                    source = stage.source
+                    self._stuck_at[target.vmid] = source
+                stage.timeouts[source] = stage.timeouts.get(source, 0) + 1
+                skipped[target.vmid] = f"{_STAGE_WORDS[source]} did not answer in time"
+            else:
+                skipped[target.vmid] = _describe(exc)
+            timeouts.update({src: timeouts.get(src, 0) + n for src, n in stage.timeouts.items()})
+        return readings, skipped, timeouts
 
-    async def _read_vm(self, target: _Target) -> _Reading:
-        conf = read_config(os.path.join(self.conf_dir, f"{target.vmid}.conf"))
+    async def _config(self, target: _Target, stage: _Stage, vm_deadline: float) -> VMConfig:
+        """The VM's `.conf`, or its last good reading while the file does not answer."""
+        stage.source = "conf"
+        path = os.path.join(self.conf_dir, f"{target.vmid}.conf")
+        budget = max(vm_deadline - time.monotonic(), 0.0) * _CONF_SHARE
+        try:
+            conf = await self._reader.read(
+                "conf", f"conf:{target.vmid}", partial(read_config, path), time.monotonic() + budget
+            )
+        except ReadTimeout:
+            last = self._configs.get(target.vmid)
+            if last is None:
+                raise
+            stage.timeouts["conf"] = stage.timeouts.get("conf", 0) + 1
+            return last
+        self._configs[target.vmid] = conf
+        return conf
+
+    def _host_figures(
+        self, target: _Target, nets: tuple[int, ...], stage: _Stage
+    ) -> tuple[ProcessUsage, tuple[InterfaceSample, ...]]:
+        usage = read_process_usage(self.proc_root, target.pid)
+        stage.source = "sysfs"
+        return usage, read_tap_counters(self.net_root, target.vmid, nets)
+
+    async def _read_vm(self, target: _Target, stage: _Stage, vm_deadline: float) -> _Reading:
+        conf = await self._config(target, stage, vm_deadline)
+        stage.source = "qmp"
         queries: dict[str, Mapping[str, object] | None] = {
             "query-status": None,
             "query-blockstats": None,
@@ -588,7 +566,14 @@ class QmpBackend:
             raise blockstats
         disks = disks_from_blockstats(blockstats)
         # Read /proc after the session: it also proves the process outlived the queries.
-        usage = read_process_usage(self.proc_root, target.pid)
+        # /proc, then sysfs, in one trip to a reader thread; `stage` says which one hung.
+        stage.source = "proc"
+        usage, interfaces = await self._reader.read(
+            "proc",
+            f"host:{target.vmid}",
+            partial(self._host_figures, target, conf.nets, stage),
+            vm_deadline,
+        )
         cpus = replies["query-cpus-fast"]
         name_reply = replies.get("query-name")
         uuid_reply = replies.get("query-uuid")
@@ -609,7 +594,7 @@ class QmpBackend:
             memory_used_bytes=used if used is not None else usage.rss_bytes,
             memory_rss_bytes=usage.rss_bytes,
             disks=disks,
-            interfaces=read_tap_counters(self.net_root, target.vmid, conf.nets),
+            interfaces=interfaces,
         )
         return _Reading(sample=sample, version=version)
 

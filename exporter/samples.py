@@ -65,7 +65,9 @@ class ScrapeResult:
 
     `up` is False when the backend itself could not be reached (libvirt down, QMP dir
     unreadable); `vm_errors` counts VMs skipped this scrape because they errored, hung or
-    vanished while the rest were read.
+    vanished while the rest were read. `skipped` names those it can (VM id: reason, worded
+    the same from one scrape to the next so the log can say when it changes);
+    `read_timeouts` counts host reads abandoned at their deadline, by source.
     """
 
     up: bool
@@ -73,12 +75,17 @@ class ScrapeResult:
     vms: list[VMSample] = field(default_factory=list)
     vm_errors: int = 0
     error: str | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+    read_timeouts: dict[str, int] = field(default_factory=dict)
 
 
 class Backend(Protocol):
     """A source of samples: one per hypervisor technology."""
 
     name: str
+    #: Where the backend's blocking reads go (`conf`, `proc`, `sysfs`, `qmp`, `libvirt`, ...):
+    #: the `source` label of `vmbalance_read_timeouts_total`.
+    read_sources: tuple[str, ...]
 
     def scrape(self, timeout: float) -> ScrapeResult:
         """Read every VM; return within `timeout` seconds plus a small margin."""

@@ -301,12 +301,14 @@ def docs_section(report: Report, peer: PeerComparison, rates: list[RateCheck]) -
             for name, value in report.data.get("libvirt_call_costs_ms", {}).items()
         ),
         "",
-        "`bulk` is vmbalance-exporter's one `getAllDomainStats` call with every stat group it "
-        "asks for; `bulk:GROUP` is one group alone; the last row is `virDomainGetInfo` and "
-        "`virDomainBlockStats` for every domain, where prometheus-libvirt-exporter's counters "
-        "come from. The bulk call also returns what the peer does not ask for (each disk's "
-        "capacity and allocation in `BLOCK`, per-vCPU state and times in `VCPU`), which on a "
-        "node this small costs more than one round trip saves.",
+        "`bulk` is one `getAllDomainStats` call with every stat group that carries figures "
+        "of the metric contract; `bulk:GROUP` is one group alone; the last row is "
+        "`virDomainGetInfo` and `virDomainBlockStats` for every domain, where "
+        "prometheus-libvirt-exporter's counters come from. `BLOCK` and `VCPU` also return what "
+        "neither exporter needs (each disk's capacity and allocation, per-vCPU state and "
+        "times), which on a node this small costs more than one round trip saves, so "
+        "vmbalance-exporter asks the bulk call only for `STATE`, `BALLOON` and `INTERFACE` and "
+        "reads CPU time and disks per domain, several domains at once.",
         "",
         "Counter agreement: in every round the middle exporter's value of each counter (bytes "
         "and requests written and read per disk, CPU seconds per domain) must lie between the "

@@ -232,7 +232,8 @@ def compare_with_peer(
     return result
 
 
-# The stat groups vmbalance-exporter's libvirt backend asks `getAllDomainStats` for.
+# Every `getAllDomainStats` group that carries figures of the metric contract; the libvirt
+# backend asks only for the cheap ones (`exporter.libvirt.BULK_STATS`).
 BULK_GROUPS: tuple[str, ...] = ("STATE", "CPU_TOTAL", "BALLOON", "VCPU", "INTERFACE", "BLOCK")
 
 

@@ -23,7 +23,7 @@ from xml.etree import ElementTree
 
 import pytest
 
-from exporter.qmp import parse_config
+from exporter.pve_conf import parse_config
 from lab.cluster import Lab, LabGuest, LabSpec, RateCheck
 from lab.guest import (
     CpioEntry,

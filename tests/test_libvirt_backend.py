@@ -18,7 +18,8 @@ from typing import Any
 import libvirt
 import pytest
 
-from exporter.libvirt import LibvirtBackend, _memory_bytes
+from exporter.libvirt import LibvirtBackend
+from exporter.libvirt_stats import memory_bytes
 from exporter.samples import BackendError, ScrapeResult, VMSample
 from tests.conftest import REPO
 from tests.libvirt_nodexml import (
@@ -325,9 +326,9 @@ def test_node_memory_falls_back_to_get_info_where_unsupported(
 
 def test_bad_uri_is_one_line_backend_error() -> None:
     with pytest.raises(BackendError) as caught:
-        LibvirtBackend("nosuchdriver:///nowhere")
+        LibvirtBackend("::not a uri")
     message = str(caught.value)
-    assert message.startswith("libvirt: cannot connect to 'nosuchdriver:///nowhere': ")
+    assert message.startswith("libvirt: cannot connect to '::not a uri': ")
     assert "\n" not in message
 
 
@@ -536,7 +537,7 @@ def test_states_other_than_running(spied: tuple[LibvirtBackend, SpyOpener]) -> N
 def test_memory_definition(
     balloon: dict[str, int], current: int, expected: tuple[int, int | None]
 ) -> None:
-    used, rss = _memory_bytes(balloon, current)
+    used, rss = memory_bytes(balloon, current)
     assert (used // 1024, None if rss is None else rss // 1024) == expected
 
 

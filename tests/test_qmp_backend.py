@@ -31,15 +31,14 @@ from qemu_fixtures import (
     write_boot_image,
 )
 
+from exporter.pve_conf import VMConfig, parse_config
 from exporter.qmp import (
     ALLOWED_COMMANDS,
     CommandNotAllowedError,
     QmpBackend,
-    VMConfig,
     disk_name,
     disks_from_blockstats,
     execute,
-    parse_config,
 )
 from exporter.samples import BackendError, DiskSample, InterfaceSample, NodeSample, VMSample
 
