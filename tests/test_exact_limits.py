@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recommender import exact
-from recommender.engine import balance_movable, measure_state
+from recommender.engine import exact
+from recommender.engine.build import build_problem
+from recommender.engine.planner import balance_movable
+from recommender.engine.problem import State
+from recommender.engine.rules import prepare_constraints
 from recommender.instances import Shape, random_cluster
-from recommender.problem import State, build_problem
-from recommender.rules import prepare_constraints
 
 pytestmark = pytest.mark.skipif(not exact.available(), reason="highspy not installed")
 
@@ -27,12 +28,12 @@ def test_program_stopped_before_any_plan_claims_nothing(monkeypatch: pytest.Monk
     units = np.flatnonzero(balance_movable(problem, constraints) & (start.unit_node >= 0))
     target = inst.config.balance.target
     result = exact.solve_exact(problem, constraints, start, units, target)
-    assert measure_state(problem, start.node_load)[1] > target
+    assert problem.imbalance(start.node_load).overall > target
     if result.reached:  # only with a plan that does reach it
         assert result.moves
         end = start.copy()
         for move in result.moves:
             end.move_unit(problem, move.unit, move.target)
-        assert measure_state(problem, end.node_load)[1] <= target + 1e-6
+        assert problem.imbalance(end.node_load).overall <= target + 1e-6
     else:
         assert result.status in ("limit", "infeasible") and not result.moves

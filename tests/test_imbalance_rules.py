@@ -25,7 +25,7 @@ import requests
 import yaml
 
 from recommender.config import BalanceSettings, CapacitySettings
-from recommender.measure import imbalance_per_resource, overall_imbalance, weight_vector
+from recommender.engine.measure import imbalance_per_resource, overall_imbalance, weight_vector
 from recommender.model import RESOURCES
 from recommender.simulate import ClusterHistory, simulate_cluster, to_openmetrics
 from tests.servers import PrometheusServer, backfill
