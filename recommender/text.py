@@ -1,4 +1,4 @@
-"""Small helpers for what the product prints: lists cut short, sizes, unknown numbers.
+"""Small helpers for what the product prints: lists cut short, memory sizes.
 
 Shared by the engine's warnings and reasons and by the renderers, so a list of names or a
 memory size reads the same everywhere.
@@ -6,7 +6,6 @@ memory size reads the same everywhere.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from recommender.model import GIB
@@ -21,11 +20,3 @@ def listing(items: Sequence[str], limit: int = 5) -> str:
 def in_gib(nbytes: float) -> str:
     """A memory size as `12.0 GiB`."""
     return f"{float(nbytes) / GIB:.1f} GiB"
-
-
-def finite_or_none(value: float | None) -> float | None:
-    """A finite float, or None for a missing, NaN or infinite value (JSON has no NaN)."""
-    if value is None:
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None

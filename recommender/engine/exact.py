@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from recommender.engine.measure import cluster_mean
 from recommender.engine.problem import Problem, State, UnitMove
 from recommender.engine.rules import Constraint, Movers
 
@@ -222,7 +223,7 @@ class LinearModel:
         capacity = self.problem.capacity[np.ix_(active, cols.resources)]
         end_load = self.fixed_load[np.ix_(active, cols.resources)].sum(axis=0)
         end_load += self.movers.load[:, cols.resources].sum(axis=0)
-        mean = end_load / np.maximum(capacity.sum(axis=0), 1e-300)
+        mean = cluster_mean(end_load[None, :], capacity.sum(axis=0)[None, :])
         for i, n in enumerate(active):
             index = cols.by_node[n]
             for j, r in enumerate(cols.resources):

@@ -13,11 +13,12 @@ from dataclasses import replace
 import numpy as np
 
 from recommender.engine import hysteresis
+from recommender.engine.candidates import Candidate, SearchContext
 from recommender.engine.measure import EPSILON
 from recommender.engine.problem import Problem, State, UnitMove
 from recommender.engine.result import HeldBack
 from recommender.engine.rules import Movers
-from recommender.engine.search import Candidate, SearchContext, beam_search, prune
+from recommender.engine.search import beam_search, prune
 
 HELD_BACK_LIMIT = 10
 # Units looked at for blocked moves.

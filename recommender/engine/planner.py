@@ -27,6 +27,7 @@ import numpy as np
 
 from recommender.engine import hysteresis
 from recommender.engine.build import build_problem
+from recommender.engine.candidates import Candidate, SearchContext, SearchLimits
 from recommender.engine.exact import Hint, solve_exact
 from recommender.engine.exact import available as exact_available
 from recommender.engine.forced import Forced, forced_moves, frozen_vms
@@ -40,7 +41,7 @@ from recommender.engine.problem import SPLIT, Problem, State, UnitMove
 from recommender.engine.result import EngineResult, HeldBack, Method, Move, MoveKind
 from recommender.engine.rules import Constraint, prepare_constraints
 from recommender.engine.scorer import Scorer, View
-from recommender.engine.search import Candidate, SearchContext, SearchLimits, find_plan
+from recommender.engine.search import find_plan
 from recommender.model import Snapshot
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ def plan_moves(snapshot: Snapshot, config: Config, *, exact: bool | None = None)
     held: list[HeldBack] = []
     method: Method = "heuristic" if forced.moves else "none"
     if triggered and not ctx.reached(plan) and len(scorer.active):
-        budget = settings.max_migrations - state.migrations
+        budget = _migration_budget(problem, constraints) - state.migrations
         wanted = settings.exact == "auto" if exact is None else exact
         small = (
             int(movable.sum()) <= settings.exact_max_vms and len(scorer.active) <= EXACT_MAX_NODES
@@ -117,6 +118,12 @@ def plan_moves(snapshot: Snapshot, config: Config, *, exact: bool | None = None)
         problem=problem,
         unit_moves=tuple(m.move for m in forced.moves) + plan.moves,
     )
+
+
+def _migration_budget(problem: Problem, constraints: Sequence[Constraint]) -> int:
+    """The most VM migrations a plan may have: the lowest a rule allows, else every VM once."""
+    budgets = [c.migration_budget() for c in constraints]
+    return min((b for b in budgets if b is not None), default=problem.n_vms)
 
 
 def _balance(

@@ -19,6 +19,8 @@ Then it is prepared once per problem (`prepare`, None when it does not apply) an
 * `check(state, final=...)` — the violations a state has (replays and tests use it).
 * `frozen_vms()` / `must_move(state, stuck)` — VMs never moved automatically, units that have
   to move whatever the imbalance; `forced_kind` says what such a move is.
+* `migration_budget()` — the most VM migrations a plan may have, if the rule limits it (the
+  search never looks further).
 * `add_to_model(model)` — the same rule as linear rows for the exact program.
 """
 
@@ -221,6 +223,9 @@ class Constraint:
     def must_move(self, state: State, stuck: np.ndarray) -> dict[int, str]:
         """Units that have to move, with the reason; `stuck` (V,) marks VMs that cannot."""
         return {}
+
+    def migration_budget(self) -> int | None:
+        return None
 
     def add_to_model(self, model: LinearModel) -> None:
         model.forbid_outside(self.allowed_targets(model.start, model.movers))

@@ -20,6 +20,9 @@ class MaxMigrations(Constraint):
         super().__init__(problem)
         self.limit = problem.balance.max_migrations
 
+    def migration_budget(self) -> int:
+        return self.limit
+
     def allowed_targets(self, state: State, movers: Movers) -> np.ndarray:
         fits = state.migrations + movers.count <= self.limit
         return np.repeat(fits[:, None], self.problem.n_nodes, axis=1)
