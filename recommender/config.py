@@ -1,5 +1,8 @@
 """Settings and rules (pydantic models): every field has a default, so no config file is needed.
 
+The `rules:` section is composed from the rules' own settings models
+(`recommender.engine.rules.RuleSettings`).
+
 The YAML loader (`load_config`) reports a bad field by its dotted path and its line in the
 file; `vmbalance config check FILE` runs just that.
 """

@@ -7,7 +7,7 @@ are counted per node by every state (`CountedSets`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Self
+from typing import Self
 
 import numpy as np
 from pydantic import Field
@@ -16,14 +16,12 @@ from recommender.engine.problem import Problem, State, Units, VmGroup
 from recommender.engine.rules.base import (
     Constraint,
     GroupRule,
+    LinearModel,
     Movers,
     RulesPart,
     Violation,
     present,
 )
-
-if TYPE_CHECKING:
-    from recommender.engine.exact import LinearModel
 
 
 class AntiAffinitySettings(RulesPart):

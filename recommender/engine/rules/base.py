@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Self
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Protocol, Self
 
 import numpy as np
 from pydantic import BeforeValidator, Field, create_model
@@ -38,7 +38,6 @@ from recommender.strict_model import StrictModel
 
 if TYPE_CHECKING:
     from recommender.config import BalanceSettings
-    from recommender.engine.exact import LinearModel
 
 # What a forced move is: an evacuation (its node goes into maintenance) or the repair of a
 # broken rule. A unit several rules force is of the kind listed first here.
@@ -154,6 +153,26 @@ class Movers:
         source = np.where(lo == hi, lo, SPLIT)
         first = problem.units.of_vm[vm[ptr[:-1]]] if len(vm) else np.zeros(0, np.int64)
         return cls(ptr, vm, load, source, sizes, first)
+
+
+class LinearModel(Protocol):
+    """What a rule adds to the exact program (`recommender.engine.exact.LinearModel`): the
+    program places `movers`, starting from `start`; `fixed_sets` counts, per counted set and
+    node, the members that are not movers."""
+
+    start: State
+    movers: Movers
+    fixed_sets: np.ndarray
+
+    def forbid_outside(self, mask: np.ndarray) -> None:
+        """Remove the moves `mask` (movers x nodes) does not allow; staying stays allowed."""
+
+    def add_node_rows(self, values: np.ndarray, upper: np.ndarray, column: int | None) -> None:
+        """Per node n: sum of values[mover] x[mover, n] <= upper[n] minus what the node holds
+        of resource `column` besides the movers."""
+
+    def add_budget_row(self, limit: float) -> None:
+        """At most `limit` VM migrations in the plan, counting those already made."""
 
 
 class Constraint:

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from recommender.engine.problem import Problem, State
-from recommender.engine.rules.base import Constraint, Movers, Violation
-
-if TYPE_CHECKING:
-    from recommender.engine.exact import LinearModel
+from recommender.engine.rules.base import Constraint, LinearModel, Movers, Violation
 
 
 class MaxMigrations(Constraint):
