@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 
@@ -66,8 +67,13 @@ def overall_imbalance(per_resource: np.ndarray, weights: np.ndarray) -> float:
     return float((per_resource * weights).sum() / total)
 
 
-def reaches(overall: float, target: float) -> bool:
-    """An overall imbalance at or under the target (within EPSILON): the plan is done."""
+@overload
+def reaches(overall: float, target: float) -> bool: ...
+@overload
+def reaches(overall: np.ndarray, target: float) -> np.ndarray: ...
+def reaches(overall: float | np.ndarray, target: float) -> bool | np.ndarray:
+    """An overall imbalance at or under the target (within EPSILON): the plan is done. For
+    an array, element by element."""
     return overall <= target + EPSILON
 
 

@@ -127,7 +127,7 @@ def _cheaper_swap(
     room = int(ctx.problem.units.size[old.unit])
     found = ctx.moves(base.state, base.view, room, [m.unit for m in rest])
     cheaper = found.copy < copies[old.unit] * (1 - 1e-9)
-    better = np.flatnonzero((found.overall <= goal + EPSILON) & cheaper)
+    better = np.flatnonzero(reaches(found.overall, goal) & cheaper)
     if len(better) == 0:
         return None
     order = np.lexsort(
