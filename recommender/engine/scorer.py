@@ -136,7 +136,6 @@ class Scorer:
         source: np.ndarray,
         target: np.ndarray,
         refine: int | None = None,
-        overall_only: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(overall, smooth, distance) after each single move: `load` (P, R) from `source` to
         `target`. Sources may be inactive (maintenance): their VMs then join the cluster
@@ -145,17 +144,13 @@ class Scorer:
         The distance (to the region under `view.target`) is first taken at the allocation of
         the current state (an upper bound), then, on clusters of up to EXACT_DISTANCE_NODES
         active nodes, recomputed exactly for the `refine` most promising moves (all when
-        None). With `overall_only`, smooth and distance are zeros."""
+        None)."""
         out = np.empty((3, len(target)))
         step = max(1, BLOCK // max(1, len(self.resources)))
         for lo in range(0, len(target), step):
             hi = min(len(target), lo + step)
             part = slice(lo, hi)
-            out[:, part] = self._evaluate(
-                view, load[part], source[part], target[part], False, overall_only
-            )
-        if overall_only:
-            return out[0], out[1], out[2]
+            out[:, part] = self._evaluate(view, load[part], source[part], target[part], False)
         if len(self.active) <= self.EXACT_DISTANCE_NODES and len(target):
             pick = np.arange(len(target))
             if refine is not None and refine < len(target):
@@ -173,7 +168,6 @@ class Scorer:
         source: np.ndarray,
         target: np.ndarray,
         exact: bool,
-        overall_only: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         w = self.weights
         moved = load[:, self.resources]
@@ -193,10 +187,6 @@ class Scorer:
         rest = np.where((i1 != ps_) & (i1 != pt_), v1, np.where((i2 != ps_) & (i2 != pt_), v2, v3))
         top = np.maximum(np.maximum(rest, ut_new), us_new)
         overall = np.maximum(top - mean, 0.0) @ w
-        scale = 1.0 / self.weight_sum
-        if overall_only:
-            nothing = np.zeros(len(target))
-            return overall * scale, nothing, nothing
 
         def above(x: np.ndarray, line: np.ndarray, power: int) -> np.ndarray:
             e = np.maximum(x - line, 0.0)
@@ -228,4 +218,5 @@ class Scorer:
                 distance[rows] = excess.sum(axis=1) @ w
             distance += above(ut_new, line, 1) - above(ut_old, line, 1)
             distance += np.where(src_active, above(us_safe, line, 1) - above(us_old, line, 1), 0)
+        scale = 1.0 / self.weight_sum
         return overall * scale, smooth * scale, distance * scale
