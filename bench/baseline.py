@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from recommender.engine import balance_movable, measure_state
-from recommender.problem import Problem, State
-from recommender.rules import MaxMigrations, Movers, allowed_targets, prepare_constraints
+from recommender.engine.planner import balance_movable
+from recommender.engine.problem import Problem, State
+from recommender.engine.rules import Movers, allowed_targets, prepare_constraints
+from recommender.engine.rules.max_migrations import MaxMigrations
 
 
 def greedy_repack(problem: Problem) -> tuple[State, int, float]:
@@ -32,8 +33,8 @@ def greedy_repack(problem: Problem) -> tuple[State, int, float]:
         for vm in units.members(unit):
             node = int(state.vm_node[vm])
             state.node_load[node] -= problem.load[vm]
-            for g in problem.anti_affinity.of_vm(int(vm)):
-                state.group_count[g, node] -= 1
+            for s in problem.counted.of_vm(int(vm)):
+                state.set_count[s, node] -= 1
             state.vm_node[vm] = -1
         state.unit_node[unit] = -1
     active = problem.active
@@ -52,4 +53,4 @@ def greedy_repack(problem: Problem) -> tuple[State, int, float]:
             target = int(start.unit_node[unit])  # nowhere fits: it stays
         state.move_unit(problem, int(unit), target)
     migrations = int((state.vm_node != start.vm_node).sum())
-    return state, migrations, measure_state(problem, state.node_load)[1]
+    return state, migrations, problem.imbalance(state.node_load).overall

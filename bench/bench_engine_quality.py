@@ -32,26 +32,26 @@ import numpy as np
 from baseline import greedy_repack
 from docs_section import replace_section
 
-from recommender.engine import balance_movable, plan_moves
-from recommender.exact import available, solve_exact
+from recommender.engine.build import build_problem
+from recommender.engine.exact import Hint, available, solve_exact
+from recommender.engine.ordering import Request, order_moves
+from recommender.engine.planner import balance_movable, plan_moves
+from recommender.engine.problem import Problem, State, UnitMove
+from recommender.engine.rules import prepare_constraints
+from recommender.engine.scorer import Scorer
 from recommender.instances import Shape, random_cluster
-from recommender.ordering import order_moves
-from recommender.problem import Problem, State, build_problem
-from recommender.rules import prepare_constraints
-from recommender.search import Scorer, UnitMove
 
 COMPARE = {"min_gain": 0.0, "min_gain_per_gib": 0.0, "max_migrations": 40}
 
 
-def plan_hint(
-    problem: Problem, start: State, moves: tuple[UnitMove, ...]
-) -> tuple[tuple[UnitMove, ...], np.ndarray]:
+def plan_hint(problem: Problem, start: State, moves: tuple[UnitMove, ...]) -> Hint:
     """A plan as the exact program takes it for a start: its moves and its end state's
     per-resource imbalance."""
     end = start.copy()
     for move in moves:
         end.move_unit(problem, move.unit, move.target)
-    return moves, Scorer(problem).view(end.node_load).per_resource
+    view = Scorer(problem).view(end.node_load, problem.balance.target)
+    return Hint(moves, view.per_resource)
 
 
 def evaluate(seed: int) -> dict[str, object]:
@@ -95,8 +95,8 @@ def evaluate(seed: int) -> dict[str, object]:
     row["best_moves"] = best.migrations
     row["best_imbalance"] = best.imbalance
     # The product keeps only plans with an order in which every step is feasible.
-    pairs = [(problem.units.members(m.unit), m.target) for m in best.moves]
-    row["best_orderable"] = not order_moves(problem, constraints, start, pairs).stuck
+    requests = [Request(problem.units.members(m.unit), m.target) for m in best.moves]
+    row["best_orderable"] = not order_moves(problem, constraints, start, requests).stuck
 
     started = time.perf_counter()
     auto = plan_moves(snapshot, config, exact=True)

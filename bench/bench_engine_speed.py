@@ -20,7 +20,7 @@ from datetime import date
 
 from docs_section import replace_section
 
-from recommender.engine import plan_moves
+from recommender.engine.planner import plan_moves
 from recommender.instances import Shape, random_cluster
 from recommender.plan import build_plan
 

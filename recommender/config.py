@@ -1,5 +1,8 @@
 """Settings and rules (pydantic models): every field has a default, so no config file is needed.
 
+The `rules:` section is composed from the rules' own settings models
+(`recommender.engine.rules.RuleSettings`).
+
 The YAML loader (`load_config`) reports a bad field by its dotted path and its line in the
 file; `vmbalance config check FILE` runs just that.
 """
@@ -14,9 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     Strict,
     ValidationError,
@@ -24,10 +25,10 @@ from pydantic import (
     model_validator,
 )
 
+from recommender.engine.rules import RuleSettings
 from recommender.listen import parse_listen
-from recommender.model import RESOURCES
-
-GIB = 1024**3
+from recommender.model import GIB, RESOURCES
+from recommender.strict_model import StrictModel
 
 _DURATION = re.compile(r"^([0-9]+)([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -72,13 +73,6 @@ def check_url(url: str) -> str:
     if parts.query or parts.fragment:
         raise ValueError("must not have a query (?...) or fragment (#...)")
     return url
-
-
-class StrictModel(BaseModel):
-    # VMIDs and node names are often written as bare numbers in YAML; accept them as strings.
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, coerce_numbers_to_str=True, allow_inf_nan=False
-    )
 
 
 class PrometheusSettings(StrictModel):
@@ -204,44 +198,17 @@ class BalanceSettings(StrictModel):
             raise ValueError("at least one weight must be > 0")
         return value
 
+    @property
+    def memory_column(self) -> str:
+        """The VM column memory fit and balance count (`memory_mode`): assigned memory, or
+        the memory in use."""
+        return "memory_max_bytes" if self.memory_mode == "assigned" else "memory"
+
     @model_validator(mode="after")
     def _target_below_trigger(self) -> BalanceSettings:
         if self.target > self.trigger:
             raise ValueError(f"target ({self.target}) must not exceed trigger ({self.trigger})")
         return self
-
-
-class GroupRule(StrictModel):
-    """A named set of VMs for affinity / anti-affinity."""
-
-    name: str
-    vms: list[str] = Field(min_length=2)
-
-
-class RuleSettings(StrictModel):
-    """Per-VM and per-node rules; VMs are named by their `vm` label (VMID or domain name)."""
-
-    node_groups: dict[str, list[str]] = Field(default_factory=dict)
-    # vm -> node name or node-group name: the VM may only run there.
-    pin: dict[str, str] = Field(default_factory=dict)
-    exclude: list[str] = Field(default_factory=list)
-    affinity: list[GroupRule] = Field(default_factory=list)
-    anti_affinity: list[GroupRule] = Field(default_factory=list)
-    maintenance: list[str] = Field(default_factory=list)
-
-    @field_validator("pin", mode="before")
-    @classmethod
-    def _pin_keys_as_str(cls, value: object) -> object:
-        if isinstance(value, dict):
-            return {str(k): str(v) for k, v in value.items()}
-        return value
-
-    @field_validator("exclude", "maintenance", mode="before")
-    @classmethod
-    def _items_as_str(cls, value: object) -> object:
-        if isinstance(value, list):
-            return [str(v) for v in value]
-        return value
 
 
 class OutputSettings(StrictModel):

@@ -15,8 +15,10 @@ from datetime import UTC, datetime
 import numpy as np
 import pandas as pd
 
-from recommender.config import GIB, BalanceSettings, Config, GroupRule, RuleSettings
-from recommender.model import RESOURCES, Snapshot, empty_nodes
+from recommender.config import BalanceSettings, Config
+from recommender.engine.rules import RuleSettings
+from recommender.engine.rules.base import GroupRule
+from recommender.model import GIB, RESOURCES, Snapshot, empty_nodes
 
 # cores, memory GiB, NIC bytes/s (also the storage path), disk ops/s
 NODE_TYPES = (

@@ -22,6 +22,10 @@ import numpy as np
 import pandas as pd
 
 RESOURCES: tuple[str, ...] = ("cpu", "memory", "disk_bytes", "disk_ops", "network")
+CPU = RESOURCES.index("cpu")
+MEM = RESOURCES.index("memory")
+
+GIB = 1024**3
 
 RESOURCE_UNITS: dict[str, str] = {
     "cpu": "cores",

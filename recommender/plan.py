@@ -1,7 +1,7 @@
 """The executable plan: migrations in an order where every intermediate state keeps every hard
 rule, grouped into waves that may run in parallel.
 
-Ordering (`recommender.ordering`): a migration whose target lacks room waits until a
+Ordering (`recommender.engine.ordering`): a migration whose target lacks room waits until a
 migration off that target has run; a cycle (full nodes swapping VMs) is broken by a detour
 through a third node with room, or the migrations involved are reported as unsequenced.
 
@@ -14,20 +14,29 @@ flight counts on both its source and its target (memory, CPU, anti-affinity).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 
-from recommender.config import Config
-from recommender.engine import EngineResult, HeldBack, Move, Unplaceable, measure_state, plan_moves
+from recommender.engine.measure import reaches, utilisation
+from recommender.engine.ordering import Request, Step, order_moves
+from recommender.engine.planner import plan_moves
+from recommender.engine.problem import Problem, State
+from recommender.engine.result import EngineResult, HeldBack, Method, Move, MoveKind, Unplaceable
+from recommender.engine.rules import Constraint, prepare_constraints, violations
 from recommender.model import Snapshot
-from recommender.ordering import Step, order_moves
-from recommender.problem import Problem, State
-from recommender.rules import Constraint, MaxMigrations, prepare_constraints, violations
+
+if TYPE_CHECKING:
+    from recommender.config import Config
 
 WAVE_LOOKBACK = 6
+
+# A step of a detour (a cycle broken through a third node) is a migration of its own kind.
+MigrationKind = MoveKind | Literal["detour"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,7 @@ class Migration:
     gain: float
     reason: str
     memory_bytes: float
-    kind: str  # balance | evacuate | repair | detour
+    kind: MigrationKind
     group: str | None = None
 
 
@@ -64,7 +73,7 @@ class Plan:
     unsequenced: list[Move]
     warnings: list[str]
     settings: dict[str, object]
-    method: str
+    method: Method
     taken_at: datetime | None = None
     resources: tuple[str, ...] = field(default=())
 
@@ -83,8 +92,8 @@ def build_plan(snapshot: Snapshot, config: Config, result: EngineResult | None =
     vm_pos = problem.vm_index()
     node_pos = problem.node_index()
     moves = _merged(result.moves)
-    pairs = [(np.array([vm_pos[m.vm]]), node_pos[m.target]) for m in moves]
-    ordering = order_moves(problem, constraints, start, pairs, detours=True)
+    requests = [Request(np.array([vm_pos[m.vm]]), node_pos[m.target]) for m in moves]
+    ordering = order_moves(problem, constraints, start, requests, detours=True)
     warnings = list(result.warnings)
     unsequenced = [moves[i] for i in ordering.stuck]
     if unsequenced:
@@ -107,24 +116,24 @@ def build_plan(snapshot: Snapshot, config: Config, result: EngineResult | None =
     by_wave: list[list[Migration]] = [[] for _ in range(max(waves, default=0))]
     for migration in migrations:
         by_wave[migration.wave - 1].append(migration)
-    before, overall_before = measure_state(problem, start.node_load)
-    after, overall_after = measure_state(problem, ordering.state.node_load)
+    before = problem.imbalance(start.node_load)
+    after = problem.imbalance(ordering.state.node_load)
     return Plan(
         migrations=migrations,
         waves=by_wave,
         nodes_before=node_frame(problem, start),
         nodes_after=node_frame(problem, ordering.state),
-        imbalance_before=before,
-        imbalance_after=after,
-        overall_before=overall_before,
-        overall_after=overall_after,
+        imbalance_before=before.per_resource,
+        imbalance_after=after.per_resource,
+        overall_before=before.overall,
+        overall_after=after.overall,
         triggered=result.triggered,
-        target_reached=overall_after <= problem.balance.target + 1e-9,
+        target_reached=reaches(after.overall, problem.balance.target),
         unplaceable=list(result.unplaceable),
         held_back=list(result.held_back),
         unsequenced=unsequenced,
         warnings=warnings,
-        settings=_settings(config),
+        settings=_settings(config, problem.rule_types),
         method=result.method,
         taken_at=snapshot.taken_at,
         resources=problem.resources,
@@ -183,7 +192,7 @@ def _migrations(
 
 def _wave_ok(
     problem: Problem,
-    constraints: list[Constraint],
+    constraints: Sequence[Constraint],
     state: State,
     wave: list[Step],
 ) -> State | None:
@@ -196,12 +205,11 @@ def _wave_ok(
             touches[step.target] += 1
     if touches and max(touches.values()) > problem.balance.max_parallel_per_node:
         return None
-    dynamic = [c for c in constraints if not isinstance(c, MaxMigrations)]
     flight = state.copy()
     for step in wave:
         for vm in step.vms:
             flight.add_presence(problem, int(vm), step.target)
-    if violations(dynamic, flight, final=False):
+    if violations(constraints, flight, final=False):
         return None
     done = state.copy()
     for step in wave:
@@ -214,7 +222,7 @@ def _wave_ok(
 
 def _schedule_ok(
     problem: Problem,
-    constraints: list[Constraint],
+    constraints: Sequence[Constraint],
     state: State,
     waves: list[list[Step]],
 ) -> list[State] | None:
@@ -230,7 +238,7 @@ def _schedule_ok(
 
 
 def assign_waves(
-    problem: Problem, constraints: list[Constraint], start: State, steps: list[Step]
+    problem: Problem, constraints: Sequence[Constraint], start: State, steps: list[Step]
 ) -> list[int]:
     """1-based wave of each step: the earliest wave (within WAVE_LOOKBACK of the last one, and
     after any earlier step of the same VM) keeping the whole schedule feasible."""
@@ -273,8 +281,7 @@ def node_frame(problem: Problem, state: State) -> pd.DataFrame:
         capacity = problem.capacity[:, j]
         data[f"{r}_load"] = state.node_load[:, j]
         data[f"{r}_capacity"] = np.where(capacity > 0, capacity, np.nan)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            data[f"{r}_util"] = np.where(capacity > 0, state.node_load[:, j] / capacity, np.nan)
+        data[f"{r}_util"] = utilisation(state.node_load[:, j], capacity)
     placed = state.vm_node[state.vm_node >= 0]
     data["vms"] = np.bincount(placed, minlength=problem.n_nodes)
     data["maintenance"] = problem.maintenance
@@ -282,16 +289,9 @@ def node_frame(problem: Problem, state: State) -> pd.DataFrame:
     return pd.DataFrame(data, index=pd.Index(problem.nodes, name="node"))
 
 
-def _settings(config: Config) -> dict[str, object]:
-    rules = config.rules
-    return {
-        "balance": config.balance.model_dump(),
-        "rules": {
-            "node_groups": len(rules.node_groups),
-            "pin": len(rules.pin),
-            "exclude": len(rules.exclude),
-            "affinity": len(rules.affinity),
-            "anti_affinity": len(rules.anti_affinity),
-            "maintenance": list(rules.maintenance),
-        },
-    }
+def _settings(config: Config, rule_types: Sequence[type[Constraint]]) -> dict[str, object]:
+    rules: dict[str, object] = {}
+    for rule in rule_types:
+        if rule.settings is not None:
+            rules.update(rule.settings.summarise(config.rules))
+    return {"balance": config.balance.model_dump(), "rules": rules}

@@ -9,11 +9,12 @@ period for the plan.
 Node load at each step is `sum by (node) (increase(counter[step])) / step`: the work done on
 the node in that step, wherever the VM doing it ran before or after, so a migration moves the
 load from one step to the next with no double counting. The imbalance at each step is
-computed from those node loads and capacities by `recommender.measure`, the recommender's one
-definition. Migrations come from `count_over_time(vmbalance_vm_info[step])` per (node, vm):
-a VM on a new node in one step after another node in the step before; how many samples it
-has in that first step dates its arrival to within a scrape interval, without a subquery
-(a `timestamp()` subquery at one-minute resolution over a week costs 10,080 evaluations).
+computed from those node loads and capacities by `recommender.engine.measure`, the
+recommender's one definition. Migrations come from
+`count_over_time(vmbalance_vm_info[step])` per (node, vm): a VM on a new node in one step
+after another node in the step before; how many samples it has in that first step dates its
+arrival to within a scrape interval, without a subquery (a `timestamp()` subquery at
+one-minute resolution over a week costs 10,080 evaluations).
 Names are untrusted: everything a tenant can choose goes through the escaping filters of
 `recommender.markdown`.
 """
@@ -34,6 +35,12 @@ from matplotlib import dates as mdates
 from matplotlib.figure import Figure
 
 from recommender.config import Config, QuerySettings, duration_seconds
+from recommender.engine.measure import (
+    imbalance_per_resource,
+    needed_resources,
+    overall_imbalance,
+    weight_vector,
+)
 from recommender.forecast import (
     DAY,
     HORIZON,
@@ -45,7 +52,6 @@ from recommender.forecast import (
     forecast,
 )
 from recommender.markdown import environment
-from recommender.measure import imbalance_per_resource, overall_imbalance, weight_vector
 from recommender.model import RESOURCES, Snapshot
 from recommender.output_file import write_output
 from recommender.plan import Plan, build_plan
@@ -59,6 +65,7 @@ from recommender.prometheus import (
 )
 from recommender.quoting import display
 from recommender.render import commands_refusal, plan_commands, plan_document, render_commands
+from recommender.text import in_gib
 
 # Points per series: a week at 30-minute steps. The step is rounded up to whole minutes.
 TARGET_POINTS = 336
@@ -69,7 +76,6 @@ TOP_VMS = 5
 EFFECT_POINTS = 2
 CHART_SIZE = (10.0, 6.0)  # inches; at CHART_DPI: 1000 x 600 px
 CHART_DPI = 100
-GIB = 1024**3
 
 RESOURCE_LABELS: dict[str, str] = {
     "cpu": "CPU",
@@ -175,20 +181,24 @@ class ReportQueries:
         span_query = QuerySettings(window=f"{window.span:.0f}s", estimator="mean")
         span = SnapshotQueries.for_config(config.model_copy(update={"query": span_query}))
         instants = {f"vm_{r}": span.queries[f"load_{r}"] for r in RATE_COUNTERS}
-        instants["vm_memory"] = span.queries[
-            "memory_max" if config.balance.memory_mode == "assigned" else "load_memory"
-        ]
+        instants["vm_memory"] = span.queries[_MEMORY_QUERY[config.balance.memory_column]]
         return cls(ranges=ranges, instants=instants)
 
     def __len__(self) -> int:
         return len(self.ranges) + len(self.instants)
 
 
+# The snapshot query and the metric family of each memory column of a VM.
+_MEMORY_QUERY = {"memory_max_bytes": "memory_max", "memory": "load_memory"}
+_MEMORY_FAMILY = {
+    "memory_max_bytes": "vmbalance_vm_memory_max_bytes",
+    "memory": "vmbalance_vm_memory_used_bytes",
+}
+
+
 def _memory_family(config: Config) -> str:
-    """The memory a VM weighs, as the engine counts it (`balance.memory_mode`)."""
-    if config.balance.memory_mode == "assigned":
-        return "vmbalance_vm_memory_max_bytes"
-    return "vmbalance_vm_memory_used_bytes"
+    """The memory a VM weighs, as the engine counts it (`balance.memory_column`)."""
+    return _MEMORY_FAMILY[config.balance.memory_column]
 
 
 # --- answers into frames -------------------------------------------------------------------
@@ -315,13 +325,6 @@ def configured_capacity(config: Config, node: str) -> dict[str, float]:
     return values
 
 
-def needed_resources(config: Config) -> list[str]:
-    """Resources whose capacity a node must have to count: weighted ones, CPU and memory
-    (as in `recommender.problem`)."""
-    weights = config.balance.weights
-    return [r for r in RESOURCES if weights.get(r, 0.0) > 0 or r in ("cpu", "memory")]
-
-
 def assemble_history(
     config: Config,
     window: Window,
@@ -353,7 +356,7 @@ def assemble_history(
     maintenance = set(config.rules.maintenance)
     up_ok = up.reindex(columns=nodes).fillna(1.0) != 0
     known = pd.DataFrame(True, index=index, columns=nodes)
-    for resource in needed_resources(config):
+    for resource in needed_resources(config.balance.weights, RESOURCES):
         known &= capacity[resource] > 0
     active = known & up_ok & ~pd.Series({n: n in maintenance for n in nodes}, dtype=bool)
     warnings = []
@@ -412,7 +415,7 @@ def collect_history(source: PrometheusSource, config: Config, window: Window) ->
 
 
 def imbalance_series(history: History, config: Config) -> pd.DataFrame:
-    """(time x [*RESOURCES, "overall"]) imbalance, as `recommender.measure` defines it, over
+    """(time x [*RESOURCES, "overall"]) imbalance, as `recommender.engine.measure` defines it, over
     the nodes active at each step; NaN at steps without data or without an active node."""
     weights = weight_vector(config.balance.weights, RESOURCES)
     load = np.stack([history.load[r].to_numpy(dtype=float) for r in RESOURCES], axis=2)
@@ -800,7 +803,7 @@ def quantity(value: float | None, resource: str) -> str:
     if resource == "cpu":
         return f"{value:.1f} cores"
     if resource == "memory":
-        return f"{value / GIB:.1f} GiB"
+        return in_gib(value)
     if resource == "disk_ops":
         return f"{value:,.0f} ops/s"
     for unit, size in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):

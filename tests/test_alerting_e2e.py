@@ -38,7 +38,7 @@ import requests
 import yaml
 
 from recommender.config import BalanceSettings, CapacitySettings
-from recommender.measure import imbalance_per_resource, overall_imbalance, weight_vector
+from recommender.engine.measure import imbalance_per_resource, overall_imbalance, weight_vector
 from recommender.model import RESOURCES
 from tests.promstack import AlertmanagerServer, HTTPEndpoint, RulePrometheus
 from tests.servers import backfill

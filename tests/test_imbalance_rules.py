@@ -1,4 +1,4 @@
-"""The recording rules' imbalance is the recommender's (recommender/measure.py).
+"""The recording rules' imbalance is the recommender's (recommender/engine/measure.py).
 
 A simulated cluster history is backfilled into a real Prometheus together with what
 `vmbalance serve` would publish, in three phases: serve with the simulator's capacities and
@@ -25,7 +25,7 @@ import requests
 import yaml
 
 from recommender.config import BalanceSettings, CapacitySettings
-from recommender.measure import imbalance_per_resource, overall_imbalance, weight_vector
+from recommender.engine.measure import imbalance_per_resource, overall_imbalance, weight_vector
 from recommender.model import RESOURCES
 from recommender.simulate import ClusterHistory, simulate_cluster, to_openmetrics
 from tests.servers import PrometheusServer, backfill

@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import numpy as np
 
-from recommender.engine import plan_moves
+from recommender.engine.planner import plan_moves
 from recommender.instances import Shape, random_cluster
 from recommender.model import Snapshot
 

@@ -23,7 +23,7 @@ from markdown_it.token import Token
 
 from recommender.cli import main
 from recommender.config import Config
-from recommender.measure import imbalance_per_resource, overall_imbalance, weight_vector
+from recommender.engine.measure import imbalance_per_resource, overall_imbalance, weight_vector
 from recommender.model import RESOURCES
 from recommender.prometheus import PrometheusSource, SourceError
 from recommender.quoting import display

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from recommender.problem import Problem, State
-from recommender.rules.base import BaseConstraint, Movers, Violation
-
-if TYPE_CHECKING:
-    from recommender.exact import LinearModel
+from recommender.engine.problem import Problem, State
+from recommender.engine.rules.base import Constraint, LinearModel, Movers, Violation
 
 
-class MaxMigrations(BaseConstraint):
+class MaxMigrations(Constraint):
     name = "max_migrations"
 
     def __init__(self, problem: Problem) -> None:
         super().__init__(problem)
         self.limit = problem.balance.max_migrations
 
-    @classmethod
-    def prepare(cls, problem: Problem) -> MaxMigrations:
-        return cls(problem)
+    def migration_budget(self) -> int:
+        return self.limit
 
     def allowed_targets(self, state: State, movers: Movers) -> np.ndarray:
         fits = state.migrations + movers.count <= self.limit

@@ -2,29 +2,50 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Self
+
 import numpy as np
+from pydantic import BeforeValidator, Field
 
-from recommender.problem import Problem, State
-from recommender.rules.base import BaseConstraint, Movers, Violation
+from recommender.engine.problem import Problem, State
+from recommender.engine.rules.base import Constraint, Movers, RulesPart, Violation
+from recommender.text import listing
 
 
-class Pin(BaseConstraint):
+def _keys_and_values_as_strings(value: object) -> object:
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    return value
+
+
+class PinSettings(RulesPart):
+    node_groups: dict[str, list[str]] = Field(default_factory=dict)
+    # vm -> node name or node-group name: the VM may only run there.
+    pin: Annotated[dict[str, str], BeforeValidator(_keys_and_values_as_strings)] = Field(
+        default_factory=dict
+    )
+
+
+class Pin(Constraint):
     name = "pin"
+    settings = PinSettings
 
     def __init__(self, problem: Problem) -> None:
         super().__init__(problem)
+        settings = PinSettings.of(problem.rules)
         node_pos = problem.node_index()
         vm_pos = problem.vm_index()
+        groups = self._node_groups(settings, node_pos)
         self.masks: dict[int, np.ndarray] = {}
         self.labels: dict[int, str] = {}
         self.stuck: dict[int, str] = {}
-        for vm_name, where in sorted(problem.rules.pin.items()):
+        for vm_name, where in sorted(settings.pin.items()):
             if vm_name not in vm_pos:
                 continue
             vm = vm_pos[vm_name]
             mask = np.zeros(problem.n_nodes, dtype=bool)
-            if where in problem.node_groups:
-                mask[list(problem.node_groups[where])] = True
+            if where in groups:
+                mask[list(groups[where])] = True
                 self.labels[vm] = f"node group {where}"
             elif where in node_pos:
                 mask[node_pos[where]] = True
@@ -36,19 +57,39 @@ class Pin(BaseConstraint):
             self.masks[vm] = mask
         self.pinned = np.zeros(problem.n_vms, dtype=bool)
         self.pinned[list(self.masks)] = True
-        units = problem.units
+        self._freeze_units_pinned_apart()
+
+    def _node_groups(
+        self, settings: PinSettings, node_pos: dict[str, int]
+    ) -> dict[str, tuple[int, ...]]:
+        groups: dict[str, tuple[int, ...]] = {}
+        for group, members in settings.node_groups.items():
+            missing = [m for m in members if m not in node_pos]
+            if missing:
+                self._warnings.append(f"node group {group}: unknown nodes {listing(missing)}")
+            groups[group] = tuple(node_pos[m] for m in members if m in node_pos)
+        return groups
+
+    def _freeze_units_pinned_apart(self) -> None:
+        """A unit whose members' pins share no node cannot move anywhere."""
+        units = self.problem.units
         for unit in np.unique(units.of_vm[self.pinned]):
             members = [int(v) for v in units.members(unit) if v in self.masks]
             joint = np.logical_and.reduce([self.masks[v] for v in members])
             if not joint.any():
-                group = units.names.get(int(unit), "")
-                self._warnings.append(f"affinity {group}: its members are pinned apart; not moved")
+                label = units.labels.get(int(unit), f"pin {self.problem.vms[members[0]]}")
+                self._warnings.append(f"{label}: its members are pinned apart; not moved")
                 for vm in units.members(unit):
-                    self.stuck[int(vm)] = f"affinity {group} pinned apart"
+                    self.stuck[int(vm)] = f"{label} pinned apart"
 
     @classmethod
-    def prepare(cls, problem: Problem) -> Pin | None:
-        return cls(problem) if problem.rules.pin else None
+    def named_vms(cls, rules: RulesPart) -> set[str]:
+        return set(PinSettings.of(rules).pin)
+
+    @classmethod
+    def prepare(cls, problem: Problem) -> Self | None:
+        settings = PinSettings.of(problem.rules)
+        return cls(problem) if settings.pin or settings.node_groups else None
 
     def allowed_targets(self, state: State, movers: Movers) -> np.ndarray:
         mask = self.all_nodes(movers)

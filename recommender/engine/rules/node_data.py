@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from recommender.problem import Problem, State
-from recommender.rules.base import BaseConstraint, Movers, Violation, rows_with_any
-
-if TYPE_CHECKING:
-    from recommender.exact import LinearModel
+from recommender.engine.problem import Problem, State
+from recommender.engine.rules.base import Constraint, Movers, Violation, rows_with_any
 
 
-class NodeData(BaseConstraint):
+class NodeData(Constraint):
     name = "node_data"
 
     def __init__(self, problem: Problem) -> None:
@@ -28,10 +23,6 @@ class NodeData(BaseConstraint):
             "its node is not in the snapshot",
             np.where(on_blind_node, "its node's capacity is unknown", "its load is unknown"),
         )
-
-    @classmethod
-    def prepare(cls, problem: Problem) -> NodeData:
-        return cls(problem)
 
     def allowed_targets(self, state: State, movers: Movers) -> np.ndarray:
         mask = np.repeat(self.problem.node_data_ok[None, :], len(movers), axis=0)
@@ -48,6 +39,3 @@ class NodeData(BaseConstraint):
             Violation(self.name, self.problem.vms[v], "moved although its data is incomplete")
             for v in bad
         ]
-
-    def add_to_model(self, model: LinearModel) -> None:
-        model.forbid_outside(self.allowed_targets(model.start, model.movers))

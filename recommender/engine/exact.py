@@ -15,13 +15,15 @@ imbalance, then the migrations at that imbalance.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
-from recommender.problem import Problem, State
-from recommender.rules import Constraint, Movers
-from recommender.search import UnitMove
+from recommender.engine.measure import cluster_mean
+from recommender.engine.problem import Problem, State, UnitMove
+from recommender.engine.rules import Constraint, Movers
 
 try:  # optional: the product runs without it and plans heuristically
     import highspy
@@ -35,6 +37,10 @@ _FEASIBLE_SOLUTION = 2
 MAX_NODES = 5_000
 TIME_LIMIT = 20.0
 
+ExactStatus = Literal["optimal", "infeasible", "limit", "unavailable"]
+# What a run of the program minimises: migrations (then memory), or the imbalance.
+Objective = Literal["cost", "imbalance"]
+
 
 def available() -> bool:
     return highspy is not None
@@ -42,12 +48,45 @@ def available() -> bool:
 
 @dataclass(frozen=True)
 class ExactResult:
-    status: str  # optimal | infeasible | limit | unavailable
+    status: ExactStatus
     moves: tuple[UnitMove, ...]
     reached: bool  # the target constraint held
     migrations: int
     memory: float
     imbalance: float = float("nan")  # the overall imbalance the program's z bound
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A known plan (e.g. the heuristic's): its moves and the per-resource imbalance of its end
+    state (weighted resources only, as `View.per_resource`)."""
+
+    moves: tuple[UnitMove, ...]
+    per_resource: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """The program's columns: a binary per allowed (mover, node), then z per weighted
+    resource."""
+
+    mover: np.ndarray  # (nv,) mover of each binary
+    node: np.ndarray  # (nv,) node of each binary
+    stays: np.ndarray  # (nv,) the binary is "stay where it is"
+    moved_count: np.ndarray  # (nv,) VM migrations if the binary is 1
+    copy: np.ndarray  # (nv,) memory copied if the binary is 1
+    by_node: tuple[np.ndarray, ...]  # (N,) the binaries of each node
+    resources: np.ndarray  # (nz,) the weighted resources
+    z_weights: np.ndarray  # (nz,)
+    weight_sum: float
+
+    @property
+    def nv(self) -> int:
+        return len(self.mover)
+
+    @property
+    def nz(self) -> int:
+        return len(self.resources)
 
 
 class LinearModel:
@@ -66,11 +105,11 @@ class LinearModel:
         self.allow &= ~self.stay
         self.fixed_load = start.node_load.copy()
         np.subtract.at(self.fixed_load, source, self.movers.load)
-        self.fixed_groups = start.group_count.copy()
-        groups = problem.anti_affinity
+        self.fixed_sets = start.set_count.copy()
+        sets = problem.counted
         for vm, owner in zip(self.movers.vm, self.movers.owner, strict=True):
-            for g in groups.of_vm(int(vm)):
-                self.fixed_groups[g, source[owner]] -= 1
+            for s in sets.of_vm(int(vm)):
+                self.fixed_sets[s, source[owner]] -= 1
         self.node_rows: list[tuple[np.ndarray, np.ndarray, int | None]] = []
         self.budget: float | None = None
         # Break ties between plans of equal size by memory copied (much slower to prove).
@@ -78,12 +117,11 @@ class LinearModel:
         self.incumbent: dict[int, int] | None = None  # mover -> node of a known plan
         self.incumbent_levels = np.zeros(0)
 
-    def suggest(self, moves: tuple[UnitMove, ...], per_resource: np.ndarray) -> None:
-        """A known plan (e.g. the heuristic's) for the solver to start from: its moves and
-        the per-resource imbalance of its end state (weighted resources only)."""
+    def suggest(self, hint: Hint) -> None:
+        """A known plan for the solver to start from."""
         position = {int(u): i for i, u in enumerate(self.units)}
-        self.incumbent = {position[m.unit]: m.target for m in moves if m.unit in position}
-        self.incumbent_levels = np.asarray(per_resource, dtype=float)
+        self.incumbent = {position[m.unit]: m.target for m in hint.moves if m.unit in position}
+        self.incumbent_levels = np.asarray(hint.per_resource, dtype=float)
 
     # -- what rules call ---------------------------------------------------------------------
 
@@ -116,63 +154,85 @@ class LinearModel:
         )
 
     def _run(
-        self, target: float, weights: np.ndarray, *, objective: str, imbalance_cap: float | None
+        self,
+        target: float,
+        weights: np.ndarray,
+        *,
+        objective: Objective,
+        imbalance_cap: float | None,
     ) -> ExactResult:
-        problem = self.problem
-        units = problem.units
-        var_mover, var_node = np.nonzero(self.allow | self.stay)
-        nv = len(var_mover)
-        stays = self.stay[var_mover, var_node]
-        moved_count = np.where(stays, 0, self.movers.count[var_mover]).astype(float)
-        copy = np.where(stays, 0.0, units.copy_bytes[self.units[var_mover]])
-        resources = np.flatnonzero(weights > 0)
-        weight_sum = float(weights.sum())
-        nz = len(resources)
+        cols = self._columns(weights)
         rows = _Rows()
+        self._assignment_rows(cols, rows)
+        self._rule_rows(cols, rows)
+        if self.budget is not None:
+            rows.add(np.arange(cols.nv), cols.moved_count, -np.inf, self.budget)
+        self._balance_rows(cols, rows)
+        z = cols.nv + np.arange(cols.nz)
+        if objective == "cost" and imbalance_cap is None:
+            rows.add(z, cols.z_weights, -np.inf, target * cols.weight_sum)
+        if imbalance_cap is not None:
+            rows.add(z, cols.z_weights / cols.weight_sum, -np.inf, imbalance_cap)
+        highs = _solver()
+        self._add_columns(highs, cols, objective)
+        rows.flush(highs)
+        if self.incumbent is not None:
+            self._warm_start(highs, cols)
+        highs.run()
+        return self._result(highs, cols, objective, imbalance_cap)
 
-        # Each unit ends on exactly one node.
+    def _columns(self, weights: np.ndarray) -> _Columns:
+        mover, node = np.nonzero(self.allow | self.stay)
+        stays = self.stay[mover, node]
+        moved_count = np.where(stays, 0, self.movers.count[mover]).astype(float)
+        copy = np.where(stays, 0.0, self.problem.units.copy_bytes[self.units[mover]])
+        by_node = tuple(np.flatnonzero(node == n) for n in range(self.problem.n_nodes))
+        resources = np.flatnonzero(weights > 0)
+        return _Columns(
+            mover,
+            node,
+            stays,
+            moved_count,
+            copy,
+            by_node,
+            resources,
+            weights[resources],
+            float(weights.sum()),
+        )
+
+    def _assignment_rows(self, cols: _Columns, rows: _Rows) -> None:
+        """Each unit ends on exactly one node."""
         for owner in range(len(self.units)):
-            cols = np.flatnonzero(var_mover == owner)
-            rows.add(cols, np.ones(len(cols)), 1.0, 1.0)
-        # Rule rows, per node.
-        by_node = [np.flatnonzero(var_node == n) for n in range(problem.n_nodes)]
+            index = np.flatnonzero(cols.mover == owner)
+            rows.add(index, np.ones(len(index)), 1.0, 1.0)
+
+    def _rule_rows(self, cols: _Columns, rows: _Rows) -> None:
         for values, upper, column in self.node_rows:
-            for n, cols in enumerate(by_node):
-                if len(cols) == 0:
+            for n, index in enumerate(cols.by_node):
+                if len(index) == 0:
                     continue
                 bound = upper[n] - (self.fixed_load[n, column] if column is not None else 0.0)
-                coef = values[var_mover[cols]]
+                coef = values[cols.mover[index]]
                 if np.any(coef != 0):
-                    rows.add(cols, coef, -np.inf, bound)
-        if self.budget is not None:
-            rows.add(np.arange(nv), moved_count, -np.inf, self.budget)
-        # Balance rows: utilisation of every active node under mean + z.
-        active = np.flatnonzero(problem.active)
-        capacity = problem.capacity[np.ix_(active, resources)]
-        end_load = self.fixed_load[np.ix_(active, resources)].sum(axis=0)
-        end_load += self.movers.load[:, resources].sum(axis=0)
-        mean = end_load / np.maximum(capacity.sum(axis=0), 1e-300)
-        for i, n in enumerate(active):
-            cols = by_node[n]
-            for j, r in enumerate(resources):
-                coef = np.concatenate([self.movers.load[var_mover[cols], r], [-capacity[i, j]]])
-                index = np.concatenate([cols, [nv + j]])
-                bound = mean[j] * capacity[i, j] - self.fixed_load[n, r]
-                rows.add(index, coef, -np.inf, bound)
-        z_weights = weights[resources]
-        if objective == "cost" and imbalance_cap is None:
-            rows.add(nv + np.arange(nz), z_weights, -np.inf, target * weight_sum)
-        if imbalance_cap is not None:
-            rows.add(nv + np.arange(nz), z_weights / weight_sum, -np.inf, imbalance_cap)
+                    rows.add(index, coef, -np.inf, bound)
 
-        highs = highspy.Highs()
-        highs.setOptionValue("output_flag", False)
-        highs.setOptionValue("random_seed", 0)
-        highs.setOptionValue("threads", 1)
-        highs.setOptionValue("mip_rel_gap", 1e-9)
-        highs.setOptionValue("mip_abs_gap", 1e-9)
-        highs.setOptionValue("mip_max_nodes", MAX_NODES)
-        highs.setOptionValue("time_limit", TIME_LIMIT)
+    def _balance_rows(self, cols: _Columns, rows: _Rows) -> None:
+        """Utilisation of every active node under mean + z; the mean is that of the end
+        state, which every plan of these units shares."""
+        active = np.flatnonzero(self.problem.active)
+        capacity = self.problem.capacity[np.ix_(active, cols.resources)]
+        end_load = self.fixed_load[np.ix_(active, cols.resources)].sum(axis=0)
+        end_load += self.movers.load[:, cols.resources].sum(axis=0)
+        mean = cluster_mean(end_load[None, :], capacity.sum(axis=0)[None, :])
+        for i, n in enumerate(active):
+            index = cols.by_node[n]
+            for j, r in enumerate(cols.resources):
+                coef = np.concatenate([self.movers.load[cols.mover[index], r], [-capacity[i, j]]])
+                bound = mean[j] * capacity[i, j] - self.fixed_load[n, r]
+                rows.add(np.concatenate([index, [cols.nv + j]]), coef, -np.inf, bound)
+
+    def _add_columns(self, highs: Any, cols: _Columns, objective: Objective) -> None:
+        nv, nz = cols.nv, cols.nz
         lower = np.zeros(nv + nz)
         upper = np.concatenate([np.ones(nv), np.full(nz, np.inf)])
         highs.addVars(nv + nz, lower, upper)
@@ -181,43 +241,47 @@ class LinearModel:
                 nv, np.arange(nv, dtype=np.int32), np.ones(nv, dtype=np.uint8)
             )
         if objective == "cost":
-            scale = 2.0 * (float(copy.sum()) + 1.0)
-            tiebreak = copy / scale if self.least_memory else np.zeros(nv)
-            cost = np.concatenate([moved_count + tiebreak, np.zeros(nz)])
+            scale = 2.0 * (float(cols.copy.sum()) + 1.0)
+            tiebreak = cols.copy / scale if self.least_memory else np.zeros(nv)
+            cost = np.concatenate([cols.moved_count + tiebreak, np.zeros(nz)])
         else:
-            cost = np.concatenate([np.zeros(nv), z_weights / weight_sum])
+            cost = np.concatenate([np.zeros(nv), cols.z_weights / cols.weight_sum])
         highs.changeColsCost(nv + nz, np.arange(nv + nz, dtype=np.int32), cost)
-        rows.flush(highs)
-        if self.incumbent is not None:
-            start = np.zeros(nv + nz)
-            start[:nv] = self.stay[var_mover, var_node]
-            for owner, node in self.incumbent.items():
-                pick = np.flatnonzero(var_mover == owner)
-                start[pick] = var_node[pick] == node
-            start[nv:] = self.incumbent_levels
-            solution = highspy.HighsSolution()
-            solution.col_value = start.tolist()
-            solution.value_valid = True
-            highs.setSolution(solution)
-        highs.run()
+
+    def _warm_start(self, highs: Any, cols: _Columns) -> None:
+        assert self.incumbent is not None
+        start = np.zeros(cols.nv + cols.nz)
+        start[: cols.nv] = cols.stays
+        for owner, node in self.incumbent.items():
+            pick = np.flatnonzero(cols.mover == owner)
+            start[pick] = cols.node[pick] == node
+        start[cols.nv :] = self.incumbent_levels
+        solution = highspy.HighsSolution()
+        solution.col_value = start.tolist()
+        solution.value_valid = True
+        highs.setSolution(solution)
+
+    def _result(
+        self, highs: Any, cols: _Columns, objective: Objective, imbalance_cap: float | None
+    ) -> ExactResult:
         status = highs.getModelStatus()
         if status == highspy.HighsModelStatus.kInfeasible:
             return ExactResult("infeasible", (), False, 0, 0.0)
         solution = np.asarray(highs.getSolution().col_value)
         # At a limit HiGHS may hand back values that are no feasible plan (none found yet).
         feasible = highs.getInfo().primal_solution_status == _FEASIBLE_SOLUTION
-        if len(solution) != nv + nz or not feasible:
+        if len(solution) != cols.nv + cols.nz or not feasible:
             return ExactResult("limit", (), False, 0, 0.0)
-        label = "optimal" if status == highspy.HighsModelStatus.kOptimal else "limit"
-        value = float(solution[nv:] @ z_weights / weight_sum)
+        label: ExactStatus = "optimal" if status == highspy.HighsModelStatus.kOptimal else "limit"
+        value = float(solution[cols.nv :] @ cols.z_weights / cols.weight_sum)
         if objective == "imbalance":
             return ExactResult(label, (), False, 0, 0.0, value)
-        chosen = np.flatnonzero((solution[:nv] > 0.5) & ~stays)
+        chosen = np.flatnonzero((solution[: cols.nv] > 0.5) & ~cols.stays)
         moves = tuple(
             UnitMove(
-                int(self.units[var_mover[c]]),
-                int(self.movers.source[var_mover[c]]),
-                int(var_node[c]),
+                int(self.units[cols.mover[c]]),
+                int(self.movers.source[cols.mover[c]]),
+                int(cols.node[c]),
             )
             for c in chosen
         )
@@ -225,10 +289,22 @@ class LinearModel:
             label,
             moves,
             imbalance_cap is None,
-            int(moved_count[chosen].sum()),
-            float(copy[chosen].sum()),
+            int(cols.moved_count[chosen].sum()),
+            float(cols.copy[chosen].sum()),
             value,
         )
+
+
+def _solver() -> Any:
+    highs = highspy.Highs()
+    highs.setOptionValue("output_flag", False)
+    highs.setOptionValue("random_seed", 0)
+    highs.setOptionValue("threads", 1)
+    highs.setOptionValue("mip_rel_gap", 1e-9)
+    highs.setOptionValue("mip_abs_gap", 1e-9)
+    highs.setOptionValue("mip_max_nodes", MAX_NODES)
+    highs.setOptionValue("time_limit", TIME_LIMIT)
+    return highs
 
 
 class _Rows:
@@ -244,7 +320,7 @@ class _Rows:
         self.lower.append(lower)
         self.upper.append(upper)
 
-    def flush(self, highs) -> None:
+    def flush(self, highs: Any) -> None:
         if not self.index:
             return
         starts = np.concatenate([[0], np.cumsum([len(i) for i in self.index])[:-1]])
@@ -261,13 +337,13 @@ class _Rows:
 
 def solve_exact(
     problem: Problem,
-    constraints: list[Constraint],
+    constraints: Sequence[Constraint],
     start: State,
     units: np.ndarray,
     target: float,
     *,
     least_memory: bool = False,
-    hint: tuple[tuple[UnitMove, ...], np.ndarray] | None = None,
+    hint: Hint | None = None,
 ) -> ExactResult:
     """Fewest migrations of `units` (the others stay) from `start` reaching `target`; if the
     budget cannot reach it, the lowest imbalance with the fewest migrations. With
@@ -275,7 +351,7 @@ def solve_exact(
     model = LinearModel(problem, start, units)
     model.least_memory = least_memory
     if hint is not None:
-        model.suggest(*hint)
+        model.suggest(hint)
     for constraint in constraints:
         constraint.add_to_model(model)
     return model.solve(target, problem.weights)

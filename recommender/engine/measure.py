@@ -18,16 +18,37 @@ toward the active nodes they will land on.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
+
+# Imbalances closer than this are equal: "under the target" allows it, rankings round to it.
+EPSILON = 1e-9
+
+
+@dataclass(frozen=True)
+class Imbalance:
+    per_resource: dict[str, float]  # I[r], every resource (weighted or not)
+    overall: float  # I over the weighted resources
+
+
+def utilisation(load: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """load / capacity where the capacity is known (> 0), NaN where it is not."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(capacity > 0, load / np.where(capacity > 0, capacity, 1.0), np.nan)
 
 
 def node_utilisation(load: np.ndarray, capacity: np.ndarray) -> np.ndarray:
     """u = load / capacity per (node, resource); a zero capacity gives 0 (no load) or inf."""
+    return np.where(capacity > 0, utilisation(load, capacity), np.where(load > 0, np.inf, 0.0))
+
+
+def cluster_mean(load: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """U[r] = sum_n L[n,r] / sum_n C[n,r] over the nodes given (0 without capacity)."""
+    total_capacity = capacity.sum(axis=-2)
     with np.errstate(divide="ignore", invalid="ignore"):
-        util = np.where(capacity > 0, load / np.where(capacity > 0, capacity, 1.0), np.nan)
-    util = np.where(capacity > 0, util, np.where(load > 0, np.inf, 0.0))
-    return util
+        return np.where(total_capacity > 0, load.sum(axis=-2) / total_capacity, 0.0)
 
 
 def imbalance_per_resource(load: np.ndarray, capacity: np.ndarray) -> np.ndarray:
@@ -35,10 +56,7 @@ def imbalance_per_resource(load: np.ndarray, capacity: np.ndarray) -> np.ndarray
     if load.shape[0] == 0:
         return np.zeros(load.shape[1])
     util = node_utilisation(load, capacity)
-    total_capacity = capacity.sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean = np.where(total_capacity > 0, load.sum(axis=0) / total_capacity, 0.0)
-    return np.maximum(util.max(axis=0) - mean, 0.0)
+    return np.maximum(util.max(axis=0) - cluster_mean(load, capacity), 0.0)
 
 
 def overall_imbalance(per_resource: np.ndarray, weights: np.ndarray) -> float:
@@ -49,5 +67,21 @@ def overall_imbalance(per_resource: np.ndarray, weights: np.ndarray) -> float:
     return float((per_resource * weights).sum() / total)
 
 
+@overload
+def reaches(overall: float, target: float) -> bool: ...
+@overload
+def reaches(overall: np.ndarray, target: float) -> np.ndarray: ...
+def reaches(overall: float | np.ndarray, target: float) -> bool | np.ndarray:
+    """An overall imbalance at or under the target (within EPSILON): the plan is done. For
+    an array, element by element."""
+    return overall <= target + EPSILON
+
+
 def weight_vector(weights: Mapping[str, float], resources: Sequence[str]) -> np.ndarray:
     return np.array([float(weights.get(r, 0.0)) for r in resources], dtype=float)
+
+
+def needed_resources(weights: Mapping[str, float], resources: Sequence[str]) -> list[str]:
+    """Resources whose capacity a node must have to count: the weighted ones, and CPU and
+    memory, which the hard limits need."""
+    return [r for r in resources if weights.get(r, 0.0) > 0 or r in ("cpu", "memory")]

@@ -2,24 +2,44 @@
 
 from __future__ import annotations
 
+from typing import Self
+
 import numpy as np
+from pydantic import Field
 
-from recommender.problem import Problem, State
-from recommender.rules.base import BaseConstraint, Movers, Violation, rows_with_any
+from recommender.engine.problem import Problem, State
+from recommender.engine.rules.base import (
+    Constraint,
+    Movers,
+    Names,
+    RulesPart,
+    Violation,
+    present,
+    rows_with_any,
+)
 
 
-class Exclude(BaseConstraint):
+class ExcludeSettings(RulesPart):
+    exclude: Names = Field(default_factory=list)
+
+
+class Exclude(Constraint):
     name = "exclude"
+    settings = ExcludeSettings
 
     def __init__(self, problem: Problem) -> None:
         super().__init__(problem)
-        vm_pos = problem.vm_index()
+        names = ExcludeSettings.of(problem.rules).exclude
         self.excluded = np.zeros(problem.n_vms, dtype=bool)
-        self.excluded[[vm_pos[v] for v in problem.rules.exclude if v in vm_pos]] = True
+        self.excluded[present(names, problem.vm_index())] = True
 
     @classmethod
-    def prepare(cls, problem: Problem) -> Exclude | None:
-        return cls(problem) if problem.rules.exclude else None
+    def named_vms(cls, rules: RulesPart) -> set[str]:
+        return set(ExcludeSettings.of(rules).exclude)
+
+    @classmethod
+    def prepare(cls, problem: Problem) -> Self | None:
+        return cls(problem) if ExcludeSettings.of(problem.rules).exclude else None
 
     def allowed_targets(self, state: State, movers: Movers) -> np.ndarray:
         mask = self.all_nodes(movers)

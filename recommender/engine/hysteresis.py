@@ -11,20 +11,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from recommender.config import GIB, BalanceSettings
+from recommender.engine.measure import EPSILON
+from recommender.model import GIB
 
-EPSILON = 1e-9
+if TYPE_CHECKING:
+    from recommender.config import BalanceSettings
 
 
 def should_plan(overall: float, settings: BalanceSettings) -> bool:
     """True when the imbalance is above the trigger."""
     return overall > settings.trigger + EPSILON
-
-
-def target_reached(overall: float, settings: BalanceSettings) -> bool:
-    return overall <= settings.target + EPSILON
 
 
 def gain_threshold(copy_bytes: np.ndarray | float, settings: BalanceSettings) -> np.ndarray:

@@ -3,7 +3,8 @@
 A move whose target lacks room waits until a move off that target has run. When no pending
 move can run (a cycle, e.g. two full nodes swapping VMs), `order_moves` can break the cycle
 with a detour through a third node that has room — one more migration — or report the moves
-it could not order. Used by the engine to validate plans and by `plan.py` to sequence them.
+it could not order. Used by the engine to validate plans and by `recommender.plan` to sequence
+them.
 """
 
 from __future__ import annotations
@@ -13,8 +14,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from recommender.problem import MEM, Problem, State
-from recommender.rules import Constraint, Movers, allowed_targets
+from recommender.engine.problem import Problem, State
+from recommender.engine.rules import Constraint, Movers, allowed_targets
+from recommender.model import MEM
+
+
+@dataclass(frozen=True)
+class Request:
+    """VMs (one unit, or part of one) that should end on `target`."""
+
+    vms: np.ndarray
+    target: int
 
 
 @dataclass(frozen=True)
@@ -36,9 +46,9 @@ class Ordering:
 
 def order_moves(
     problem: Problem,
-    constraints: list[Constraint],
+    constraints: Sequence[Constraint],
     start: State,
-    moves: Sequence[tuple[np.ndarray, int]],
+    moves: Sequence[Request],
     *,
     detours: bool = False,
 ) -> Ordering:
@@ -49,10 +59,10 @@ def order_moves(
     steps: list[Step] = []
     detoured: list[int] = []
     while pending:
-        groups = [np.asarray(moves[i][0], dtype=np.int64) for i in pending]
+        groups = [np.asarray(moves[i].vms, dtype=np.int64) for i in pending]
         movers = Movers.of_groups(problem, state, groups)
         mask = allowed_targets(constraints, state, movers)
-        targets = np.array([moves[i][1] for i in pending])
+        targets = np.array([moves[i].target for i in pending])
         ready = mask[np.arange(len(pending)), targets]
         if ready.any():
             pick = int(np.flatnonzero(ready)[0])
@@ -86,7 +96,7 @@ def _detour(
 ) -> tuple[int, int] | None:
     """(pending position, intermediate node) for the smallest stuck move that can park on a
     third node, choosing the node with the most free memory; None when none can."""
-    free = problem.mem_limit - state.node_load[:, MEM]
+    free = problem.limits[:, MEM] - state.node_load[:, MEM]
     order = sorted(range(len(groups)), key=lambda i: (problem.copy_bytes[groups[i]].sum(), i))
     for i in order:
         options = mask[i].copy()

@@ -1,0 +1,223 @@
+"""From a snapshot, the config and the rules to a `Problem`.
+
+The frames become arrays indexed by node and by VM; unknown values become zeros plus flags
+(and warnings), so later stages never see a NaN. This is the one place where
+`balance.memory_mode` picks the memory column (through `BalanceSettings.memory_column`):
+every later stage (the fit rules, the imbalance, the exact program, the sequencing) reads
+`Problem.load`. The rules shape the problem through the hooks of their `Constraint` class:
+nodes to evacuate, VMs that move together, VMs counted per node, per-node limits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from recommender.engine import rules as registry
+from recommender.engine.hysteresis import in_cooldown, is_bursting
+from recommender.engine.measure import needed_resources, weight_vector
+from recommender.engine.problem import CountedSets, Problem, Units
+from recommender.engine.rules.base import Constraint, RulesPart
+from recommender.model import MEM, RESOURCES, Snapshot
+from recommender.text import listing
+
+if TYPE_CHECKING:
+    from recommender.config import BalanceSettings, Config
+
+
+@dataclass(frozen=True)
+class _Nodes:
+    names: tuple[str, ...]
+    capacity: np.ndarray  # (N, R), 0 where unknown
+    maintenance: np.ndarray  # (N,)
+    known: np.ndarray  # (N,) every needed capacity known
+    active: np.ndarray  # (N,)
+
+
+@dataclass(frozen=True)
+class _Vms:
+    names: tuple[str, ...]
+    display: tuple[str, ...]
+    node: np.ndarray  # (V,) node index, NO_NODE when unknown
+    load: np.ndarray  # (V, R), 0 where unknown
+    copy_bytes: np.ndarray  # (V,)
+    known: np.ndarray  # (V,)
+    memory_blind: np.ndarray  # (V,) neither memory column known
+
+
+def build_problem(
+    snapshot: Snapshot, config: Config, rule_types: Sequence[type[Constraint]] | None = None
+) -> Problem:
+    """Arrays, units and warnings for one snapshot, shaped by `rule_types` (the registered
+    `RULES` when None). Pure: the inputs are not modified."""
+    kinds = tuple(registry.RULES if rule_types is None else rule_types)
+    balance, settings = config.balance, config.rules
+    warnings: list[str] = []
+    weights = weight_vector(balance.weights, RESOURCES)
+    needed = np.isin(RESOURCES, needed_resources(balance.weights, RESOURCES))
+    nodes = _nodes(snapshot.nodes, settings, kinds, needed, warnings)
+    vms = _vms(snapshot.vms, nodes.names, balance, needed, warnings)
+    node_data_ok = _node_data_ok(nodes, vms, warnings)
+
+    taken_at = snapshot.taken_at.timestamp()
+    last_migration = snapshot.vms["last_migration"].to_numpy(dtype=float)
+    burst_ratio = snapshot.vms["burst_ratio"].to_numpy(dtype=float)
+
+    vm_pos = {name: i for i, name in enumerate(vms.names)}
+    joined = [(rule.name, group) for rule in kinds for group in rule.joined_vms(settings, vm_pos)]
+    units = Units.from_groups(joined, vms.load, vms.copy_bytes)
+    counted = [
+        group for rule in kinds for group in rule.counted_groups(settings, vm_pos, units, warnings)
+    ]
+    _warn_unknown_rule_vms(kinds, settings, vm_pos, warnings)
+
+    return Problem(
+        balance=balance,
+        rules=settings,
+        rule_types=kinds,
+        taken_at=taken_at,
+        resources=RESOURCES,
+        weights=weights,
+        nodes=nodes.names,
+        capacity=nodes.capacity,
+        maintenance=nodes.maintenance,
+        active=nodes.active,
+        node_data_ok=node_data_ok,
+        receivable=node_data_ok & ~nodes.maintenance,
+        vms=vms.names,
+        vm_display=vms.display,
+        vm_node=vms.node,
+        load=vms.load,
+        copy_bytes=vms.copy_bytes,
+        known=vms.known,
+        cooldown=in_cooldown(last_migration, taken_at, balance.cooldown_seconds),
+        bursting=is_bursting(burst_ratio, balance.burst_ratio),
+        limits=_limits(kinds, balance, nodes.capacity, vms),
+        units=units,
+        counted=CountedSets.from_groups(counted, len(vms.names)),
+        warnings=tuple(warnings),
+    )
+
+
+def _nodes(
+    frame: pd.DataFrame,
+    settings: RulesPart,
+    kinds: tuple[type[Constraint], ...],
+    needed: np.ndarray,
+    warnings: list[str],
+) -> _Nodes:
+    """Capacity, maintenance (the snapshot's flag or a rule's), which nodes count."""
+    names = tuple(str(n) for n in frame.index)
+    node_pos = {name: i for i, name in enumerate(names)}
+    raw = frame[list(RESOURCES)].to_numpy(dtype=float).reshape(-1, len(RESOURCES))
+    maintenance = frame["maintenance"].fillna(False).to_numpy(dtype=bool).copy()
+    for rule in kinds:
+        maintenance[rule.evacuated_nodes(settings, node_pos, warnings)] = True
+    capacity_ok = np.isfinite(raw) & (raw > 0)
+    known = np.all(capacity_ok | ~needed, axis=1)
+    for i in np.flatnonzero(~known & ~maintenance):
+        missing = [r for j, r in enumerate(RESOURCES) if needed[j] and not capacity_ok[i, j]]
+        warnings.append(
+            f"node {names[i]}: capacity unknown ({', '.join(missing)}); its VMs are left "
+            "where they are and it receives none"
+        )
+    capacity = np.where(capacity_ok, raw, 0.0)
+    return _Nodes(names, capacity, maintenance, known, known & ~maintenance)
+
+
+def _vms(
+    frame: pd.DataFrame,
+    node_names: tuple[str, ...],
+    balance: BalanceSettings,
+    needed: np.ndarray,
+    warnings: list[str],
+) -> _Vms:
+    """Where the VMs are, what they weigh, what is unknown."""
+    names = tuple(str(v) for v in frame.index)
+    display = tuple(str(v) for v in frame["name"].fillna("").to_numpy()) if names else ()
+    node = (
+        pd.Index(node_names, dtype=object).get_indexer(frame["node"].astype(str))
+        if names
+        else np.zeros(0, dtype=np.int64)
+    ).astype(np.int64)
+    lost = np.flatnonzero(node < 0)
+    if len(lost):
+        warnings.append(
+            f"{len(lost)} VM(s) on nodes missing from the snapshot are ignored: "
+            f"{listing([names[i] for i in lost])}"
+        )
+    load = frame[list(RESOURCES)].to_numpy(dtype=float).reshape(-1, len(RESOURCES)).copy()
+    memory_column = balance.memory_column
+    other_column = "memory" if memory_column == "memory_max_bytes" else "memory_max_bytes"
+    memory = frame[memory_column].to_numpy(dtype=float)
+    memory_fallback = frame[other_column].to_numpy(dtype=float)
+    load[:, MEM] = memory
+    known = np.all(np.isfinite(load[:, needed]), axis=1)
+    copy_bytes = frame["memory_max_bytes"].to_numpy(dtype=float).copy()
+    copy_bytes = np.where(np.isfinite(copy_bytes), copy_bytes, frame["memory"].to_numpy(float))
+    known &= np.isfinite(copy_bytes)
+    # A VM of unknown memory still holds memory: count the other column if it is known, and
+    # let its node receive nothing when neither is.
+    memory_unknown = ~np.isfinite(memory)
+    load[:, MEM] = np.where(memory_unknown, memory_fallback, memory)
+    memory_blind = memory_unknown & ~np.isfinite(memory_fallback)
+    load = np.where(np.isfinite(load), load, 0.0)
+    copy_bytes = np.where(np.isfinite(copy_bytes), copy_bytes, 0.0)
+    unknown = np.flatnonzero(~known & (node >= 0))
+    if len(unknown):
+        warnings.append(
+            f"{len(unknown)} VM(s) with unknown load or memory are left where they are: "
+            f"{listing([names[i] for i in unknown])}"
+        )
+    return _Vms(names, display, node, load, copy_bytes, known, memory_blind)
+
+
+def _node_data_ok(nodes: _Nodes, vms: _Vms, warnings: list[str]) -> np.ndarray:
+    """Nodes whose capacity is known and that host no VM of unknown memory."""
+    ok = nodes.known.copy()
+    for i in np.unique(vms.node[vms.memory_blind & (vms.node >= 0)]):
+        if nodes.active[i]:
+            warnings.append(
+                f"node {nodes.names[i]}: hosts a VM of unknown memory, so it receives no VM"
+            )
+        ok[i] = False
+    return ok
+
+
+def _limits(
+    kinds: tuple[type[Constraint], ...],
+    balance: BalanceSettings,
+    capacity: np.ndarray,
+    vms: _Vms,
+) -> np.ndarray:
+    """(N, R) per-node limits the rules set (inf elsewhere); a rule's limit is never below
+    where the node starts, so an over-full node may not grow but need not shrink."""
+    start = np.zeros(capacity.shape)
+    placed = vms.node >= 0
+    np.add.at(start, vms.node[placed], vms.load[placed])
+    limits = np.full(capacity.shape, np.inf)
+    for rule in kinds:
+        for column, limit in rule.node_limits(balance, capacity, start).items():
+            limits[:, column] = np.minimum(limits[:, column], limit)
+    return limits
+
+
+def _warn_unknown_rule_vms(
+    kinds: tuple[type[Constraint], ...],
+    settings: RulesPart,
+    vm_pos: dict[str, int],
+    warnings: list[str],
+) -> None:
+    named: set[str] = set()
+    for rule in kinds:
+        named |= rule.named_vms(settings)
+    missing = sorted(v for v in named if v not in vm_pos)
+    if missing:
+        warnings.append(
+            f"rules name {len(missing)} VM(s) not in the snapshot (stopped or misspelled): "
+            f"{listing(missing)}"
+        )

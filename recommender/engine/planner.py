@@ -1,0 +1,212 @@
+"""The balance engine: the few live migrations that bring the imbalance under the target.
+
+`plan_moves(snapshot, config)` starts from the current placement and works in two phases:
+
+1. Forced moves, whatever the imbalance (`recommender.engine.forced`): what the rules make
+   move — a node being evacuated, a VM outside its pin, group members sharing a node, a
+   split group. One that cannot go anywhere is reported as unplaceable, with the rules that
+   stopped it.
+2. Balancing, when the overall imbalance (`recommender.engine.measure`) is above `trigger`:
+   the fewest migrations reaching `target`, then the least memory copied
+   (`recommender.engine.search`: beam search and pilot method over single moves ranked by
+   the distance to the target region, tabu search to drop moves, pruning, swaps for less
+   memory). On small clusters an exact program (`recommender.engine.exact`, when HiGHS is
+   installed) is asked for the target from that plan (or, where nothing reaches it, for the
+   lowest imbalance) and the better plan is kept. Hysteresis then drops every move whose
+   gain does not pay for the memory it copies (`recommender.engine.held_back`).
+
+Everything is a pure function of the snapshot and the config: same inputs, same plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from recommender.engine import hysteresis
+from recommender.engine.build import build_problem
+from recommender.engine.candidates import Candidate, SearchContext, SearchLimits
+from recommender.engine.exact import Hint, solve_exact
+from recommender.engine.exact import available as exact_available
+from recommender.engine.forced import Forced, forced_moves, frozen_vms
+from recommender.engine.held_back import (
+    apply_gain_threshold,
+    blocked_moves,
+    leave_one_out_gains,
+)
+from recommender.engine.measure import EPSILON, reaches
+from recommender.engine.problem import SPLIT, Problem, State, UnitMove
+from recommender.engine.result import EngineResult, HeldBack, Method, Move, MoveKind
+from recommender.engine.rules import Constraint, prepare_constraints
+from recommender.engine.scorer import Scorer, View
+from recommender.engine.search import find_plan
+from recommender.model import Snapshot
+
+if TYPE_CHECKING:
+    from recommender.config import Config
+
+# Largest cluster (active nodes) the exact program is asked about.
+EXACT_MAX_NODES = 64
+
+
+def balance_movable(problem: Problem, constraints: Sequence[Constraint]) -> np.ndarray:
+    """(U,) units balancing may move: no member frozen by a rule or held by hysteresis."""
+    frozen = frozen_vms(constraints, problem.n_vms)
+    return ~problem.unit_flags(frozen.vms | problem.cooldown | problem.bursting)
+
+
+def plan_moves(snapshot: Snapshot, config: Config, *, exact: bool | None = None) -> EngineResult:
+    """The engine's plan for one snapshot. `exact` overrides `balance.exact` (True: use the
+    exact solver when it is installed and the cluster is small enough; False: never)."""
+    problem = build_problem(snapshot, config)
+    constraints = prepare_constraints(problem)
+    settings = problem.balance
+    warnings = list(problem.warnings)
+    for constraint in constraints:
+        warnings.extend(constraint.warnings)
+    scorer = Scorer(problem)
+    start = State.initial(problem)
+    before = problem.imbalance(start.node_load)
+
+    frozen = frozen_vms(constraints, problem.n_vms)
+    held_units = problem.unit_flags(problem.cooldown | problem.bursting)
+    movable = balance_movable(problem, constraints)
+
+    state = start.copy()
+    forced = forced_moves(problem, constraints, scorer, state, frozen)
+    warnings.extend(forced.warnings)
+    after_forced = scorer.view(state.node_load, settings.target)
+    triggered = hysteresis.should_plan(before.overall, settings) or hysteresis.should_plan(
+        after_forced.overall, settings
+    )
+
+    # A unit moved by force is not moved again to balance (that would copy it twice).
+    balanceable = movable.copy()
+    balanceable[[m.move.unit for m in forced.moves]] = False
+    limits = SearchLimits.for_size(int(movable.sum()), len(scorer.active))
+    ctx = SearchContext(problem, constraints, scorer, balanceable, settings.target, limits)
+    plan = ctx.candidate(state, (), 0.0)
+    held: list[HeldBack] = []
+    method: Method = "heuristic" if forced.moves else "none"
+    if triggered and not ctx.reached(plan) and len(scorer.active):
+        budget = _migration_budget(problem, constraints) - state.migrations
+        wanted = settings.exact == "auto" if exact is None else exact
+        small = (
+            int(movable.sum()) <= settings.exact_max_vms and len(scorer.active) <= EXACT_MAX_NODES
+        )
+        plan, method = _balance(ctx, state, budget, wanted and small and exact_available())
+        plan, held = apply_gain_threshold(ctx, state, plan, budget)
+        if not ctx.reached(plan):
+            held.extend(blocked_moves(ctx, plan, held_units))
+
+    moves = _expand(ctx, start, forced, plan, after_forced)
+    after = problem.imbalance(plan.state.node_load)
+    return EngineResult(
+        moves=moves,
+        unplaceable=forced.unplaceable,
+        held_back=held,
+        imbalance_before=before.per_resource,
+        imbalance_after=after.per_resource,
+        overall_before=before.overall,
+        overall_after=after.overall,
+        triggered=triggered,
+        target_reached=reaches(after.overall, settings.target),
+        warnings=warnings,
+        method=method,
+        problem=problem,
+        unit_moves=tuple(m.move for m in forced.moves) + plan.moves,
+    )
+
+
+def _migration_budget(problem: Problem, constraints: Sequence[Constraint]) -> int:
+    """The most VM migrations a plan may have: the lowest a rule allows, else every VM once."""
+    budgets = [c.migration_budget() for c in constraints]
+    return min((b for b in budgets if b is not None), default=problem.n_vms)
+
+
+def _balance(
+    ctx: SearchContext, start: State, budget: int, use_exact: bool
+) -> tuple[Candidate, Method]:
+    """The search's plan and, with `use_exact`, the exact program's where it is better."""
+    if budget <= 0:
+        return ctx.candidate(start, (), 0.0), "heuristic"
+    plan = find_plan(ctx, start, budget)
+    if not (use_exact and plan.moves):
+        return plan, "heuristic"
+    units = np.flatnonzero(ctx.movable & (start.unit_node >= 0))
+    units = units[ctx.problem.active[start.unit_node[units]]]
+    hint = Hint(plan.moves, plan.view.per_resource)
+    # First the target itself, which the search may have missed (where no plan reaches it,
+    # the program answers with its lowest imbalance and the fewest migrations there); if
+    # that gives nothing better that can be ordered, the search's own level in fewer
+    # migrations.
+    levels = [ctx.target] if ctx.reached(plan) else [ctx.target, plan.overall + EPSILON]
+    for level in levels:
+        result = solve_exact(ctx.problem, ctx.constraints, start, units, level, hint=hint)
+        exact = ctx.replay(start, result.moves) if result.moves else None
+        if exact is not None and ctx.rank(exact) < ctx.rank(plan):
+            return exact, "exact"
+    return plan, "heuristic"
+
+
+def _reason(problem: Problem, scorer: Scorer, view: View, move: UnitMove) -> str:
+    """The resource the move relieves most on its source, in words."""
+    pos = scorer.position[move.source]
+    if pos < 0:
+        return "moved off an inactive node"
+    share = problem.units.load[move.unit, scorer.resources] * scorer.inv_capacity[pos]
+    relief = share * scorer.weights
+    above = view.util[pos] > view.mean
+    if not (relief * above).max() > 0:
+        return f"makes room on {problem.nodes[move.source]} for the moves onto it"
+    j = int(np.argmax(relief * above))
+    name = problem.resources[scorer.resources[j]]
+    return (
+        f"{name}: {problem.nodes[move.source]} at {view.util[pos, j]:.0%} "
+        f"vs cluster {view.mean[j]:.0%}"
+    )
+
+
+def _expand(
+    ctx: SearchContext, start: State, forced: Forced, plan: Candidate, view: View
+) -> list[Move]:
+    """Unit moves as VM migrations, forced ones first, each with its gain and reason."""
+    problem = ctx.problem
+    units = problem.units
+    out: list[Move] = []
+    position = start.vm_node.copy()
+    rejoined = {r.vm for r in forced.rejoined}
+
+    def emit(vm: int, target: int, gain: float, reason: str, kind: MoveKind, unit: int) -> None:
+        source = int(position[vm])
+        if source == target:
+            return
+        position[vm] = target
+        out.append(
+            Move(
+                vm=problem.vms[vm],
+                name=problem.vm_display[vm],
+                source=problem.nodes[source],
+                target=problem.nodes[target],
+                gain=gain,
+                reason=reason,
+                memory_bytes=float(problem.copy_bytes[vm]),
+                kind=kind,
+                group=units.names.get(unit),
+            )
+        )
+
+    for forced_move in forced.moves:
+        move = forced_move.move
+        for vm in units.members(move.unit):
+            if move.source == SPLIT and int(vm) not in rejoined:
+                continue
+            emit(int(vm), move.target, 0.0, forced_move.reason, forced_move.kind, move.unit)
+    gains = leave_one_out_gains(ctx, plan) if plan.moves else np.zeros(0)
+    for move, gain in zip(plan.moves, gains, strict=True):
+        reason = _reason(problem, ctx.scorer, view, move)
+        for vm in units.members(move.unit):
+            emit(int(vm), move.target, float(gain), reason, "balance", move.unit)
+    return out
