@@ -32,9 +32,9 @@ import numpy as np
 from baseline import greedy_repack
 from docs_section import replace_section
 
+from devkit.instances import Shape, random_cluster
 from recommender.engine import balance_movable, plan_moves
 from recommender.exact import available, solve_exact
-from recommender.instances import Shape, random_cluster
 from recommender.ordering import order_moves
 from recommender.problem import Problem, State, build_problem
 from recommender.rules import prepare_constraints

@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.libvirt_nodexml import write_node_xml  # noqa: E402
+from devkit.libvirt_nodexml import write_node_xml  # noqa: E402
 
 PEER = "prometheus-libvirt-exporter"
 SECTION = "## Exporter: libvirt backend vs prometheus-libvirt-exporter"

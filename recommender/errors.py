@@ -17,10 +17,10 @@ def known_error(exc: Exception) -> str | None:
     """The one-line message of an error an operator can cause; None for a bug. Names in it
     are escaped (`recommender.quoting.display`): it goes to a terminal, a log or a metric."""
     from recommender.output_file import OutputFileError
-    from recommender.promql_http import SourceError
+    from recommender.outputs.commands import UnsafeCommandError
     from recommender.quoting import display
-    from recommender.shell import UnsafeCommandError
     from recommender.snapshot import SnapshotError
+    from recommender.source.http import SourceError
 
     if isinstance(exc, ConfigError):
         problems = getattr(exc, "problems", None) or [str(exc)]

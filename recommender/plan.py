@@ -16,18 +16,32 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
 from recommender.config import Config
 from recommender.engine import EngineResult, HeldBack, Move, Unplaceable, measure_state, plan_moves
-from recommender.model import Snapshot
+from recommender.model import Snapshot, utilisation
 from recommender.ordering import Step, order_moves
 from recommender.problem import Problem, State
 from recommender.rules import Constraint, MaxMigrations, prepare_constraints, violations
 
 WAVE_LOOKBACK = 6
+
+# Why a migration is in the plan: to balance, to empty a node in maintenance, to repair a
+# broken rule, or as a step through a third node to break a cycle.
+MigrationKind = Literal["balance", "evacuate", "repair", "detour"]
+# How the moves were found: none (nothing to do), the heuristic search, or the exact solver.
+PlanMethod = Literal["none", "heuristic", "exact"]
+# The engine's names for them (a KeyError here is a name the plan does not know).
+_KINDS: dict[str, MigrationKind] = {
+    "balance": "balance",
+    "evacuate": "evacuate",
+    "repair": "repair",
+}
+_METHODS: dict[str, PlanMethod] = {"none": "none", "heuristic": "heuristic", "exact": "exact"}
 
 
 @dataclass(frozen=True)
@@ -43,7 +57,7 @@ class Migration:
     gain: float
     reason: str
     memory_bytes: float
-    kind: str  # balance | evacuate | repair | detour
+    kind: MigrationKind
     group: str | None = None
 
 
@@ -64,7 +78,7 @@ class Plan:
     unsequenced: list[Move]
     warnings: list[str]
     settings: dict[str, object]
-    method: str
+    method: PlanMethod
     taken_at: datetime | None = None
     resources: tuple[str, ...] = field(default=())
 
@@ -125,7 +139,7 @@ def build_plan(snapshot: Snapshot, config: Config, result: EngineResult | None =
         unsequenced=unsequenced,
         warnings=warnings,
         settings=_settings(config),
-        method=result.method,
+        method=_METHODS[result.method],
         taken_at=snapshot.taken_at,
         resources=problem.resources,
     )
@@ -171,7 +185,7 @@ def _migrations(
                 gain=move.gain if final else 0.0,
                 reason=move.reason if final else f"detour on the way to {move.target}",
                 memory_bytes=move.memory_bytes,
-                kind=move.kind if final else "detour",
+                kind=_KINDS[move.kind] if final else "detour",
                 group=move.group,
             )
         )
@@ -273,8 +287,7 @@ def node_frame(problem: Problem, state: State) -> pd.DataFrame:
         capacity = problem.capacity[:, j]
         data[f"{r}_load"] = state.node_load[:, j]
         data[f"{r}_capacity"] = np.where(capacity > 0, capacity, np.nan)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            data[f"{r}_util"] = np.where(capacity > 0, state.node_load[:, j] / capacity, np.nan)
+        data[f"{r}_util"] = utilisation(state.node_load[:, j], capacity)
     placed = state.vm_node[state.vm_node >= 0]
     data["vms"] = np.bincount(placed, minlength=problem.n_nodes)
     data["maintenance"] = problem.maintenance

@@ -37,11 +37,11 @@ import pytest
 import requests
 import yaml
 
+from devkit.servers import AlertmanagerServer, RulePrometheus, backfill
 from recommender.config import BalanceSettings, CapacitySettings
 from recommender.measure import imbalance_per_resource, overall_imbalance, weight_vector
 from recommender.model import RESOURCES
-from tests.promstack import AlertmanagerServer, HTTPEndpoint, RulePrometheus
-from tests.servers import backfill
+from tests.promstack import HTTPEndpoint
 
 pytestmark = pytest.mark.slow
 

@@ -24,10 +24,9 @@ import pytest
 import requests
 import yaml
 
+from devkit.servers import RulePrometheus, backfill
+from devkit.simulate import ClusterHistory, simulate_cluster, to_openmetrics_blocks
 from recommender.model import RESOURCES
-from recommender.simulate import ClusterHistory, simulate_cluster, to_openmetrics_blocks
-from tests.promstack import RulePrometheus
-from tests.servers import backfill
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((REPO / "grafana" / "dashboards").glob("*.json"))

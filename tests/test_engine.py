@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
+from devkit.instances import Shape, random_cluster
 from recommender.config import GIB, BalanceSettings, Config, GroupRule, RuleSettings
 from recommender.engine import measure_state, plan_moves
 from recommender.exact import available as exact_available
-from recommender.instances import Shape, random_cluster
 from recommender.measure import imbalance_per_resource, overall_imbalance
 from recommender.model import RESOURCES, Snapshot, make_nodes, make_vms
 from recommender.ordering import order_moves

@@ -11,10 +11,10 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devkit.instances import Instance, Shape, random_cluster
 from recommender.config import GroupRule
 from recommender.engine import EngineResult, measure_state, plan_moves
 from recommender.exact import available as exact_available
-from recommender.instances import Instance, Shape, random_cluster
 from recommender.plan import Plan, build_plan
 from recommender.problem import State, build_problem
 from recommender.rules import prepare_constraints, violations

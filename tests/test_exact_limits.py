@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from devkit.instances import Shape, random_cluster
 from recommender import exact
 from recommender.engine import balance_movable, measure_state
-from recommender.instances import Shape, random_cluster
 from recommender.problem import State, build_problem
 from recommender.rules import prepare_constraints
 

@@ -16,9 +16,9 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter.collector import FAMILIES
 from recommender.config import Config
-from recommender.prometheus import SnapshotQueries
-from recommender.serve import Recommender, RecommenderCollector
+from recommender.faces.serve import Recommender, RecommenderCollector
 from recommender.snapshot import load_snapshot
+from recommender.source.queries import SnapshotQueries
 from tests.conftest import REPO
 
 NAME = re.compile(r"\bvmbalance_[a-z_]+\b")

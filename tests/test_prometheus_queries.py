@@ -10,7 +10,9 @@ import pandas as pd
 
 from recommender.config import Config
 from recommender.model import make_nodes
-from recommender.prometheus import PrometheusSource, SnapshotQueries, burst_ratios
+from recommender.source.cluster import burst_ratios
+from recommender.source.prometheus import PrometheusSource
+from recommender.source.queries import SnapshotQueries
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,7 +91,7 @@ def test_burst_ratio_is_judged_on_the_busiest_resource() -> None:
 def test_vm_newer_than_the_last_history_step_is_placed() -> None:
     """A VM whose samples all came after the last whole minute is missing from the history
     subquery; the instant `vm_seen_now` answer must still place it."""
-    from recommender.prometheus import _placements
+    from recommender.source.cluster import placements as _placements
 
     plan = SnapshotQueries.for_config(Config())
     at = 1_800_000_030.0  # 30 s past a whole minute

@@ -17,16 +17,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from recommender.config import Config
-from recommender.model import NODE_COLUMNS, VM_COLUMNS
-from recommender.prometheus import PrometheusSource, SnapshotQueries, SourceError
-from recommender.simulate import (
+from devkit.servers import PrometheusServer, VictoriaMetricsServer, backfill
+from devkit.service import free_port
+from devkit.simulate import (
     ClusterHistory,
     simulate_cluster,
     to_openmetrics,
     to_victoriametrics,
 )
-from tests.servers import PrometheusServer, VictoriaMetricsServer, backfill, free_port
+from recommender.config import Config
+from recommender.model import NODE_COLUMNS, VM_COLUMNS
+from recommender.source.http import SourceError
+from recommender.source.prometheus import PrometheusSource
+from recommender.source.queries import SnapshotQueries
 
 pytestmark = pytest.mark.slow
 

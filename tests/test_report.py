@@ -21,34 +21,28 @@ import yaml
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
-from recommender.cli import main
+from devkit.servers import PrometheusServer, backfill
+from devkit.service import free_port
+from devkit.simulate import ClusterHistory, simulate_cluster, to_openmetrics_blocks
 from recommender.config import Config
+from recommender.faces.cli import main
+from recommender.faces.report import write_report
+from recommender.history import TARGET_POINTS, History, Window, report_window
 from recommender.measure import imbalance_per_resource, overall_imbalance, weight_vector
 from recommender.model import RESOURCES
-from recommender.prometheus import PrometheusSource, SourceError
-from recommender.quoting import display
-from recommender.report import (
-    CHARTS,
-    TARGET_POINTS,
-    History,
+from recommender.outputs.report.analysis import cluster_utilisation, imbalance_series, top_vms
+from recommender.outputs.report.charts import CHARTS, chart_label, chart_utilisation
+from recommender.outputs.report.migrations import (
     ObservedMigration,
-    ReportError,
-    ReportQueries,
-    Window,
     arrival_time,
-    chart_label,
-    chart_utilisation,
-    cluster_utilisation,
-    collect_history,
     detect_migrations,
-    imbalance_series,
     migration_effects,
-    report_window,
-    top_vms,
-    write_report,
 )
-from recommender.simulate import ClusterHistory, simulate_cluster, to_openmetrics_blocks
-from tests.servers import PrometheusServer, backfill, free_port
+from recommender.quoting import display
+from recommender.source.history import ReportError
+from recommender.source.http import SourceError
+from recommender.source.prometheus import PrometheusSource
+from recommender.source.queries import ReportQueries
 
 # --- pure parts ------------------------------------------------------------------------------
 
@@ -493,7 +487,7 @@ def test_imbalance_over_time_agrees_with_the_truth(reported: Reported) -> None:
     history, config = reported.history, reported.config
     source = PrometheusSource(config.prometheus)
     window = report_window(3 * 86400, history.end)
-    found = imbalance_series(collect_history(source, config, window), config)
+    found = imbalance_series(source.history(config, window), config)
     # A fixed number of queries, whatever the number of VMs.
     assert source.queries_issued == len(ReportQueries.for_config(config, window)) == 14
     truth = true_imbalance(history, window, config)

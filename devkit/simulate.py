@@ -430,7 +430,7 @@ class ClusterHistory:
     ) -> Snapshot:
         """The snapshot a perfect source would build at `at` (no server involved)."""
         from recommender.config import BalanceSettings
-        from recommender.prometheus import burst_ratios
+        from recommender.source.cluster import burst_ratios
 
         at = self.end if at is None else at
         nodes = make_nodes(
@@ -719,7 +719,7 @@ def to_openmetrics_blocks(
     `promtool tsdb create-blocks-from openmetrics` re-reads its whole input for every 2 h
     block it writes, so one file holding a week takes minutes; files cut on promtool's own
     block boundaries are each read once (a week at 60 s for 60 VMs: about 20 s). Returns the
-    files in time order; back them up one by one (`tests/servers.py: backfill` takes the
+    files in time order; back them up one by one (`devkit.servers.backfill` takes the
     directory).
     """
     target = Path(directory)
