@@ -8,6 +8,7 @@ import gzip
 import json
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -162,3 +163,93 @@ def test_a_refused_connection_is_tried_again(serve) -> None:
         if late:
             late[0].shutdown()
             late[0].server_close()
+
+
+class ForwardProxy(ThreadingHTTPServer):
+    """A plain HTTP forward proxy on loopback: GETs with an absolute URL are fetched from
+    their server and answered as they came; `silent` holds every request unanswered."""
+
+    def __init__(self, silent: bool = False) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.silent = silent
+        self.release = threading.Event()
+        self.forwarded: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        proxy: ForwardProxy = self.server  # type: ignore[assignment]
+        proxy.forwarded.append(self.path)
+        if proxy.silent:
+            proxy.release.wait(30)
+            return
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with direct.open(self.path, timeout=5) as answer:
+            body = answer.read()
+            status = answer.status
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Requests are recorded instead."""
+
+
+@pytest.fixture
+def proxy() -> Iterator[Callable[..., ForwardProxy]]:
+    started: list[tuple[ForwardProxy, threading.Thread]] = []
+
+    def start(silent: bool = False) -> ForwardProxy:
+        server = ForwardProxy(silent)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        started.append((server, thread))
+        return server
+
+    yield start
+    for server, thread in started:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def no_proxy_settings(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    return monkeypatch
+
+
+def test_the_proxy_of_the_environment_is_used_and_no_proxy_honoured(
+    serve, proxy, no_proxy_settings: pytest.MonkeyPatch
+) -> None:
+    server = serve(ok_json())
+    forward = proxy()
+    no_proxy_settings.setenv("http_proxy", forward.url)
+    assert client(server.url).query("up", 0) == RESULT
+    assert forward.forwarded == [f"{server.url}/api/v1/query?query=up&time=0.000"]
+    assert len(server.requests) == 1
+    no_proxy_settings.setenv("no_proxy", "127.0.0.1")
+    assert client(server.url).query("up", 0) == RESULT
+    assert len(forward.forwarded) == 1 and len(server.requests) == 2
+
+
+def test_the_deadline_holds_through_a_proxy(
+    serve, proxy, no_proxy_settings: pytest.MonkeyPatch
+) -> None:
+    server = serve(ok_json())
+    stuck = proxy(silent=True)
+    no_proxy_settings.setenv("HTTP_PROXY", stuck.url)
+    started = time.monotonic()
+    with pytest.raises(SourceError, match=rf"^no answer from {server.url} within 1 s$"):
+        client(server.url, timeout=1).query("up", 0)
+    assert time.monotonic() - started < 1.5
+    assert stuck.forwarded and not server.requests

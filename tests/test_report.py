@@ -42,7 +42,7 @@ from recommender.quoting import display
 from recommender.source.history import ReportError
 from recommender.source.http import SourceError
 from recommender.source.prometheus import PrometheusSource
-from recommender.source.queries import ReportQueries
+from recommender.source.queries import ReportQueries, SnapshotQueries
 
 # --- pure parts ------------------------------------------------------------------------------
 
@@ -69,8 +69,8 @@ def test_a_bad_or_short_period_is_a_clear_error(period: str, tmp_path: Path) -> 
 def test_queries_are_fixed_and_aggregated() -> None:
     window = report_window(7 * 86400, 1_800_000_000)
     queries = ReportQueries.for_config(Config(), window)
-    assert len(queries.ranges) == 9 and len(queries.instants) == 5 and len(queries) == 14
-    for promql in [*queries.ranges.values(), *queries.instants.values()]:
+    assert queries == ReportQueries.for_config(Config(), window)
+    for promql in queries.promql():
         assert re.search(r"\bby \((node|node, vm|node, vm, name)\)", promql), promql
     assert "[1800s]" in queries.ranges["load_cpu"]
     assert "vmbalance_vm_memory_max_bytes" in queries.ranges["load_memory"]
@@ -392,7 +392,10 @@ def test_sections_tables_and_images(reported: Reported) -> None:
     assert sorted(i.attrs["src"] for i in images) == sorted(CHARTS.values())
     for image in images:
         assert image.content and (reported.path.parent / str(image.attrs["src"])).is_file()
-    assert "29 PromQL queries" in reported.markdown
+    window = report_window(3 * 86400, reported.history.end)
+    cost = len(ReportQueries.for_config(reported.config, window))
+    cost += len(SnapshotQueries.for_config(reported.config).queries)
+    assert f"{cost} PromQL queries" in reported.markdown
 
 
 @pytest.mark.slow
@@ -489,7 +492,7 @@ def test_imbalance_over_time_agrees_with_the_truth(reported: Reported) -> None:
     window = report_window(3 * 86400, history.end)
     found = imbalance_series(source.history(config, window), config)
     # A fixed number of queries, whatever the number of VMs.
-    assert source.queries_issued == len(ReportQueries.for_config(config, window)) == 14
+    assert source.queries_issued == len(ReportQueries.for_config(config, window))
     truth = true_imbalance(history, window, config)
     assert list(found.index) == list(truth.index)
     # Each step's load is Prometheus' increase() over the step, extrapolated to its edges
