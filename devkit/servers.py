@@ -134,7 +134,8 @@ class PrometheusServer(_Server):
     """`prometheus` on 127.0.0.1:<free port> with a generated config.
 
     `data_dir` lets a test start on blocks written by `backfill`; `scrape_configs` and
-    `rule_files` go into the generated prometheus.yml as given.
+    `rule_files` go into the generated prometheus.yml as given; `interval` is the scrape and
+    rule evaluation interval (and scrape timeout), `alertmanagers` the ones to notify.
     """
 
     name = "prometheus"
@@ -147,8 +148,13 @@ class PrometheusServer(_Server):
         rule_files: Iterable[str | os.PathLike[str]] = (),
         data_dir: str | os.PathLike[str] | None = None,
         extra_args: Sequence[str] = (),
+        *,
+        interval: str = "15s",
+        alertmanagers: Sequence[str] = (),
     ) -> None:
         super().__init__(tmp_path)
+        self.interval = interval
+        self.alertmanagers = list(alertmanagers)
         self.scrape_configs = list(scrape_configs or [])
         self.rule_files = [str(p) for p in rule_files]
         self.data_dir = Path(data_dir) if data_dir is not None else self.tmp_path / "prom-data"
@@ -156,12 +162,19 @@ class PrometheusServer(_Server):
         self.config_path = self.tmp_path / f"prometheus-{self.port}.yml"
 
     def command(self) -> list[str]:
+        scrape: dict[str, str] = {"scrape_interval": self.interval}
+        if self.interval != "15s":  # a shorter interval needs a timeout no longer than it
+            scrape["scrape_timeout"] = self.interval
         config: dict[str, Any] = {
-            "global": {"scrape_interval": "15s", "evaluation_interval": "15s"},
+            "global": {**scrape, "evaluation_interval": self.interval},
             "scrape_configs": self.scrape_configs,
         }
         if self.rule_files:
             config["rule_files"] = self.rule_files
+        if self.alertmanagers:
+            config["alerting"] = {
+                "alertmanagers": [{"static_configs": [{"targets": self.alertmanagers}]}]
+            }
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         return [
@@ -224,41 +237,6 @@ ALERTMANAGER = (
     or shutil.which("alertmanager")
     or "/usr/bin/prometheus-alertmanager"
 )
-
-
-class RulePrometheus(PrometheusServer):
-    """PrometheusServer whose generated config also sets the scrape and rule evaluation
-    intervals and the Alertmanagers to notify."""
-
-    def __init__(
-        self,
-        tmp_path: Path,
-        scrape_configs: list[dict[str, Any]] | None = None,
-        rule_files: Iterable[str | os.PathLike[str]] = (),
-        data_dir: str | os.PathLike[str] | None = None,
-        extra_args: Sequence[str] = (),
-        *,
-        interval: str = "1s",
-        alertmanagers: Sequence[str] = (),
-    ) -> None:
-        super().__init__(tmp_path, scrape_configs, rule_files, data_dir, extra_args)
-        self.interval = interval
-        self.alertmanagers = list(alertmanagers)
-
-    def command(self) -> list[str]:
-        argv = super().command()
-        config = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
-        config["global"] = {
-            "scrape_interval": self.interval,
-            "scrape_timeout": self.interval,
-            "evaluation_interval": self.interval,
-        }
-        if self.alertmanagers:
-            config["alerting"] = {
-                "alertmanagers": [{"static_configs": [{"targets": self.alertmanagers}]}]
-            }
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        return argv
 
 
 class AlertmanagerServer(_Server):
