@@ -97,9 +97,6 @@ class Service:
 
     def start(self) -> Service:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        extra: dict[str, object] = {}
-        if self.user is not None:
-            extra = {"user": self.user, "group": self.group, "extra_groups": []}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 list(self.argv),
@@ -109,7 +106,9 @@ class Service:
                 env=dict(self.env) if self.env is not None else None,
                 cwd=self.cwd,
                 start_new_session=True,
-                **extra,  # type: ignore[arg-type]
+                user=self.user,
+                group=self.group,
+                extra_groups=[] if self.user is not None else None,
             )
         _LIVE.add(self)
         return self

@@ -261,6 +261,7 @@ def load_snapshot(path: str | os.PathLike[str] | IO[str]) -> tuple[Snapshot, Con
 
     Raises SnapshotError with one line naming the file and the bad field.
     """
+    raw: bytes | str
     if isinstance(path, str | os.PathLike):
         name = os.fspath(path)
         try:

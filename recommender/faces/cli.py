@@ -27,6 +27,8 @@ from recommender.quoting import display
 EXIT_OK = 0
 EXIT_ERROR = 2
 
+Subcommands = argparse._SubParsersAction  # what `add_subparsers` returns
+
 
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Prometheus (any server with the PromQL HTTP API)")
@@ -72,15 +74,8 @@ def _add_config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vmbalance",
-        description="Plan the few live migrations that even out VM load across KVM nodes.",
-        epilog="Exit status: 0 with a plan (empty or not); 2 with a one-line reason on stderr.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_plan_command(commands: Subcommands) -> None:
+    """`vmbalance plan`."""
     plan = commands.add_parser(
         "plan",
         help="compute and print a migration plan",
@@ -114,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the output to FILE instead of stdout (replaced atomically)",
     )  # fmt: skip
 
+
+def _add_snapshot_command(commands: Subcommands) -> None:
+    """`vmbalance snapshot`."""
     snapshot = commands.add_parser(
         "snapshot",
         help="save the cluster snapshot to a file",
@@ -126,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", required=True, metavar="FILE", help="file to write ('-' = stdout)"
     )
 
+
+def _add_config_command(commands: Subcommands) -> None:
+    """`vmbalance config check|defaults`."""
     config = commands.add_parser(
         "config",
         help="configuration helpers",
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print every setting with its default value, as YAML.",
     )
 
+
+def _add_serve_command(commands: Subcommands) -> None:
+    """`vmbalance serve`."""
     serve = commands.add_parser(
         "serve",
         help="re-plan periodically; serve metrics and the plan",
@@ -162,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds between runs (default 300)")  # fmt: skip
     serve.add_argument("--once", action="store_true", help="run once, print metrics, exit")
 
+
+def _add_report_command(commands: Subcommands) -> None:
+    """`vmbalance report`."""
     report = commands.add_parser(
         "report",
         help="write the weekly Markdown report with charts",
@@ -174,6 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--out", required=True, metavar="DIR", help="directory for report.md and the charts"
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmbalance",
+        description="Plan the few live migrations that even out VM load across KVM nodes.",
+        epilog="Exit status: 0 with a plan (empty or not); 2 with a one-line reason on stderr.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _add_plan_command,
+        _add_snapshot_command,
+        _add_config_command,
+        _add_serve_command,
+        _add_report_command,
+    ):
+        add(commands)
     return parser
 
 

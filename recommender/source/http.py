@@ -161,7 +161,8 @@ class _WatchedHTTPPool(HTTPConnectionPool):
 
     def _get_conn(self, timeout: float | None = None) -> Any:
         conn = super()._get_conn(timeout)
-        _watch(conn.sock)  # a kept-alive connection; a new one registers when it connects
+        # A kept-alive connection; a new one registers when it connects.
+        _watch(getattr(conn, "sock", None))
         return conn
 
 
@@ -170,7 +171,7 @@ class _WatchedHTTPSPool(HTTPSConnectionPool):
 
     def _get_conn(self, timeout: float | None = None) -> Any:
         conn = super()._get_conn(timeout)
-        _watch(conn.sock)
+        _watch(getattr(conn, "sock", None))
         return conn
 
 
@@ -214,11 +215,11 @@ class PromQLClient:
         if username is None and parts.username is not None:
             username, password = unquote(parts.username), unquote(parts.password or "")
         headers = {"Accept": "application/json"}
-        auth = None
+        credentials: dict[str, Any] = {}
         if settings.bearer_token:
             headers["Authorization"] = f"Bearer {settings.bearer_token}"
         elif username is not None:
-            auth = (username, password or "")
+            credentials["auth"] = (username, password or "")
         self._session = requests.Session()
         self._session.headers["User-Agent"] = user_agent
         self._session.max_redirects = MAX_REDIRECTS
@@ -227,7 +228,7 @@ class PromQLClient:
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         self._connect = PrometheusConnect(
-            url=base, headers=headers, auth=auth, session=self._session
+            url=base, headers=headers, session=self._session, **credentials
         )
         # PrometheusConnect mounts a plain adapter on its URL; ours takes that place again.
         self._session.mount(base, adapter)
