@@ -31,8 +31,7 @@ from pydantic import (
 from recommender.config import MAX_QUANTITY, Config, validation_problems
 from recommender.model import RESOURCES, Snapshot, finite_or_none, make_nodes, make_vms
 from recommender.output_file import write_output
-from recommender.source.http import redact_url
-from recommender.text import one_line
+from recommender.text import one_line, redact_url
 
 FORMAT = "vmbalance-snapshot"
 VERSION = 1

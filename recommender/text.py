@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from urllib.parse import urlsplit, urlunsplit
 
 # A host name (and a Proxmox node name): letters, digits, dots and dashes, not at either end.
 HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
@@ -31,4 +32,22 @@ def format_time(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-__all__ = ["HOST_NAME", "and_more", "format_time", "one_line"]
+def netloc(host: str, port: int | None) -> str:
+    """`host:port` as a URL writes it (an IPv6 address in brackets)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port}" if port is not None else shown
+
+
+def redact_url(url: str) -> str:
+    """The URL without user:password@ (it ends up in snapshots, plans and messages)."""
+    try:
+        parts = urlsplit(url)
+        if parts.username is None and parts.password is None:
+            return url
+        host = netloc(parts.hostname or "", parts.port)
+    except ValueError:
+        return "(an invalid URL)"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+__all__ = ["HOST_NAME", "and_more", "format_time", "netloc", "one_line", "redact_url"]

@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from recommender import __version__
 from recommender.config import Config, ConfigError, load_config, validation_problems
-from recommender.errors import CommandError, known_error
+from recommender.errors import CommandError
+from recommender.faces.errors import known_error
 from recommender.faces.stdout import document_stdout
 from recommender.model import Snapshot
 from recommender.output_file import write_output

@@ -26,7 +26,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from recommender.config import Config
-from recommender.errors import CommandError, known_error
+from recommender.errors import CommandError
+from recommender.faces.errors import known_error
 from recommender.listen import parse_listen
 from recommender.model import RESOURCES, Snapshot, finite_or_none
 from recommender.outputs.document import json_document, plan_document

@@ -44,7 +44,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from recommender.text import one_line
+from recommender.text import netloc, one_line, redact_url
 
 # Answers worth asking again (a restarting server, a load balancer without a backend), and
 # how long to wait before each new try; every try stays inside the one deadline.
@@ -57,23 +57,6 @@ WORKER_NAME = "promql-request"
 
 class SourceError(Exception):
     """The metrics server could not give a usable answer; the message is one line."""
-
-
-def redact_url(url: str) -> str:
-    """The URL without user:password@ (it ends up in snapshots, plans and messages)."""
-    try:
-        parts = urlsplit(url)
-        if parts.username is None and parts.password is None:
-            return url
-        host = _netloc(parts.hostname or "", parts.port)
-    except ValueError:
-        return "(an invalid URL)"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-
-
-def _netloc(host: str, port: int | None) -> str:
-    shown = f"[{host}]" if ":" in host else host
-    return f"{shown}:{port}" if port is not None else shown
 
 
 def _detail(text: str) -> str:
@@ -208,7 +191,7 @@ class PromQLClient:
         self.where = f"prometheus at {self.display_url}"
         parts = urlsplit(settings.url)
         base = urlunsplit(
-            (parts.scheme, _netloc(parts.hostname or "", parts.port), parts.path.rstrip("/"),
+            (parts.scheme, netloc(parts.hostname or "", parts.port), parts.path.rstrip("/"),
              "", "")
         )  # fmt: skip
         username, password = settings.username, settings.password
