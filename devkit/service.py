@@ -125,8 +125,7 @@ class Service:
         """Raise with the log's tail when the process has exited."""
         if self.process is not None and self.process.poll() is not None:
             raise RuntimeError(
-                f"{self.name} exited {self.process.returncode}; log tail:\n"
-                f"{tail(self.log_path)}"
+                f"{self.name} exited {self.process.returncode}; log tail:\n{tail(self.log_path)}"
             )
 
     def wait_ready(
