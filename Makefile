@@ -65,8 +65,8 @@ bench: venv
 	@set -e; for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script; done
 
 lint: venv
-	$(VENV)/bin/ruff check exporter recommender tests bench lab demo
-	$(VENV)/bin/ruff format --check exporter recommender tests bench lab demo
+	$(VENV)/bin/ruff check exporter recommender devkit tests bench lab demo
+	$(VENV)/bin/ruff format --check exporter recommender devkit tests bench lab demo
 
 clean:
 	rm -rf $(VENV) $(TOOLS) build *.egg-info .pytest_cache

@@ -32,6 +32,7 @@ import numpy as np
 from baseline import greedy_repack
 from docs_section import replace_section
 
+from devkit.instances import Shape, random_cluster
 from recommender.engine.build import build_problem
 from recommender.engine.exact import Hint, available, solve_exact
 from recommender.engine.ordering import Request, order_moves
@@ -39,7 +40,6 @@ from recommender.engine.planner import balance_movable, plan_moves
 from recommender.engine.problem import Problem, State, UnitMove
 from recommender.engine.rules import prepare_constraints
 from recommender.engine.scorer import Scorer
-from recommender.instances import Shape, random_cluster
 
 COMPARE = {"min_gain": 0.0, "min_gain_per_gib": 0.0, "max_migrations": 40}
 

@@ -20,8 +20,8 @@ from datetime import date
 
 from docs_section import replace_section
 
+from devkit.instances import Shape, random_cluster
 from recommender.engine.planner import plan_moves
-from recommender.instances import Shape, random_cluster
 from recommender.plan import build_plan
 
 SIZES = ((1_000, 20), (10_000, 200), (100_000, 2_000))

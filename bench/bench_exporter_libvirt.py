@@ -20,22 +20,20 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.libvirt_nodexml import write_node_xml  # noqa: E402
+from devkit.libvirt_nodexml import write_node_xml  # noqa: E402
+from devkit.service import Service, free_port  # noqa: E402
 
 PEER = "prometheus-libvirt-exporter"
 SECTION = "## Exporter: libvirt backend vs prometheus-libvirt-exporter"
@@ -62,7 +60,7 @@ class Exporter:
     """A started exporter process and what its scrapes measured."""
 
     label: str
-    process: subprocess.Popen[bytes]
+    service: Service
     command: Command
     walls: list[float] = field(default_factory=list)
     reported: set[int] = field(default_factory=set)
@@ -71,14 +69,14 @@ class Exporter:
     cpu_end: float = 0.0
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{self.service.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
 
     def peak_rss_bytes(self) -> int:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        status = Path(f"/proc/{self.service.pid}/status").read_text()
         match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
         if match is None:
-            raise RuntimeError(f"{self.label}: no VmHWM in /proc/{self.process.pid}/status")
+            raise RuntimeError(f"{self.label}: no VmHWM in /proc/{self.service.pid}/status")
         return int(match.group(1)) * 1024
 
     def scrape(self) -> bytes:
@@ -106,47 +104,24 @@ class Exporter:
             self.backend_seconds.append(float(match.group(1)))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def serves(exporter: Exporter) -> bool:
+    try:
+        exporter.scrape()
+    except (OSError, RuntimeError, http.client.HTTPException):
+        return False
+    return True
 
 
 @contextmanager
 def started(label: str, command: Command, log: Path) -> Iterator[Exporter]:
-    """Run `argv` in its own process group until it serves /metrics; always stop the group."""
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
-        )
-    exporter = Exporter(label, process, command)
+    """Run `argv` as a Service until it serves /metrics; always stop its process group."""
+    service = Service(label, command.argv, log, cwd=REPO).start()
+    exporter = Exporter(label, service, command)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{label} exited: {log.read_text(errors='replace')[-2000:]}")
-            try:
-                exporter.scrape()
-                break
-            except (OSError, RuntimeError, http.client.HTTPException):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        service.wait_ready(lambda: serves(exporter), 60, interval=0.2)
         yield exporter
     finally:
-        stop(process)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        service.stop()
 
 
 def ours(uri: str) -> Command:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_exporter_libvirt import PEER, Command, machine, ours, peer, started
 from docs_section import replace_section
 
-from tests.libvirt_nodexml import write_node_xml
+from devkit.libvirt_nodexml import write_node_xml
 
 HEADING = "Exporter: scrape latency under load, vs prometheus-libvirt-exporter"
 DOMAINS = 1000

@@ -18,7 +18,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -29,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from devkit.service import Service  # noqa: E402
 from exporter.qmp import QmpBackend  # noqa: E402
 
 FAKE_SERVER = REPO / "tests" / "fake_qmp.py"
@@ -72,7 +72,7 @@ class FakeNode:
         self.run, self.conf, self.net = root / "run", root / "conf", root / "net"
         for path in (self.run, self.conf, self.net):
             path.mkdir()
-        self.server: subprocess.Popen[str] | None = None
+        self.server: Service | None = None
 
     def __enter__(self) -> FakeNode:
         try:
@@ -86,23 +86,11 @@ class FakeNode:
         self.close()
 
     def _start(self) -> None:
-        self.server = subprocess.Popen(
-            [
-                sys.executable,
-                str(FAKE_SERVER),
-                "--run-dir",
-                str(self.run),
-                "--first",
-                str(FIRST_VMID),
-                "--count",
-                str(self.count),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.server.stdout is not None
-        if self.server.stdout.readline().strip() != "ready":
-            raise RuntimeError("fake QMP server did not start")
+        argv = [sys.executable, str(FAKE_SERVER), "--run-dir", str(self.run),
+                "--first", str(FIRST_VMID), "--count", str(self.count)]  # fmt: skip
+        log = Path(self._tmp.name) / "fake-qmp.log"
+        self.server = Service("fake QMP server", argv, log).start()
+        self.server.wait_ready(lambda: "ready" in log.read_text(errors="replace"), 60)
         for vmid in range(FIRST_VMID, FIRST_VMID + self.count):
             (self.run / f"{vmid}.pid").write_text(f"{self.server.pid}\n")
             (self.conf / f"{vmid}.conf").write_text(
@@ -128,14 +116,7 @@ class FakeNode:
 
     def close(self) -> None:
         if self.server is not None:
-            self.server.terminate()
-            try:
-                self.server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-                self.server.wait()
-            if self.server.stdout is not None:
-                self.server.stdout.close()
+            self.server.stop()
             self.server = None
         self._tmp.cleanup()
 

@@ -23,9 +23,9 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from devkit.servers import PrometheusServer, backfill  # noqa: E402
+from devkit.simulate import simulate_cluster, to_openmetrics_blocks  # noqa: E402
 from recommender import cli  # noqa: E402
-from recommender.simulate import simulate_cluster, to_openmetrics_blocks  # noqa: E402
-from tests.servers import PrometheusServer, backfill  # noqa: E402
 
 OUT = REPO / "demo-out"
 SEED = 42

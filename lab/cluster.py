@@ -24,14 +24,13 @@ from typing import Any
 import requests
 import yaml
 
+from devkit.servers import ExporterProcess, PrometheusServer, start_exporter
+from devkit.service import Service, free_port, http_ok, wait_until
 from lab.guest import GuestImage, GuestLoad
 from lab.libvirt_node import DomainSpec, PrivateLibvirtd
-from lab.procs import Service, http_ok, wait_until
 from lab.pve_node import Migration, PveGuest, PveGuestSpec, PveNode, live_migrate
 from recommender.config import duration_seconds
-from recommender.prometheus import HISTORY_STEP
-from tests.conftest import ExporterProcess, start_exporter
-from tests.servers import PrometheusServer, free_port
+from recommender.source.queries import HISTORY_STEP
 
 REPO = Path(__file__).resolve().parent.parent
 PEER_EXPORTER = "prometheus-libvirt-exporter"

@@ -30,8 +30,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 from xml.etree import ElementTree
 
+from devkit.service import Service, kill_pid_if, wait_until
 from lab.guest import GuestImage, GuestLoad
-from lab.procs import Service, kill_pid_if, wait_until
 
 if TYPE_CHECKING:
     from libvirt import virConnect

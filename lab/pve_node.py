@@ -20,10 +20,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from devkit.qemu import Disk, QemuVM, qmp_command, start_vm
+from devkit.service import free_port
 from lab.guest import GuestImage, GuestLoad
 from lab.libvirt_node import domain_uuid
-from tests.qemu_fixtures import Disk, QemuVM, qmp_command, start_vm
-from tests.servers import free_port
 
 MIGRATION_TIMEOUT = 120.0
 

@@ -25,10 +25,12 @@ from pydantic import (
     model_validator,
 )
 
+from recommender.engine.measure import needed_resources
 from recommender.engine.rules import RuleSettings
 from recommender.listen import parse_listen
 from recommender.model import GIB, RESOURCES
 from recommender.strict_model import StrictModel
+from recommender.text import one_line
 
 _DURATION = re.compile(r"^([0-9]+)([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -147,6 +149,13 @@ class CapacitySettings(StrictModel):
                     raise ValueError(f"{node}.{resource}: capacity must be > 0 and <= 1e18")
         return value
 
+    def of_node(self, node: str) -> dict[str, float]:
+        """Disk and network capacity of `node`: the defaults with its `per_node` entries on
+        top (the exporter sees CPU and memory; a `per_node` entry for them wins too)."""
+        values = {"disk_bytes": self.disk_bytes, "disk_ops": self.disk_ops, "network": self.network}
+        values.update({r: float(v) for r, v in self.per_node.get(node, {}).items()})
+        return values
+
 
 class BalanceSettings(StrictModel):
     """Thresholds (with hysteresis) and hard limits of the balance engine."""
@@ -199,10 +208,16 @@ class BalanceSettings(StrictModel):
         return value
 
     @property
-    def memory_column(self) -> str:
-        """The VM column memory fit and balance count (`memory_mode`): assigned memory, or
-        the memory in use."""
+    def memory_column(self) -> Literal["memory_max_bytes", "memory"]:
+        """The snapshot column of the memory a VM weighs for fit and balance — the one place
+        `memory_mode` is read."""
         return "memory_max_bytes" if self.memory_mode == "assigned" else "memory"
+
+    @property
+    def needed_resources(self) -> tuple[str, ...]:
+        """Resources a node's capacity must be known of for it to count: the weighted ones,
+        and CPU and memory (which the fit rules check) always."""
+        return tuple(needed_resources(self.weights, RESOURCES))
 
     @model_validator(mode="after")
     def _target_below_trigger(self) -> BalanceSettings:
@@ -293,8 +308,13 @@ def _line_of(root: yaml.Node | None, loc: Sequence[int | str]) -> int:
     return line
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+def validation_problems(exc: ValidationError) -> list[tuple[tuple[int | str, ...], str]]:
+    """Each problem pydantic found, as (location, message on one line) — pydantic's own
+    "Value error, " prefix left out."""
+    return [
+        (tuple(error["loc"]), one_line(str(error["msg"]).removeprefix("Value error, ")))
+        for error in exc.errors(include_url=False)
+    ]
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -308,7 +328,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
             text = handle.read()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError([f"{name}: cannot read: {_one_line(reason)}"]) from None
+        raise ConfigError([f"{name}: cannot read: {one_line(reason)}"]) from None
     loader = _LineLoader(text)
     try:
         root = loader.get_single_node()
@@ -317,9 +337,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
         problem = exc.problem or exc.context or "invalid YAML"
-        raise ConfigError([f"{name}:{line}: {_one_line(problem)}"]) from None
+        raise ConfigError([f"{name}:{line}: {one_line(problem)}"]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{name}: {_one_line(str(exc))}"]) from None
+        raise ConfigError([f"{name}: {one_line(str(exc))}"]) from None
     except RecursionError:
         raise ConfigError([f"{name}: nested too deeply to be a vmbalance config"]) from None
     finally:
@@ -335,12 +355,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         found: list[tuple[int, str]] = []
-        for error in exc.errors(include_url=False):
-            loc = error["loc"]
+        for loc, message in validation_problems(exc):
             where = ".".join(str(p) for p in loc) or "(top level)"
-            message = error["msg"]
-            if message.startswith("Value error, "):
-                message = message[len("Value error, ") :]
             line = _line_of(root, loc)
-            found.append((line, f"{name}:{line}: {where}: {_one_line(message)}"))
+            found.append((line, f"{name}:{line}: {where}: {message}"))
         raise ConfigError([text for _, text in sorted(found, key=lambda item: item[0])]) from None

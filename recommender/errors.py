@@ -1,36 +1,9 @@
-"""Errors an operator can cause, and their one-line messages.
-
-Shared by the command line and `vmbalance serve`: the CLI prints the message and exits 2, serve
-publishes it in its metrics and retries.
-"""
+"""`CommandError`: a one-line reason to stop, raised wherever an operator's input cannot be
+used (the faces turn it and the other errors an operator can cause into one line:
+`recommender.faces.errors`)."""
 
 from __future__ import annotations
-
-from recommender.config import ConfigError
 
 
 class CommandError(Exception):
     """A one-line reason to stop with exit status 2."""
-
-
-def known_error(exc: Exception) -> str | None:
-    """The one-line message of an error an operator can cause; None for a bug. Names in it
-    are escaped (`recommender.quoting.display`): it goes to a terminal, a log or a metric."""
-    from recommender.output_file import OutputFileError
-    from recommender.promql_http import SourceError
-    from recommender.quoting import display
-    from recommender.shell import UnsafeCommandError
-    from recommender.snapshot import SnapshotError
-
-    if isinstance(exc, ConfigError):
-        problems = getattr(exc, "problems", None) or [str(exc)]
-        message = "; ".join(str(p) for p in problems)
-    elif isinstance(
-        exc, CommandError | SourceError | SnapshotError | OutputFileError | UnsafeCommandError
-    ):
-        message = str(exc)
-    elif isinstance(exc, OSError):
-        message = f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
-    else:
-        return None
-    return display(message)

@@ -12,7 +12,8 @@ import re
 import socket
 from dataclasses import dataclass
 
-_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+from recommender.text import HOST_NAME
+
 _PORT = re.compile(r"[0-9]{1,5}")
 EXPECTED = "expected HOST:PORT, :PORT or [IPV6]:PORT"
 
@@ -37,7 +38,7 @@ def parse_listen(listen: str) -> ListenAddress:
         return ListenAddress(str(address), int(port), socket.AF_INET6)
     if ":" in host:
         raise ValueError(f"{listen!r}: write an IPv6 address in brackets, e.g. [::1]:{port}")
-    if host and not _HOST.fullmatch(host):
+    if host and not HOST_NAME.fullmatch(host):
         raise ValueError(f"{listen!r}: {host!r} is not a host name or address; {EXPECTED}")
     return ListenAddress(host or "0.0.0.0", int(port), socket.AF_INET)
 

@@ -15,8 +15,10 @@ unknown) and `last_migration` (unix seconds of the last node change seen, NaN if
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -34,6 +36,9 @@ RESOURCE_UNITS: dict[str, str] = {
     "disk_ops": "ops/s",
     "network": "bytes/s",
 }
+
+# The units a utilisation is computed on: arrays for the plan, frames for the report.
+Loads = TypeVar("Loads", np.ndarray, pd.DataFrame, pd.Series)
 
 NODE_COLUMNS: tuple[str, ...] = (*RESOURCES, "maintenance")
 VM_COLUMNS: tuple[str, ...] = (
@@ -105,3 +110,21 @@ def make_vms(rows: dict[str, dict[str, object]]) -> pd.DataFrame:
     if not records:
         return empty_vms()
     return pd.DataFrame.from_records(records, index="vm")[list(VM_COLUMNS)]
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """A finite float, or None for NaN, infinity and None: the one way "unknown" leaves a
+    number on its way into JSON or a table cell."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def utilisation(load: Loads, capacity: Loads) -> Loads:
+    """Load over capacity where the capacity is known and above zero, NaN elsewhere (frames
+    are aligned by their labels)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if isinstance(capacity, pd.DataFrame | pd.Series):
+            return load / capacity.where(capacity > 0)
+        return np.asarray(load, dtype=float) / np.where(capacity > 0, capacity, np.nan)

@@ -22,21 +22,24 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
-from recommender.engine.measure import reaches, utilisation
+from recommender.engine.measure import reaches
 from recommender.engine.ordering import Request, Step, order_moves
 from recommender.engine.planner import plan_moves
 from recommender.engine.problem import Problem, State
 from recommender.engine.result import EngineResult, HeldBack, Method, Move, MoveKind, Unplaceable
 from recommender.engine.rules import Constraint, prepare_constraints, violations
-from recommender.model import Snapshot
+from recommender.model import Snapshot, utilisation
 
 if TYPE_CHECKING:
     from recommender.config import Config
 
 WAVE_LOOKBACK = 6
 
-# A step of a detour (a cycle broken through a third node) is a migration of its own kind.
+# Why a migration is in the plan: to balance, to empty a node in maintenance, to repair a
+# broken rule (the engine's kinds), or as a step through a third node to break a cycle.
 MigrationKind = MoveKind | Literal["detour"]
+# How the moves were found: none (nothing to do), the heuristic search, or the exact solver.
+PlanMethod = Method
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ class Plan:
     unsequenced: list[Move]
     warnings: list[str]
     settings: dict[str, object]
-    method: Method
+    method: PlanMethod
     taken_at: datetime | None = None
     resources: tuple[str, ...] = field(default=())
 

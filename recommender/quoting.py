@@ -29,8 +29,8 @@ import unicodedata
 _ACTIVE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 # Plain ASCII that needs no quoting in bash (no glob, no expansion, no word splitting).
 _SHELL_PLAIN = re.compile(r"[A-Za-z0-9_./:@%+=,-]+")
-_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
-_NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e\n]")
+# Anything but printable ASCII: the only characters that can be active.
+_NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e]")
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -57,7 +57,7 @@ def _escape(char: str) -> str:
 def display(value: object) -> str:
     """One line of visible text for `value`, every active character escaped."""
     text = str(value)
-    if _PRINTABLE_ASCII.fullmatch(text):
+    if not _NOT_PRINTABLE_ASCII.search(text):
         return text
     return "".join(_escape(ch) if is_active(ch) else ch for ch in text)
 
@@ -95,7 +95,7 @@ def shell_word(value: str) -> str:
 
 def _json_escape(match: re.Match[str]) -> str:
     char = match.group(0)
-    if not is_active(char):
+    if char == "\n" or not is_active(char):  # a newline of the layout: no string holds one
         return char
     code = ord(char)
     if code < 0x10000:

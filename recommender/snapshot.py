@@ -9,7 +9,6 @@ are written as null.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -29,10 +28,10 @@ from pydantic import (
     model_validator,
 )
 
-from recommender.config import MAX_QUANTITY, Config
-from recommender.model import RESOURCES, Snapshot, make_nodes, make_vms
+from recommender.config import MAX_QUANTITY, Config, validation_problems
+from recommender.model import RESOURCES, Snapshot, finite_or_none, make_nodes, make_vms
 from recommender.output_file import write_output
-from recommender.promql_http import redact_url
+from recommender.text import one_line, redact_url
 
 FORMAT = "vmbalance-snapshot"
 VERSION = 1
@@ -117,16 +116,8 @@ class SnapshotFile(_Model):
         return self
 
 
-def _number(value: Any) -> float | None:
-    """A finite float, or None for NaN/inf/missing (JSON has no NaN)."""
-    if value is None:
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
-def _timestamp(value: Any) -> datetime | None:
-    number = _number(value)
+def _timestamp(value: float | None) -> datetime | None:
+    number = finite_or_none(value)
     return None if number is None else datetime.fromtimestamp(number, UTC)
 
 
@@ -134,7 +125,7 @@ def _document(snapshot: Snapshot, config: Config | None) -> dict[str, Any]:
     nodes = [
         {
             "name": str(node),
-            "capacity": {r: _number(row[r]) for r in RESOURCES},
+            "capacity": {r: finite_or_none(row[r]) for r in RESOURCES},
             "maintenance": bool(row["maintenance"]),
         }
         for node, row in snapshot.nodes.iterrows()
@@ -147,9 +138,9 @@ def _document(snapshot: Snapshot, config: Config | None) -> dict[str, Any]:
                 "vm": str(vm),
                 "name": str(row["name"]),
                 "node": str(row["node"]),
-                "load": {r: _number(row[r]) for r in RESOURCES},
-                "memory_max_bytes": _number(row["memory_max_bytes"]),
-                "burst_ratio": _number(row["burst_ratio"]),
+                "load": {r: finite_or_none(row[r]) for r in RESOURCES},
+                "memory_max_bytes": finite_or_none(row["memory_max_bytes"]),
+                "burst_ratio": finite_or_none(row["burst_ratio"]),
                 "last_migration": migrated.isoformat() if migrated else None,
             }
         )
@@ -194,18 +185,13 @@ def save_snapshot(
         path_or_file.write(text)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def _validation_message(name: str, exc: ValidationError) -> str:
     parts = []
-    for error in exc.errors(include_url=False):
-        where = ".".join(str(p) for p in error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
+    for loc, message in validation_problems(exc):
+        where = ".".join(str(p) for p in loc)
         parts.append(f"{where}: {message}" if where else message)
     more = f" (and {len(parts) - 3} more)" if len(parts) > 3 else ""
-    return _one_line(f"{name}: {'; '.join(parts[:3])}{more}")
+    return one_line(f"{name}: {'; '.join(parts[:3])}{more}")
 
 
 def parse_snapshot(document: Any, name: str = "snapshot") -> tuple[Snapshot, Config | None]:
@@ -274,6 +260,7 @@ def load_snapshot(path: str | os.PathLike[str] | IO[str]) -> tuple[Snapshot, Con
 
     Raises SnapshotError with one line naming the file and the bad field.
     """
+    raw: bytes | str
     if isinstance(path, str | os.PathLike):
         name = os.fspath(path)
         try:
@@ -281,7 +268,7 @@ def load_snapshot(path: str | os.PathLike[str] | IO[str]) -> tuple[Snapshot, Con
                 raw = handle.read()
         except OSError as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
-            raise SnapshotError(f"{name}: cannot read: {_one_line(reason)}") from None
+            raise SnapshotError(f"{name}: cannot read: {one_line(reason)}") from None
     else:
         name = getattr(path, "name", "snapshot")
         stream = getattr(path, "buffer", None)

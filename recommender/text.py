@@ -1,22 +1,60 @@
-"""Small helpers for what the product prints: lists cut short, memory sizes.
-
-Shared by the engine's warnings and reasons and by the renderers, so a list of names or a
-memory size reads the same everywhere.
-"""
+"""Small text chores every stage shares: one line of an error, a list cut short, a memory size."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from urllib.parse import urlsplit, urlunsplit
 
 from recommender.model import GIB
 
+# A host name (and a Proxmox node name): letters, digits, dots and dashes, not at either end.
+HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 
-def listing(items: Sequence[str], limit: int = 5) -> str:
-    """`a, b, c and 4 more`: the first `limit` items, then how many were left out."""
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """`text` on one line (runs of white space, newlines included, become one space), cut to
+    `limit` characters with an ellipsis."""
+    flat = " ".join(str(text).split())
+    if limit is None or len(flat) <= limit:
+        return flat
+    return flat[: limit - 1] + "…"
+
+
+def and_more(items: Sequence[str], limit: int = 5) -> str:
+    """The first `limit` items joined by commas, and "and N more" for the rest."""
     shown = ", ".join(items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+    rest = len(items) - limit
+    return f"{shown} and {rest} more" if rest > 0 else shown
 
 
 def in_gib(nbytes: float) -> str:
     """A memory size as `12.0 GiB`."""
     return f"{float(nbytes) / GIB:.1f} GiB"
+
+
+def format_time(t: float) -> str:
+    """A unix time to the minute, in UTC."""
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def netloc(host: str, port: int | None) -> str:
+    """`host:port` as a URL writes it (an IPv6 address in brackets)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port}" if port is not None else shown
+
+
+def redact_url(url: str) -> str:
+    """The URL without user:password@ (it ends up in snapshots, plans and messages)."""
+    try:
+        parts = urlsplit(url)
+        if parts.username is None and parts.password is None:
+            return url
+        host = netloc(parts.hostname or "", parts.port)
+    except ValueError:
+        return "(an invalid URL)"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+__all__ = ["HOST_NAME", "and_more", "format_time", "in_gib", "netloc", "one_line", "redact_url"]

@@ -1,96 +1,14 @@
-"""Prometheus with rule files, a short evaluation interval and Alertmanager targets, a real
-Alertmanager, and small HTTP servers (a scrape target, a webhook receiver) — all on loopback,
-all context managers that stop what they started.
-"""
+"""Small HTTP servers of the tests' own (a scrape target, a webhook receiver), in a thread on
+loopback; context managers that stop what they started."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from types import TracebackType
 from typing import Any
-
-import yaml
-
-from tests.servers import PrometheusServer, _Server
-
-ALERTMANAGER = (
-    shutil.which("prometheus-alertmanager")
-    or shutil.which("alertmanager")
-    or "/usr/bin/prometheus-alertmanager"
-)
-
-
-class RulePrometheus(PrometheusServer):
-    """PrometheusServer whose generated config also sets the scrape and rule evaluation
-    intervals and the Alertmanagers to notify."""
-
-    def __init__(
-        self,
-        tmp_path: Path,
-        scrape_configs: list[dict[str, Any]] | None = None,
-        rule_files: Iterable[str | os.PathLike[str]] = (),
-        data_dir: str | os.PathLike[str] | None = None,
-        extra_args: Sequence[str] = (),
-        *,
-        interval: str = "1s",
-        alertmanagers: Sequence[str] = (),
-    ) -> None:
-        super().__init__(tmp_path, scrape_configs, rule_files, data_dir, extra_args)
-        self.interval = interval
-        self.alertmanagers = list(alertmanagers)
-
-    def command(self) -> list[str]:
-        argv = super().command()
-        config = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
-        config["global"] = {
-            "scrape_interval": self.interval,
-            "scrape_timeout": self.interval,
-            "evaluation_interval": self.interval,
-        }
-        if self.alertmanagers:
-            config["alerting"] = {
-                "alertmanagers": [{"static_configs": [{"targets": self.alertmanagers}]}]
-            }
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        return argv
-
-    def __enter__(self) -> RulePrometheus:
-        super().__enter__()
-        return self
-
-
-class AlertmanagerServer(_Server):
-    """`prometheus-alertmanager` on 127.0.0.1:<free port>, clustering off."""
-
-    name = "alertmanager"
-    ready_path = "/-/ready"
-
-    def __init__(self, tmp_path: Path, config: dict[str, Any]) -> None:
-        super().__init__(tmp_path)
-        self.config_path = self.tmp_path / f"alertmanager-{self.port}.yml"
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        self.data_dir = self.tmp_path / f"alertmanager-data-{self.port}"
-
-    def command(self) -> list[str]:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        return [
-            ALERTMANAGER,
-            f"--config.file={self.config_path}",
-            f"--storage.path={self.data_dir}",
-            f"--web.listen-address=127.0.0.1:{self.port}",
-            "--cluster.listen-address=",
-            "--log.level=debug",
-        ]
-
-    def __enter__(self) -> AlertmanagerServer:
-        super().__enter__()
-        return self
 
 
 class HTTPEndpoint:

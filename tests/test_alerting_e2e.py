@@ -37,11 +37,11 @@ import pytest
 import requests
 import yaml
 
+from devkit.servers import AlertmanagerServer, PrometheusServer, backfill
 from recommender.config import BalanceSettings, CapacitySettings
 from recommender.engine.measure import imbalance_per_resource, overall_imbalance, weight_vector
 from recommender.model import RESOURCES
-from tests.promstack import AlertmanagerServer, HTTPEndpoint, RulePrometheus
-from tests.servers import backfill
+from tests.promstack import HTTPEndpoint
 
 pytestmark = pytest.mark.slow
 
@@ -249,7 +249,7 @@ def _delivered(receiver: str, alertname: str, **labels: str) -> Any:
 
 @dataclass
 class Stack:
-    prometheus: RulePrometheus
+    prometheus: PrometheusServer
     alertmanager: AlertmanagerServer
     webhook: HTTPEndpoint
     errors_since: list[float]  # empty until the test starts pve3's scrape errors
@@ -285,11 +285,12 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
                     "static_configs": [{"targets": [instance]}],
                 },
             ]
-            with RulePrometheus(
+            with PrometheusServer(
                 tmp_path,
                 scrape_configs=scrape,
                 rule_files=[RULES, alert_rules],
                 data_dir=tmp_path / "prom-data",
+                interval="1s",
                 alertmanagers=[f"127.0.0.1:{am.port}"],
                 extra_args=["--rules.alert.resend-delay=1s"],
             ) as prometheus:

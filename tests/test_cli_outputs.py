@@ -24,9 +24,10 @@ import yaml
 from markdown_it import MarkdownIt
 from prometheus_client.parser import text_string_to_metric_families
 
-from recommender.simulate import simulate_cluster, to_openmetrics
+from devkit.servers import PrometheusServer, backfill
+from devkit.service import free_port
+from devkit.simulate import simulate_cluster, to_openmetrics
 from tests.conftest import REPO
-from tests.servers import PrometheusServer, backfill, free_port
 from tests.test_output_file import FifoReader, needs_root, null_device
 
 pytestmark = pytest.mark.slow

@@ -14,16 +14,16 @@ from typing import Any
 import pytest
 import requests
 
+from devkit.service import free_port
 from exporter.web import WebConfigError
 from exporter.web import parse_listen as exporter_parse_listen
-from recommender.cli import build_parser
 from recommender.config import Config
+from recommender.faces.cli import build_parser
 from recommender.listen import parse_listen
 from recommender.model import Snapshot, make_nodes, make_vms
 from recommender.plan import build_plan
 from recommender.snapshot import save_snapshot
 from tests.conftest import REPO
-from tests.servers import free_port
 
 EXAMPLE = REPO / "recommender" / "examples" / "snapshot.json"
 GIB = 1024**3

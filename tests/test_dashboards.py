@@ -24,10 +24,9 @@ import pytest
 import requests
 import yaml
 
+from devkit.servers import PrometheusServer, backfill
+from devkit.simulate import ClusterHistory, simulate_cluster, to_openmetrics_blocks
 from recommender.model import RESOURCES
-from recommender.simulate import ClusterHistory, simulate_cluster, to_openmetrics_blocks
-from tests.promstack import RulePrometheus
-from tests.servers import backfill
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((REPO / "grafana" / "dashboards").glob("*.json"))
@@ -237,7 +236,7 @@ def _serve_and_prometheus_series(history: ClusterHistory, directory: Path) -> No
 @dataclass
 class Demo:
     history: ClusterHistory
-    prometheus: RulePrometheus
+    prometheus: PrometheusServer
     now: float
 
 
@@ -250,14 +249,16 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     to_openmetrics_blocks(history, data)
     _serve_and_prometheus_series(history, data)
     backfill(data, tmp / "prom-data")
-    with RulePrometheus(tmp, rule_files=RULE_FILES, data_dir=tmp / "prom-data") as prometheus:
+    with PrometheusServer(
+        tmp, rule_files=RULE_FILES, data_dir=tmp / "prom-data", interval="1s"
+    ) as prometheus:
         # The recording rules evaluate every second on the last 5 minutes of backfilled data.
         prometheus.wait_for("cluster:vmbalance_imbalance:ratio", bool, timeout=30)
         prometheus.wait_for("node_resource:vmbalance_utilisation:ratio", bool, timeout=30)
         yield Demo(history, prometheus, time.time())
 
 
-def _api(prometheus: RulePrometheus, path: str, params: dict[str, Any]) -> Any:
+def _api(prometheus: PrometheusServer, path: str, params: dict[str, Any]) -> Any:
     response = requests.post(prometheus.url + path, data=params, timeout=30)
     body = response.json()
     assert response.status_code == 200 and body.get("status") == "success", (params, body)

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import requests
 
+from devkit.service import free_port
 from recommender.config import Config
-from recommender.prometheus import PrometheusSource
-from recommender.promql_http import SourceError
-from recommender.serve import Recommender
+from recommender.faces.serve import Recommender
+from recommender.source.http import SourceError
+from recommender.source.prometheus import PrometheusSource
 from tests.conftest import REPO
-from tests.servers import free_port
 
 MARGIN = 3.0  # seconds a command may take past its deadline (start-up, planning, exit)
 

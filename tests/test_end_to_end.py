@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from devkit.libvirt_nodexml import vm_name, write_node_xml
+from devkit.servers import PrometheusServer
 from tests.conftest import REPO
-from tests.libvirt_nodexml import vm_name, write_node_xml
-from tests.servers import PrometheusServer
 
 pytestmark = pytest.mark.slow
 

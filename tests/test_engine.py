@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
+from devkit.instances import Shape, random_cluster
 from recommender.config import BalanceSettings, Config
 from recommender.engine.build import build_problem
 from recommender.engine.exact import available as exact_available
@@ -18,7 +19,6 @@ from recommender.engine.problem import State
 from recommender.engine.rules import RuleSettings, prepare_constraints, violations
 from recommender.engine.rules.base import GroupRule
 from recommender.engine.scorer import Scorer, excess_distance
-from recommender.instances import Shape, random_cluster
 from recommender.model import GIB, MEM, RESOURCES, Snapshot, make_nodes, make_vms
 from recommender.plan import build_plan
 

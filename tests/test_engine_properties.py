@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devkit.instances import Instance, Shape, random_cluster
 from recommender.engine.build import build_problem
 from recommender.engine.exact import available as exact_available
 from recommender.engine.planner import plan_moves
@@ -21,7 +22,6 @@ from recommender.engine.problem import Problem, State
 from recommender.engine.result import EngineResult
 from recommender.engine.rules import prepare_constraints, violations
 from recommender.engine.rules.base import GroupRule
-from recommender.instances import Instance, Shape, random_cluster
 from recommender.plan import Plan, build_plan
 
 EPS = 1e-9

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from devkit.instances import Shape, random_cluster
 from recommender.engine import exact
 from recommender.engine.build import build_problem
 from recommender.engine.planner import balance_movable
 from recommender.engine.problem import State
 from recommender.engine.rules import prepare_constraints
-from recommender.instances import Shape, random_cluster
 
 pytestmark = pytest.mark.skipif(not exact.available(), reason="highspy not installed")
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.libvirt_nodexml import write_node_xml
-from tests.servers import PrometheusServer
+from devkit.libvirt_nodexml import write_node_xml
+from devkit.servers import PrometheusServer
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recommender.forecast import (
+from recommender.outputs.report.forecast import (
     DAY,
     HORIZON,
     MIN_POINTS,

@@ -24,11 +24,11 @@ import pytest
 import requests
 import yaml
 
+from devkit.servers import PrometheusServer, backfill
+from devkit.simulate import ClusterHistory, simulate_cluster, to_openmetrics
 from recommender.config import BalanceSettings, CapacitySettings
 from recommender.engine.measure import imbalance_per_resource, overall_imbalance, weight_vector
 from recommender.model import RESOURCES
-from recommender.simulate import ClusterHistory, simulate_cluster, to_openmetrics
-from tests.servers import PrometheusServer, backfill
 
 pytestmark = pytest.mark.slow
 

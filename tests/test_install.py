@@ -4,6 +4,8 @@ installed at exactly that version, so a green suite speaks for the versions a fr
 
 from __future__ import annotations
 
+import runpy
+import sysconfig
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -55,3 +57,23 @@ def test_pyproject_keeps_lower_bounds_not_pins() -> None:
     pinned = [r for r in requirements if "==" in r]
     assert not pinned, f"exact versions belong in uv.lock, not pyproject.toml: {pinned}"
     assert isinstance(project["license"], str), "license is an SPDX expression string"
+
+
+def test_only_the_product_is_installed() -> None:
+    """The development kit (simulator, instance generators, test servers) is not part of the
+    distribution: the installed `vmbalance` holds the two product packages alone."""
+    # The installed distribution, not a build's egg-info the working tree may hold.
+    site = sysconfig.get_paths()["purelib"]
+    (installed,) = [d for d in metadata.distributions(path=[site]) if d.name == "vmbalance"]
+    files = installed.files or []
+    finder = next(
+        (f for f in files if f.name.startswith("__editable__") and f.name.endswith("finder.py")),
+        None,
+    )
+    if finder is not None:  # an editable install maps each packaged top-level name
+        packaged = set(runpy.run_path(str(finder.locate()))["MAPPING"])
+    else:
+        packaged = {
+            f.parts[0] for f in files if len(f.parts) > 1 and not f.parts[0].endswith("-info")
+        }
+    assert packaged == {"exporter", "recommender"}

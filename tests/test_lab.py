@@ -23,6 +23,7 @@ from xml.etree import ElementTree
 
 import pytest
 
+from devkit.qemu import qemu_available
 from exporter.pve_conf import parse_config
 from lab.cluster import Lab, LabGuest, LabSpec, RateCheck
 from lab.guest import (
@@ -41,7 +42,6 @@ from lab.guest import (
 from lab.libvirt_node import DomainSpec, domain_xml
 from lab.pve_node import Migration, PveGuestSpec, conf_text
 from lab.scrape import PeerComparison, compare_with_peer, parse_counters
-from tests.qemu_fixtures import qemu_available
 
 pytestmark = pytest.mark.timeout(420)
 

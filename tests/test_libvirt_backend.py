@@ -18,11 +18,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from exporter.libvirt import LibvirtBackend
-from exporter.libvirt_stats import memory_bytes
-from exporter.samples import BackendError, ScrapeResult, VMSample
-from tests.conftest import REPO
-from tests.libvirt_nodexml import (
+from devkit.libvirt_nodexml import (
     disk_target,
     nic_target,
     shutoff_vm_name,
@@ -30,6 +26,10 @@ from tests.libvirt_nodexml import (
     vm_uuid,
     write_node_xml,
 )
+from exporter.libvirt import LibvirtBackend
+from exporter.libvirt_stats import memory_bytes
+from exporter.samples import BackendError, ScrapeResult, VMSample
+from tests.conftest import REPO
 
 GIB = 1024**3
 N_VMS = 30

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 
-from recommender.markdown import md_alt, md_cell, md_fenced, md_text
+from recommender.outputs.markdown import md_alt, md_cell, md_fenced, md_text
 from recommender.quoting import display, is_active
 
 HOSTILE = [

@@ -1,8 +1,8 @@
 """The metric names are the contract between the exporter and everything that reads it.
 
-Every `vmbalance_*` series that the recommender's queries, the rules and the dashboards use
-must be documented in docs/metrics.md and actually emitted: by the exporter's collector, or by
-`vmbalance serve`'s collector.
+Every `vmbalance_*` series that the recommender's queries (the snapshot's and the report's),
+the rules and the dashboards use must be documented in docs/metrics.md and actually emitted:
+by the exporter's collector, or by `vmbalance serve`'s collector.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter.collector import FAMILIES
 from recommender.config import Config
-from recommender.prometheus import SnapshotQueries
-from recommender.serve import Recommender, RecommenderCollector
+from recommender.faces.serve import Recommender, RecommenderCollector
+from recommender.history import report_window
 from recommender.snapshot import load_snapshot
+from recommender.source.queries import ReportQueries, SnapshotQueries
 from tests.conftest import REPO
 
 NAME = re.compile(r"\bvmbalance_[a-z_]+\b")
@@ -65,6 +66,10 @@ def queried() -> dict[str, set[str]]:
         config = Config.model_validate({"query": {"estimator": estimator}})
         queries = SnapshotQueries.for_config(config).queries
         sources[f"recommender ({estimator})"] = set(NAME.findall(" ".join(queries.values())))
+    for memory_mode in ("assigned", "used"):
+        config = Config.model_validate({"balance": {"memory_mode": memory_mode}})
+        report = ReportQueries.for_config(config, report_window(7 * 86400, 1_800_000_000))
+        sources[f"report (memory {memory_mode})"] = set(NAME.findall(" ".join(report.promql())))
     for path in (REPO / "alerts").glob("vmbalance*.yml"):
         exprs = [
             rule["expr"]
@@ -86,6 +91,16 @@ def test_exporter_emits_exactly_what_is_documented() -> None:
 def test_serve_emits_what_is_documented() -> None:
     _, serve_docs = documented()
     assert serve_docs <= serve_emitted()
+
+
+def test_the_report_reads_what_the_snapshot_reads_and_its_own_history() -> None:
+    """The report's queries name the same VM families as the snapshot's plus the node
+    capacities over time: nothing of its own that the contract would not see."""
+    sources = queried()
+    snapshot = sources["recommender (mean)"]
+    report = sources["report (memory assigned)"] | sources["report (memory used)"]
+    assert report <= snapshot | {"vmbalance_node_cpus", "vmbalance_node_memory_bytes"}
+    assert "vmbalance_vm_info" in report and "vmbalance_vm_memory_used_bytes" in report
 
 
 def test_every_queried_series_is_emitted() -> None:

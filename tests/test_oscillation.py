@@ -12,8 +12,8 @@ from datetime import timedelta
 
 import numpy as np
 
+from devkit.instances import Shape, random_cluster
 from recommender.engine.planner import plan_moves
-from recommender.instances import Shape, random_cluster
 from recommender.model import Snapshot
 
 ROUNDS = 100

@@ -20,7 +20,8 @@ from fake_qmp import (
     proxmox_balloon,
 )
 from qemu.qmp import QMPClient
-from qemu_fixtures import (
+
+from devkit.qemu import (
     Disk,
     QemuLab,
     QemuVM,
@@ -30,7 +31,6 @@ from qemu_fixtures import (
     write_blank_image,
     write_boot_image,
 )
-
 from exporter.pve_conf import VMConfig, parse_config
 from exporter.qmp import (
     ALLOWED_COMMANDS,

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from markdown_it import MarkdownIt
 
+from devkit.service import free_port
 from recommender.model import Snapshot, make_nodes, make_vms
 from recommender.snapshot import save_snapshot
 from tests.conftest import REPO
-from tests.servers import free_port
 
 EXAMPLE = REPO / "recommender" / "examples" / "snapshot.json"
 GIB = 1024**3

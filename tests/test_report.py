@@ -21,34 +21,28 @@ import yaml
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
-from recommender.cli import main
+from devkit.servers import PrometheusServer, backfill
+from devkit.service import free_port
+from devkit.simulate import ClusterHistory, simulate_cluster, to_openmetrics_blocks
 from recommender.config import Config
 from recommender.engine.measure import imbalance_per_resource, overall_imbalance, weight_vector
+from recommender.faces.cli import main
+from recommender.faces.report import write_report
+from recommender.history import TARGET_POINTS, History, Window, report_window
 from recommender.model import RESOURCES
-from recommender.prometheus import PrometheusSource, SourceError
-from recommender.quoting import display
-from recommender.report import (
-    CHARTS,
-    TARGET_POINTS,
-    History,
+from recommender.outputs.report.analysis import cluster_utilisation, imbalance_series, top_vms
+from recommender.outputs.report.charts import CHARTS, chart_label, chart_utilisation
+from recommender.outputs.report.migrations import (
     ObservedMigration,
-    ReportError,
-    ReportQueries,
-    Window,
     arrival_time,
-    chart_label,
-    chart_utilisation,
-    cluster_utilisation,
-    collect_history,
     detect_migrations,
-    imbalance_series,
     migration_effects,
-    report_window,
-    top_vms,
-    write_report,
 )
-from recommender.simulate import ClusterHistory, simulate_cluster, to_openmetrics_blocks
-from tests.servers import PrometheusServer, backfill, free_port
+from recommender.quoting import display
+from recommender.source.history import ReportError
+from recommender.source.http import SourceError
+from recommender.source.prometheus import PrometheusSource
+from recommender.source.queries import ReportQueries, SnapshotQueries
 
 # --- pure parts ------------------------------------------------------------------------------
 
@@ -75,8 +69,8 @@ def test_a_bad_or_short_period_is_a_clear_error(period: str, tmp_path: Path) -> 
 def test_queries_are_fixed_and_aggregated() -> None:
     window = report_window(7 * 86400, 1_800_000_000)
     queries = ReportQueries.for_config(Config(), window)
-    assert len(queries.ranges) == 9 and len(queries.instants) == 5 and len(queries) == 14
-    for promql in [*queries.ranges.values(), *queries.instants.values()]:
+    assert queries == ReportQueries.for_config(Config(), window)
+    for promql in queries.promql():
         assert re.search(r"\bby \((node|node, vm|node, vm, name)\)", promql), promql
     assert "[1800s]" in queries.ranges["load_cpu"]
     assert "vmbalance_vm_memory_max_bytes" in queries.ranges["load_memory"]
@@ -398,7 +392,10 @@ def test_sections_tables_and_images(reported: Reported) -> None:
     assert sorted(i.attrs["src"] for i in images) == sorted(CHARTS.values())
     for image in images:
         assert image.content and (reported.path.parent / str(image.attrs["src"])).is_file()
-    assert "29 PromQL queries" in reported.markdown
+    window = report_window(3 * 86400, reported.history.end)
+    cost = len(ReportQueries.for_config(reported.config, window))
+    cost += len(SnapshotQueries.for_config(reported.config).queries)
+    assert f"{cost} PromQL queries" in reported.markdown
 
 
 @pytest.mark.slow
@@ -493,9 +490,9 @@ def test_imbalance_over_time_agrees_with_the_truth(reported: Reported) -> None:
     history, config = reported.history, reported.config
     source = PrometheusSource(config.prometheus)
     window = report_window(3 * 86400, history.end)
-    found = imbalance_series(collect_history(source, config, window), config)
+    found = imbalance_series(source.history(config, window), config)
     # A fixed number of queries, whatever the number of VMs.
-    assert source.queries_issued == len(ReportQueries.for_config(config, window)) == 14
+    assert source.queries_issued == len(ReportQueries.for_config(config, window))
     truth = true_imbalance(history, window, config)
     assert list(found.index) == list(truth.index)
     # Each step's load is Prometheus' increase() over the step, extrapolated to its edges

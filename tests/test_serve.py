@@ -16,13 +16,14 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
+from devkit.servers import PrometheusServer, backfill
+from devkit.service import free_port
+from devkit.simulate import simulate_cluster, to_openmetrics
 from recommender.config import Config
-from recommender.prometheus import SourceError
-from recommender.serve import Recommender, RecommenderCollector
-from recommender.simulate import simulate_cluster, to_openmetrics
+from recommender.faces.serve import Recommender, RecommenderCollector
 from recommender.snapshot import load_snapshot
+from recommender.source.http import SourceError
 from tests.conftest import REPO
-from tests.servers import PrometheusServer, backfill, free_port
 
 EXAMPLE = REPO / "recommender" / "examples" / "snapshot.json"
 

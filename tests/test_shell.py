@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from recommender.outputs.commands import UnsafeCommandError, libvirt_migrate, proxmox_migrate
 from recommender.quoting import UnsafeValueError, is_active, shell_word
-from recommender.shell import UnsafeCommandError, libvirt_migrate, proxmox_migrate
 
 # Everything but NUL, which no argv can hold.
 names = st.text(st.characters(blacklist_characters="\x00", codec="utf-8"), max_size=40)

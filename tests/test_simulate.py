@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from devkit.simulate import simulate_cluster, to_openmetrics, to_victoriametrics
 from recommender.model import RESOURCES
-from recommender.simulate import simulate_cluster, to_openmetrics, to_victoriametrics
 
 ROOT = Path(__file__).resolve().parent.parent
 END = 1_800_000_000.0

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from devkit.simulate import HOSTILE_NAMES, simulate_cluster
 from recommender.config import Config
 from recommender.model import Snapshot, make_nodes, make_vms
-from recommender.simulate import HOSTILE_NAMES, simulate_cluster
 from recommender.snapshot import SnapshotError, load_snapshot, save_snapshot
 
 ROOT = Path(__file__).resolve().parent.parent

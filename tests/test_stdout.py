@@ -10,7 +10,7 @@ from tests.conftest import REPO
 
 CHILD = """
 import ctypes, os, sys
-from recommender.stdout import document_stdout
+from recommender.faces.stdout import document_stdout
 
 libc = ctypes.CDLL(None)
 with document_stdout() as out:

@@ -8,9 +8,7 @@ and `Allow`. Prometheus runs with `--web.config.file` on loopback, started and s
 from __future__ import annotations
 
 import http.client
-import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -21,7 +19,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.servers import free_port
+from devkit.service import Service, accepts_tcp, free_port, tail
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 
@@ -166,19 +164,6 @@ def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
     return b"".join(chunks)
 
 
-def wait_listening(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"exited {process.returncode}: {log.read_text(errors='replace')}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"not listening after {timeout}s: {log.read_text(errors='replace')}")
-
-
 def prometheus_command(directory: Path, port: int, web_config: Path) -> list[str]:
     config = directory / "prometheus.yml"
     if not config.exists():
@@ -192,37 +177,30 @@ def prometheus_command(directory: Path, port: int, web_config: Path) -> list[str
     ]
 
 
-def launch_prometheus(
-    directory: Path, web_config: Path
-) -> tuple[int, subprocess.Popen[bytes], Path]:
-    """Start Prometheus in its own process group; (port, process, log file)."""
+def launch_prometheus(directory: Path, web_config: Path) -> tuple[int, Service]:
+    """Start Prometheus (its own process group); its port and service."""
     port = free_port()
     log = directory / f"prometheus-{port}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            prometheus_command(directory, port, web_config),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    return port, process, log
+    command = prometheus_command(directory, port, web_config)
+    return port, Service("prometheus", command, log).start()
 
 
 @contextmanager
 def prometheus(directory: Path, web_config: Path) -> Iterator[int]:
     """A real Prometheus serving with `web_config`; yields its port."""
-    port, process, log = launch_prometheus(directory, web_config)
+    port, service = launch_prometheus(directory, web_config)
     try:
-        wait_listening(port, process, log, 30.0)
+        service.wait_ready(lambda: accepts_tcp(port), 30.0, interval=0.05)
         yield port
     finally:
-        stop(process)
+        service.stop()
 
 
 def prometheus_refuses(directory: Path, web_config: Path, timeout: float = 30.0) -> bool:
     """Whether Prometheus exits with an error instead of serving with this web config."""
-    port, process, log = launch_prometheus(directory, web_config)
+    port, service = launch_prometheus(directory, web_config)
+    process = service.process
+    assert process is not None
     try:
         # Prometheus listens before it validates the web config, so a listening socket proves
         # nothing yet: it serves if it is still running a while after it started listening.
@@ -232,23 +210,11 @@ def prometheus_refuses(directory: Path, web_config: Path, timeout: float = 30.0)
             if process.poll() is not None:
                 return process.returncode != 0
             if listening_since is None:
-                with suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+                if accepts_tcp(port):
                     listening_since = time.monotonic()
             elif time.monotonic() - listening_since > 3.0:
                 return False
             time.sleep(0.05)
-        raise RuntimeError(f"Prometheus neither served nor exited: {log.read_text()}")
+        raise RuntimeError(f"Prometheus neither served nor exited: {tail(service.log_path)}")
     finally:
-        stop(process)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        service.stop()

@@ -23,7 +23,7 @@ from recommender.engine.measure import needed_resources, weight_vector
 from recommender.engine.problem import CountedSets, Problem, Units
 from recommender.engine.rules.base import Constraint, RulesPart
 from recommender.model import MEM, RESOURCES, Snapshot
-from recommender.text import listing
+from recommender.text import and_more
 
 if TYPE_CHECKING:
     from recommender.config import BalanceSettings, Config
@@ -148,7 +148,7 @@ def _vms(
     if len(lost):
         warnings.append(
             f"{len(lost)} VM(s) on nodes missing from the snapshot are ignored: "
-            f"{listing([names[i] for i in lost])}"
+            f"{and_more([names[i] for i in lost])}"
         )
     load = frame[list(RESOURCES)].to_numpy(dtype=float).reshape(-1, len(RESOURCES)).copy()
     memory_column = balance.memory_column
@@ -171,7 +171,7 @@ def _vms(
     if len(unknown):
         warnings.append(
             f"{len(unknown)} VM(s) with unknown load or memory are left where they are: "
-            f"{listing([names[i] for i in unknown])}"
+            f"{and_more([names[i] for i in unknown])}"
         )
     return _Vms(names, display, node, load, copy_bytes, known, memory_blind)
 
@@ -219,5 +219,5 @@ def _warn_unknown_rule_vms(
     if missing:
         warnings.append(
             f"rules name {len(missing)} VM(s) not in the snapshot (stopped or misspelled): "
-            f"{listing(missing)}"
+            f"{and_more(missing)}"
         )

@@ -19,7 +19,7 @@ from recommender.engine.result import Unplaceable
 from recommender.engine.rules import Constraint, Movers, allowed_targets
 from recommender.engine.rules.base import FORCED_KINDS, ForcedKind
 from recommender.engine.scorer import Scorer
-from recommender.text import listing
+from recommender.text import and_more
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ def _diagnose(
         seen |= ~mask
     if not blocked:
         return "no node to go to"
-    parts = [f"{name} ({listing(nodes, limit=4)})" for name, nodes in blocked.items()]
+    parts = [f"{name} ({and_more(nodes, limit=4)})" for name, nodes in blocked.items()]
     return "no node can take it: " + "; ".join(parts)
 
 

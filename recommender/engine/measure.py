@@ -23,6 +23,8 @@ from typing import overload
 
 import numpy as np
 
+from recommender.model import utilisation
+
 # Imbalances closer than this are equal: "under the target" allows it, rankings round to it.
 EPSILON = 1e-9
 
@@ -31,12 +33,6 @@ EPSILON = 1e-9
 class Imbalance:
     per_resource: dict[str, float]  # I[r], every resource (weighted or not)
     overall: float  # I over the weighted resources
-
-
-def utilisation(load: np.ndarray, capacity: np.ndarray) -> np.ndarray:
-    """load / capacity where the capacity is known (> 0), NaN where it is not."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(capacity > 0, load / np.where(capacity > 0, capacity, 1.0), np.nan)
 
 
 def node_utilisation(load: np.ndarray, capacity: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from recommender.engine.problem import Problem, State
 from recommender.engine.rules.base import Constraint, Movers, Names, RulesPart, Violation
-from recommender.text import listing
+from recommender.text import and_more
 
 
 class MaintenanceSettings(RulesPart):
@@ -35,7 +35,7 @@ class Maintenance(Constraint):
         names = MaintenanceSettings.of(rules).maintenance
         unknown = [n for n in names if n not in node_pos]
         if unknown:
-            warnings.append(f"maintenance names unknown nodes: {listing(unknown)}")
+            warnings.append(f"maintenance names unknown nodes: {and_more(unknown)}")
         return [node_pos[n] for n in names if n in node_pos]
 
     @classmethod

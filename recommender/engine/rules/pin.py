@@ -9,7 +9,7 @@ from pydantic import BeforeValidator, Field
 
 from recommender.engine.problem import Problem, State
 from recommender.engine.rules.base import Constraint, Movers, RulesPart, Violation
-from recommender.text import listing
+from recommender.text import and_more
 
 
 def _keys_and_values_as_strings(value: object) -> object:
@@ -66,7 +66,7 @@ class Pin(Constraint):
         for group, members in settings.node_groups.items():
             missing = [m for m in members if m not in node_pos]
             if missing:
-                self._warnings.append(f"node group {group}: unknown nodes {listing(missing)}")
+                self._warnings.append(f"node group {group}: unknown nodes {and_more(missing)}")
             groups[group] = tuple(node_pos[m] for m in members if m in node_pos)
         return groups
 

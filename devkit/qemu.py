@@ -1,8 +1,9 @@
 """Real QEMU guests for tests, laid out the way Proxmox VE runs them.
 
 `start_vm` starts `qemu-system-x86_64` (TCG, no firmware display, no default devices) with
-its QMP socket and pid file at `<run_dir>/<vmid>.qmp` / `.pid`, in its own process group so
-`QemuVM.stop` (and, as a last resort, interpreter exit) kills QEMU and anything it spawned.
+its QMP socket and pid file at `<run_dir>/<vmid>.qmp` / `.pid`, as a `devkit.service.Service`
+(its own process group), so `QemuVM.stop` (and, as a last resort, interpreter exit) kills
+QEMU and anything it spawned.
 `qmp_command` is a deliberately independent, minimal QMP client so tests can compare the
 exporter's figures with what QEMU itself answers. `QemuLab` holds several VMs and always
 stops them.
@@ -10,12 +11,9 @@ stops them.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -24,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devkit.service import Service
+
 QEMU_BINARY = "qemu-system-x86_64"
-_LIVE: set[subprocess.Popen[bytes]] = set()
 
 
 def qemu_available() -> bool:
@@ -115,38 +114,28 @@ def qemu_command(
 
 @dataclass
 class QemuVM:
-    """A running QEMU; `stop()` kills its whole process group."""
+    """A running QEMU; `stop()` kills its whole process group (a guest has nothing to save)."""
 
     vmid: str
-    process: subprocess.Popen[bytes]
+    service: Service
     qmp_path: Path
     pid_path: Path
     log_path: Path
 
     @property
+    def process(self) -> subprocess.Popen[bytes]:
+        assert self.service.process is not None
+        return self.service.process
+
+    @property
     def pid(self) -> int:
-        return self.process.pid
+        return self.service.pid
 
     def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         return qmp_command(self.qmp_path, command, arguments)
 
     def stop(self) -> None:
-        kill_process_group(self.process)
-
-
-def kill_process_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the process group a process leads, then reap it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=10)
-    _LIVE.discard(process)
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    for process in list(_LIVE):
-        kill_process_group(process)
+        self.service.stop(grace=0)
 
 
 def start_vm(
@@ -172,20 +161,17 @@ def start_vm(
         paused=paused,
         extra_args=extra_args,
     )
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-        )
-    _LIVE.add(process)
+    log_path.unlink(missing_ok=True)
+    service = Service(f"QEMU {vmid}", args, log_path).start()
     vm = QemuVM(
         vmid=vmid,
-        process=process,
+        service=service,
         qmp_path=run / f"{vmid}.qmp",
         pid_path=run / f"{vmid}.pid",
         log_path=log_path,
     )
     try:
-        wait_for_socket(vm.qmp_path, process, timeout)
+        wait_for_socket(vm.qmp_path, vm.process, timeout)
         deadline = time.monotonic() + timeout
         while not vm.pid_path.exists() or not vm.pid_path.read_text().strip():
             if time.monotonic() > deadline:

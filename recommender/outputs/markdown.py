@@ -1,4 +1,6 @@
-"""Markdown that tenant-chosen names cannot break: jinja2 filters for table cells and text.
+"""The plan as Markdown, and the escaping every Markdown output shares.
+
+Markdown that tenant-chosen names cannot break: jinja2 filters for table cells and text.
 
 A VM name can hold pipes, backticks, brackets, HTML and newlines. In a table cell each of
 those would end the cell, open a code span, start a link or inject markup; so every name goes
@@ -14,6 +16,11 @@ from pathlib import Path
 
 import jinja2
 
+from recommender.config import Config
+from recommender.model import RESOURCE_UNITS, finite_or_none
+from recommender.outputs.commands import commands_refusal, plan_commands, render_commands
+from recommender.outputs.document import plan_document
+from recommender.plan import Plan
 from recommender.quoting import display
 
 # Characters with a meaning anywhere in CommonMark/GFM inline syntax ...
@@ -21,7 +28,7 @@ _INLINE = re.compile(r"([\\`*_\[\]<>|~!&])")
 # ... and those that only mean something at the start of a block (headings, lists, quotes).
 _LEADING = re.compile(r"^([#+\-=>])|^(\d+)([.)])")
 
-TEMPLATES = Path(__file__).parent / "templates"
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 
 def md_text(value: object) -> str:
@@ -53,9 +60,8 @@ def md_alt(value: object) -> str:
 
 
 def percent(value: float | None, digits: int = 1) -> str:
-    if value is None or value != value:
-        return "n/a"
-    return f"{100 * value:.{digits}f}%"
+    known = finite_or_none(value)
+    return "n/a" if known is None else f"{100 * known:.{digits}f}%"
 
 
 def environment() -> jinja2.Environment:
@@ -71,3 +77,19 @@ def environment() -> jinja2.Environment:
     env.filters.update(md_text=md_text, md_cell=md_cell, md_fenced=md_fenced, md_alt=md_alt)
     env.filters["percent"] = percent
     return env
+
+
+def render_markdown(plan: Plan, config: Config) -> str:
+    template = environment().get_template("plan.md.j2")
+    commands = plan_commands(plan, config)
+    refusal = commands_refusal(commands)
+    return template.render(
+        plan=plan,
+        doc=plan_document(plan, config, commands),
+        commands=render_commands(plan, config, commands) if refusal is None else "",
+        commands_refusal=str(refusal) if refusal is not None else None,
+        units=RESOURCE_UNITS,
+    )
+
+
+__all__ = ["environment", "md_alt", "md_cell", "md_fenced", "md_text", "percent", "render_markdown"]

@@ -1,24 +1,29 @@
-"""Real Prometheus and VictoriaMetrics servers on loopback for tests.
+"""Real servers on loopback: Prometheus (also with rule files and Alertmanagers),
+VictoriaMetrics, Alertmanager, and vmbalance-exporter itself.
 
-Plain context managers (not fixtures) so any test module can use them; each server logs to a
-file under the test's tmp_path and shows the log's tail when it fails to start.
+Plain context managers (not fixtures) so tests, the demo, the lab and the benchmarks can use
+them; each runs as a `devkit.service.Service`, logs to a file under the given directory and
+shows the log's tail when it fails to start.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import requests
 import yaml
+
+from devkit.service import Service, accepts_tcp, free_port, http_ok
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
@@ -27,25 +32,11 @@ VICTORIA_METRICS = shutil.which("victoria-metrics") or "/usr/bin/victoria-metric
 START_TIMEOUT = 30.0
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 def backfill(openmetrics_path: str | os.PathLike[str], data_dir: str | os.PathLike[str]) -> None:
     """Write TSDB blocks for an OpenMetrics file into `data_dir` (promtool's backfill).
 
     A directory means every `*.om` file in it, in name order (what
-    `recommender.simulate.to_openmetrics_blocks` writes for long histories).
+    `devkit.simulate.to_openmetrics_blocks` writes for long histories).
     """
     Path(data_dir).mkdir(parents=True, exist_ok=True)
     source = Path(openmetrics_path)
@@ -64,7 +55,8 @@ def backfill(openmetrics_path: str | os.PathLike[str], data_dir: str | os.PathLi
 
 
 class _Server(ABC):
-    """Start a process, wait until `ready_path` answers 200, stop it on exit."""
+    """A server on 127.0.0.1:<free port>, run as a `Service`: started and waited for until
+    `ready_path` answers 200 on entry, stopped on exit."""
 
     name = "server"
     ready_path = "/"
@@ -74,7 +66,7 @@ class _Server(ABC):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.tmp_path / f"{self.name}-{self.port}.log"
-        self.process: subprocess.Popen[bytes] | None = None
+        self.service: Service | None = None
         # Basic-auth credentials the readiness check sends (a server with auth answers 401).
         self.auth: tuple[str, str] | None = None
 
@@ -82,17 +74,17 @@ class _Server(ABC):
     def command(self) -> list[str]:
         """The server's argv."""
 
-    def __enter__(self) -> _Server:
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self.service.process if self.service is not None else None
+
+    def __enter__(self) -> Self:
         self.tmp_path.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        self.service = Service(self.name, self.command(), self.log_path).start()
+        self.service.wait_ready(
+            lambda: http_ok(self.url + self.ready_path, auth=self.auth, timeout=1),
+            START_TIMEOUT,
+        )
         return self
 
     def __exit__(
@@ -103,36 +95,9 @@ class _Server(ABC):
     ) -> None:
         self.stop()
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        assert self.process is not None
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with {self.process.returncode} on startup; log tail:\n"
-                    f"{_tail(self.log_path)}"
-                )
-            try:
-                answer = requests.get(self.url + self.ready_path, timeout=1, auth=self.auth)
-                ready = answer.status_code == 200
-            except requests.RequestException:
-                ready = False
-            if ready:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(
-            f"{self.name} not ready after {START_TIMEOUT:.0f}s; log tail:\n{_tail(self.log_path)}"
-        )
-
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        if self.service is not None:
+            self.service.stop()
 
     def query(self, promql: str, time: float | None = None) -> list[dict[str, Any]]:
         """Instant query; returns the `result` list (raises on a non-success answer)."""
@@ -169,7 +134,8 @@ class PrometheusServer(_Server):
     """`prometheus` on 127.0.0.1:<free port> with a generated config.
 
     `data_dir` lets a test start on blocks written by `backfill`; `scrape_configs` and
-    `rule_files` go into the generated prometheus.yml as given.
+    `rule_files` go into the generated prometheus.yml as given; `interval` is the scrape and
+    rule evaluation interval (and scrape timeout), `alertmanagers` the ones to notify.
     """
 
     name = "prometheus"
@@ -182,8 +148,13 @@ class PrometheusServer(_Server):
         rule_files: Iterable[str | os.PathLike[str]] = (),
         data_dir: str | os.PathLike[str] | None = None,
         extra_args: Sequence[str] = (),
+        *,
+        interval: str = "15s",
+        alertmanagers: Sequence[str] = (),
     ) -> None:
         super().__init__(tmp_path)
+        self.interval = interval
+        self.alertmanagers = list(alertmanagers)
         self.scrape_configs = list(scrape_configs or [])
         self.rule_files = [str(p) for p in rule_files]
         self.data_dir = Path(data_dir) if data_dir is not None else self.tmp_path / "prom-data"
@@ -191,12 +162,19 @@ class PrometheusServer(_Server):
         self.config_path = self.tmp_path / f"prometheus-{self.port}.yml"
 
     def command(self) -> list[str]:
+        scrape: dict[str, str] = {"scrape_interval": self.interval}
+        if self.interval != "15s":  # a shorter interval needs a timeout no longer than it
+            scrape["scrape_timeout"] = self.interval
         config: dict[str, Any] = {
-            "global": {"scrape_interval": "15s", "evaluation_interval": "15s"},
+            "global": {**scrape, "evaluation_interval": self.interval},
             "scrape_configs": self.scrape_configs,
         }
         if self.rule_files:
             config["rule_files"] = self.rule_files
+        if self.alertmanagers:
+            config["alerting"] = {
+                "alertmanagers": [{"static_configs": [{"targets": self.alertmanagers}]}]
+            }
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         return [
@@ -207,10 +185,6 @@ class PrometheusServer(_Server):
             "--storage.tsdb.retention.time=30d",
             *self.extra_args,
         ]
-
-    def __enter__(self) -> PrometheusServer:
-        super().__enter__()
-        return self
 
 
 class VictoriaMetricsServer(_Server):
@@ -240,10 +214,6 @@ class VictoriaMetricsServer(_Server):
             *self.extra_args,
         ]
 
-    def __enter__(self) -> VictoriaMetricsServer:
-        super().__enter__()
-        return self
-
     def import_prometheus(self, data: str | os.PathLike[str] | Path) -> None:
         """POST Prometheus text (millisecond timestamps) to `/api/v1/import/prometheus`; a
         `Path` is streamed from disk. Flushes so the samples are searchable at once."""
@@ -260,3 +230,69 @@ class VictoriaMetricsServer(_Server):
     def flush(self) -> None:
         response = requests.get(self.url + "/internal/force_flush", timeout=60)
         response.raise_for_status()
+
+
+ALERTMANAGER = (
+    shutil.which("prometheus-alertmanager")
+    or shutil.which("alertmanager")
+    or "/usr/bin/prometheus-alertmanager"
+)
+
+
+class AlertmanagerServer(_Server):
+    """`prometheus-alertmanager` on 127.0.0.1:<free port>, clustering off."""
+
+    name = "alertmanager"
+    ready_path = "/-/ready"
+
+    def __init__(self, tmp_path: Path, config: dict[str, Any]) -> None:
+        super().__init__(tmp_path)
+        self.config_path = self.tmp_path / f"alertmanager-{self.port}.yml"
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        self.data_dir = self.tmp_path / f"alertmanager-data-{self.port}"
+
+    def command(self) -> list[str]:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return [
+            ALERTMANAGER,
+            f"--config.file={self.config_path}",
+            f"--storage.path={self.data_dir}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--cluster.listen-address=",
+            "--log.level=debug",
+        ]
+
+
+# --- vmbalance-exporter ----------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class ExporterProcess:
+    """`vmbalance-exporter` on 127.0.0.1:`port`."""
+
+    service: Service
+    port: int
+    log: Path
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        assert self.service.process is not None
+        return self.service.process
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.service.stop()
+
+
+def start_exporter(args: list[str], log: Path, ready_timeout: float = 20.0) -> ExporterProcess:
+    """Run `vmbalance-exporter ARGS --listen 127.0.0.1:<free port>` until it accepts TCP."""
+    port = free_port()
+    argv = [sys.executable, "-m", "exporter.cli", *args, "--listen", f"127.0.0.1:{port}"]
+    service = Service("vmbalance-exporter", argv, log, cwd=REPO).start()
+    service.wait_ready(lambda: accepts_tcp(port), ready_timeout, interval=0.05)
+    return ExporterProcess(service, port, log)

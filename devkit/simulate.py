@@ -430,7 +430,7 @@ class ClusterHistory:
     ) -> Snapshot:
         """The snapshot a perfect source would build at `at` (no server involved)."""
         from recommender.config import BalanceSettings
-        from recommender.prometheus import burst_ratios
+        from recommender.source.cluster import burst_ratios
 
         at = self.end if at is None else at
         nodes = make_nodes(
@@ -478,6 +478,121 @@ def _duration_text(seconds: float) -> str:
     return f"{int(seconds)}s"
 
 
+def _draw_vm(rng: np.random.Generator, i: int, hostile_names: int) -> SimVM:
+    """VM number `i`: its size and its mean rates, drawn from heavy-tailed distributions."""
+    vmid = str(101 + i)
+    vcpus = int(rng.choice([1, 2, 2, 4, 4, 8]))
+    memory_max = int(rng.choice([2, 4, 4, 8, 8, 16, 32])) * GIB
+    cpu = vcpus * float(rng.beta(2, 5))
+    disk_bytes = float(min(rng.lognormal(math.log(2e6), 1.6), 4e8))
+    read_share = float(rng.beta(2, 2))
+    io_size = float(rng.choice([4096, 16384, 65536, 262144]))
+    network = float(min(rng.lognormal(math.log(3e6), 1.5), 6e8))
+    rx_share = float(rng.beta(2, 2))
+    n_disks = int(rng.choice([1, 1, 2]))
+    disk_split = tuple(float(x) for x in rng.dirichlet([2.0] * n_disks))
+    rates = {
+        "cpu_seconds": cpu,
+        "disk_read_bytes": disk_bytes * read_share,
+        "disk_written_bytes": disk_bytes * (1 - read_share),
+        "disk_reads": disk_bytes * read_share / io_size,
+        "disk_writes": disk_bytes * (1 - read_share) / io_size,
+        "net_rx": network * rx_share,
+        "net_tx": network * (1 - rx_share),
+    }
+    name = HOSTILE_NAMES[i % len(HOSTILE_NAMES)] if i < hostile_names else ""
+    return SimVM(
+        vm=vmid,
+        name=name or f"{_ROLES[i % len(_ROLES)]}-{i + 1:02d}",
+        uuid=str(uuidlib.UUID(int=int(rng.integers(0, 2**63)) << 64 | i)),
+        vcpus=vcpus,
+        memory_max_bytes=memory_max,
+        memory_used_fraction=float(rng.uniform(0.3, 0.9)),
+        rates=rates,
+        disks=("scsi0", "scsi1")[:n_disks],
+        disk_split=disk_split,
+        interfaces=("net0",),
+        interface_split=(1.0,),
+        noise_seed=int(rng.integers(0, 2**31)),
+        initial_counter_seconds=float(rng.uniform(3600, 30 * 86400)),
+    )
+
+
+def _place(
+    rng: np.random.Generator, sims: Sequence[SimVM], node_names: Sequence[str]
+) -> dict[str, str]:
+    """The hot node (the first) gets the heaviest VMs (disk and network relative to a node,
+    plus CPU) on top of its even share of the rest."""
+
+    def weight(v: SimVM) -> float:
+        disk = (v.rates["disk_read_bytes"] + v.rates["disk_written_bytes"]) / 4e8
+        net = (v.rates["net_rx"] + v.rates["net_tx"]) / 1.25e9
+        return 2 * disk + 2 * net + v.rates["cpu_seconds"] / 32
+
+    by_weight = sorted(sims, key=lambda v: -weight(v))
+    heavy = max(1, len(sims) // (2 * len(node_names)))
+    placement: dict[str, str] = {v.vm: node_names[0] for v in by_weight[:heavy]}
+    rest = [v.vm for v in by_weight[heavy:]]
+    rng.shuffle(rest)
+    for i, vmid in enumerate(rest):
+        placement[vmid] = node_names[i % len(node_names)]
+    return placement
+
+
+def _draw_nodes(
+    rng: np.random.Generator,
+    sims: Sequence[SimVM],
+    placement: Mapping[str, str],
+    node_names: Sequence[str],
+    scales: Sequence[float],
+) -> list[SimNode]:
+    """Nodes sized for their share of the VMs (and the hot node like the others), each
+    scaled by its factor."""
+    fair_vcpus = sum(v.vcpus for v in sims) / len(node_names)
+    fair_memory = sum(v.memory_max_bytes for v in sims) / len(node_names)
+    sim_nodes = []
+    for name, scale in zip(node_names, scales, strict=True):
+        hosted = [v for v in sims if placement[v.vm] == name]
+        cpus = max(int(rng.choice([16, 24, 32])), math.ceil(fair_vcpus / 2 / 8) * 8)
+        cpus = max(8, round(cpus * scale / 8) * 8)
+        needed = max(fair_memory * 1.6 * scale, sum(v.memory_max_bytes for v in hosted) * 1.1)
+        memory = max(
+            int(rng.choice([64, 96, 128]) * scale) * GIB,
+            math.ceil(needed / (32 * GIB)) * 32 * GIB,
+        )
+        defaults = SimNode(name=name, cpus=cpus, memory_bytes=memory)
+        sim_nodes.append(
+            replace(
+                defaults,
+                disk_bytes=defaults.disk_bytes * scale,
+                disk_ops=defaults.disk_ops * scale,
+                network=defaults.network * scale,
+            )
+        )
+    return sim_nodes
+
+
+def _draw_migrations(
+    rng: np.random.Generator,
+    offsets: Sequence[float],
+    movable: list[str],
+    placement: Mapping[str, str],
+    node_names: Sequence[str],
+    start: float,
+) -> list[Migration]:
+    """One migration at each offset (seconds after `start`), of VMs drawn from `movable`,
+    each to a node other than the one it is on then."""
+    rng.shuffle(movable)
+    moves = []
+    current = dict(placement)
+    for offset, vmid in zip(offsets, movable, strict=False):
+        when = start + offset
+        target = str(rng.choice([n for n in node_names if n != current[vmid]]))
+        moves.append(Migration(vm=vmid, time=when, source=current[vmid], target=target))
+        current[vmid] = target
+    return moves
+
+
 def simulate_cluster(
     seed: int,
     nodes: int = 4,
@@ -507,114 +622,30 @@ def simulate_cluster(
     """
     if nodes < 2 or vms < 1 or step <= 0 or duration < step:
         raise ValueError("need nodes >= 2, vms >= 1 and duration >= step > 0")
+    scales = list(node_scales) if node_scales is not None else [1.0] * nodes
+    if len(scales) != nodes or min(scales) <= 0:
+        raise ValueError("node_scales needs one positive factor per node")
     rng = np.random.default_rng(seed)
     samples = int(duration // step) + 1
     if end is None:
         end = math.floor(time.time() / step) * step
     start = end - (samples - 1) * step
 
-    sims: list[SimVM] = []
-    for i in range(vms):
-        vmid = str(101 + i)
-        vcpus = int(rng.choice([1, 2, 2, 4, 4, 8]))
-        memory_max = int(rng.choice([2, 4, 4, 8, 8, 16, 32])) * GIB
-        cpu = vcpus * float(rng.beta(2, 5))
-        disk_bytes = float(min(rng.lognormal(math.log(2e6), 1.6), 4e8))
-        read_share = float(rng.beta(2, 2))
-        io_size = float(rng.choice([4096, 16384, 65536, 262144]))
-        network = float(min(rng.lognormal(math.log(3e6), 1.5), 6e8))
-        rx_share = float(rng.beta(2, 2))
-        n_disks = int(rng.choice([1, 1, 2]))
-        disk_split = tuple(float(x) for x in rng.dirichlet([2.0] * n_disks))
-        rates = {
-            "cpu_seconds": cpu,
-            "disk_read_bytes": disk_bytes * read_share,
-            "disk_written_bytes": disk_bytes * (1 - read_share),
-            "disk_reads": disk_bytes * read_share / io_size,
-            "disk_writes": disk_bytes * (1 - read_share) / io_size,
-            "net_rx": network * rx_share,
-            "net_tx": network * (1 - rx_share),
-        }
-        name = HOSTILE_NAMES[i % len(HOSTILE_NAMES)] if i < hostile_names else ""
-        sims.append(
-            SimVM(
-                vm=vmid,
-                name=name or f"{_ROLES[i % len(_ROLES)]}-{i + 1:02d}",
-                uuid=str(uuidlib.UUID(int=int(rng.integers(0, 2**63)) << 64 | i)),
-                vcpus=vcpus,
-                memory_max_bytes=memory_max,
-                memory_used_fraction=float(rng.uniform(0.3, 0.9)),
-                rates=rates,
-                disks=("scsi0", "scsi1")[:n_disks],
-                disk_split=disk_split,
-                interfaces=("net0",),
-                interface_split=(1.0,),
-                noise_seed=int(rng.integers(0, 2**31)),
-                initial_counter_seconds=float(rng.uniform(3600, 30 * 86400)),
-            )
-        )
-
+    sims = [_draw_vm(rng, i, hostile_names) for i in range(vms)]
     node_names = [f"pve{i + 1}" for i in range(nodes)]
-    hot = node_names[0]
-
-    # The hot node gets the heaviest VMs (disk and network relative to a node, plus CPU) on
-    # top of its even share of the rest, and is sized like the others.
-    def weight(v: SimVM) -> float:
-        disk = (v.rates["disk_read_bytes"] + v.rates["disk_written_bytes"]) / 4e8
-        net = (v.rates["net_rx"] + v.rates["net_tx"]) / 1.25e9
-        return 2 * disk + 2 * net + v.rates["cpu_seconds"] / 32
-
-    by_weight = sorted(sims, key=lambda v: -weight(v))
-    heavy = max(1, vms // (2 * nodes))
-    placement: dict[str, str] = {v.vm: hot for v in by_weight[:heavy]}
-    rest = [v.vm for v in by_weight[heavy:]]
-    rng.shuffle(rest)
-    for i, vmid in enumerate(rest):
-        placement[vmid] = node_names[i % nodes]
-
-    sim_nodes = []
-    fair_vcpus = sum(v.vcpus for v in sims) / nodes
-    fair_memory = sum(v.memory_max_bytes for v in sims) / nodes
-    scales = list(node_scales) if node_scales is not None else [1.0] * nodes
-    if len(scales) != nodes or min(scales) <= 0:
-        raise ValueError("node_scales needs one positive factor per node")
-    for name, scale in zip(node_names, scales, strict=True):
-        hosted = [v for v in sims if placement[v.vm] == name]
-        cpus = max(int(rng.choice([16, 24, 32])), math.ceil(fair_vcpus / 2 / 8) * 8)
-        cpus = max(8, round(cpus * scale / 8) * 8)
-        needed = max(fair_memory * 1.6 * scale, sum(v.memory_max_bytes for v in hosted) * 1.1)
-        memory = max(
-            int(rng.choice([64, 96, 128]) * scale) * GIB,
-            math.ceil(needed / (32 * GIB)) * 32 * GIB,
-        )
-        defaults = SimNode(name=name, cpus=cpus, memory_bytes=memory)
-        sim_nodes.append(
-            replace(
-                defaults,
-                disk_bytes=defaults.disk_bytes * scale,
-                disk_ops=defaults.disk_ops * scale,
-                network=defaults.network * scale,
-            )
-        )
+    placement = _place(rng, sims, node_names)
+    sim_nodes = _draw_nodes(rng, sims, placement, node_names, scales)
 
     burst_vms = [v.vm for v in sims[-bursts:]] if bursts else []
     burst_list = tuple(
         Burst(vm=b, start=end - burst_seconds, end=end, factor=burst_factor) for b in burst_vms
     )
-
     if migration_offsets is None:
-        times = sorted(float(t) for t in rng.uniform(0.5, 0.95, migrations) * duration)
+        offsets = sorted(float(t) for t in rng.uniform(0.5, 0.95, migrations) * duration)
     else:
-        times = sorted(float(t) for t in migration_offsets)
+        offsets = sorted(float(t) for t in migration_offsets)
     movable = [v.vm for v in sims if v.vm not in burst_vms]
-    rng.shuffle(movable)
-    moves = []
-    current = dict(placement)
-    for offset, vmid in zip(times, movable, strict=False):
-        when = start + offset
-        target = str(rng.choice([n for n in node_names if n != current[vmid]]))
-        moves.append(Migration(vm=vmid, time=when, source=current[vmid], target=target))
-        current[vmid] = target
+    moves = _draw_migrations(rng, offsets, movable, placement, node_names, start)
 
     return ClusterHistory(
         seed=seed,
@@ -626,7 +657,7 @@ def simulate_cluster(
         initial_node=placement,
         migrations=tuple(moves),
         bursts=burst_list,
-        hot_node=hot,
+        hot_node=node_names[0],
         noise=noise,
     )
 
@@ -719,7 +750,7 @@ def to_openmetrics_blocks(
     `promtool tsdb create-blocks-from openmetrics` re-reads its whole input for every 2 h
     block it writes, so one file holding a week takes minutes; files cut on promtool's own
     block boundaries are each read once (a week at 60 s for 60 VMs: about 20 s). Returns the
-    files in time order; back them up one by one (`tests/servers.py: backfill` takes the
+    files in time order; back them up one by one (`devkit.servers.backfill` takes the
     directory).
     """
     target = Path(directory)

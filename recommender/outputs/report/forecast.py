@@ -20,6 +20,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
+import pandas as pd
+
+from recommender.config import Config
+from recommender.model import RESOURCES
 
 DAY = 86400.0
 # Fewer daily means than this cannot show a trend (two points always fit a line exactly).
@@ -183,6 +187,50 @@ def forecast(
     )
 
 
+# --- the cluster's capacity -------------------------------------------------------------------
+
+
+def planning_limit(config: Config, resource: str) -> float:
+    """Cluster utilisation at which balancing runs out of room: the limits the planner packs
+    nodes to (CPU headroom, memory less the reserve fraction), else full capacity."""
+    balance = config.balance
+    if resource == "cpu":
+        return min(balance.cpu_headroom, 1.0)
+    if resource == "memory":
+        return 1.0 - balance.memory_reserve_fraction
+    return 1.0
+
+
+@dataclass(frozen=True)
+class ResourceForecast:
+    resource: str
+    limit: float
+    forecast: Forecast
+
+    @property
+    def to_limit(self) -> Crossing:
+        return self.forecast.crossings[0]
+
+    @property
+    def to_full(self) -> Crossing:
+        return self.forecast.crossings[1]
+
+
+def capacity_forecasts(
+    utilisation: pd.DataFrame, config: Config, end: float, horizon: float = HORIZON
+) -> list[ResourceForecast]:
+    """Per resource: the line through the daily means of cluster utilisation, and when it
+    reaches the planning limit and 100 %."""
+    times = utilisation.index.to_numpy(dtype=float)
+    out = []
+    for resource in RESOURCES:
+        limit = planning_limit(config, resource)
+        values = utilisation[resource].to_numpy(dtype=float)
+        result = forecast(times, values, (limit, 1.0), end, horizon)
+        out.append(ResourceForecast(resource=resource, limit=limit, forecast=result))
+    return out
+
+
 __all__ = [
     "DAY",
     "HORIZON",
@@ -192,8 +240,11 @@ __all__ = [
     "Forecast",
     "LinearFit",
     "Outcome",
+    "ResourceForecast",
+    "capacity_forecasts",
     "crossing",
     "daily_means",
     "fit_line",
     "forecast",
+    "planning_limit",
 ]

@@ -1,0 +1,133 @@
+"""The plan as the versioned JSON document (docs/plan-format.md), for programs.
+
+The exact values go here, names included; `json_document` escapes only the characters a
+terminal would act on (`recommender.quoting.json_text`).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from recommender import __version__
+from recommender.config import Config
+from recommender.model import finite_or_none
+from recommender.outputs.commands import PlanCommands, plan_commands
+from recommender.plan import Plan
+from recommender.quoting import json_text
+
+PLAN_FORMAT = "vmbalance-plan"
+PLAN_VERSION = 1
+
+
+def plan_document(
+    plan: Plan, config: Config, commands: PlanCommands | None = None
+) -> dict[str, Any]:
+    """The versioned JSON plan (docs/plan-format.md)."""
+    flavour, by_step = commands or plan_commands(plan, config)
+    nodes = []
+    for node in plan.nodes_before.index:
+        before = plan.nodes_before.loc[node]
+        after = plan.nodes_after.loc[node]
+        resources = {
+            r: {
+                "capacity": finite_or_none(before[f"{r}_capacity"]),
+                "load_before": finite_or_none(before[f"{r}_load"]),
+                "load_after": finite_or_none(after[f"{r}_load"]),
+                "utilisation_before": finite_or_none(before[f"{r}_util"]),
+                "utilisation_after": finite_or_none(after[f"{r}_util"]),
+            }
+            for r in plan.resources
+        }
+        nodes.append(
+            {
+                "node": str(node),
+                "maintenance": bool(before["maintenance"]),
+                "active": bool(before["active"]),
+                "vms_before": int(before["vms"]),
+                "vms_after": int(after["vms"]),
+                "resources": resources,
+            }
+        )
+    migrations = []
+    for m in plan.migrations:
+        command = by_step[m.step]
+        migrations.append(
+            {
+                "step": m.step,
+                "wave": m.wave,
+                "vm": m.vm,
+                "name": m.name,
+                "source": m.source,
+                "target": m.target,
+                "kind": m.kind,
+                "group": m.group,
+                "reason": m.reason,
+                "gain": finite_or_none(m.gain),
+                "memory_bytes": finite_or_none(m.memory_bytes),
+                "command": command if isinstance(command, str) else None,
+            }
+        )
+    return {
+        "format": PLAN_FORMAT,
+        "version": PLAN_VERSION,
+        "generator": f"vmbalance {__version__}",
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "taken_at": plan.taken_at.isoformat(timespec="seconds") if plan.taken_at else None,
+        "method": plan.method,
+        "triggered": plan.triggered,
+        "target_reached": plan.target_reached,
+        "thresholds": {"trigger": config.balance.trigger, "target": config.balance.target},
+        "imbalance": {
+            "before": {
+                **_clean(plan.imbalance_before),
+                "overall": finite_or_none(plan.overall_before),
+            },
+            "after": {
+                **_clean(plan.imbalance_after),
+                "overall": finite_or_none(plan.overall_after),
+            },
+        },
+        "commands": flavour,
+        "nodes": nodes,
+        "migrations": migrations,
+        "waves": [[m.step for m in wave] for wave in plan.waves],
+        "memory_to_copy_bytes": finite_or_none(plan.memory_bytes),
+        "unplaceable": [
+            {"vm": u.vm, "name": u.name, "node": u.node, "reason": u.reason}
+            for u in plan.unplaceable
+        ],
+        "held_back": [
+            {
+                "vm": h.vm,
+                "source": h.source,
+                "target": h.target,
+                "gain": finite_or_none(h.gain),
+                "blocked_by": list(h.blocked_by),
+            }
+            for h in plan.held_back
+        ],
+        "unsequenced": [
+            {"vm": m.vm, "name": m.name, "source": m.source, "target": m.target}
+            for m in plan.unsequenced
+        ],
+        "warnings": list(plan.warnings),
+        "settings": plan.settings,
+    }
+
+
+def _clean(values: dict[str, float]) -> dict[str, float | None]:
+    return {key: finite_or_none(value) for key, value in values.items()}
+
+
+def json_document(document: dict[str, Any], indent: int | None = 2) -> str:
+    """JSON for people and programs: UTF-8 names as they are, active characters escaped."""
+    return json_text(json.dumps(document, indent=indent, ensure_ascii=False))
+
+
+def render_json(plan: Plan, config: Config) -> str:
+    return json_document(plan_document(plan, config)) + "\n"
+
+
+__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "json_document", "plan_document", "render_json"]

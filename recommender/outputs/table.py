@@ -1,0 +1,97 @@
+"""The plan as terminal tables (rich): imbalance, node utilisation before and after, moves.
+
+Names are untrusted: they reach rich as `Text` (never as markup), on one line with active
+characters escaped (`recommender.quoting.display`).
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from recommender.config import GIB, Config
+from recommender.model import finite_or_none
+from recommender.plan import Plan
+from recommender.quoting import display
+
+
+def _text(value: object) -> Text:
+    """Untrusted text for rich: never markup, one line, active characters escaped."""
+    return Text(display(value))
+
+
+def _pct(value: float | None) -> str:
+    known = finite_or_none(value)
+    return "n/a" if known is None else f"{100 * known:.0f}%"
+
+
+def render_table(plan: Plan, config: Config, console: Console) -> None:
+    """Node utilisation before → after per resource, then each move with reason and gain."""
+    summary = Table(title="Imbalance")
+    summary.add_column("resource")
+    summary.add_column("before", justify="right")
+    summary.add_column("after", justify="right")
+    for resource in plan.resources:
+        summary.add_row(
+            resource,
+            f"{plan.imbalance_before.get(resource, 0.0):.3f}",
+            f"{plan.imbalance_after.get(resource, 0.0):.3f}",
+        )
+    summary.add_row(
+        Text("overall", style="bold"),
+        Text(f"{plan.overall_before:.3f}", style="bold"),
+        Text(f"{plan.overall_after:.3f}", style="bold"),
+    )
+    console.print(summary)
+
+    nodes = Table(title="Node utilisation before → after")
+    nodes.add_column("node")
+    nodes.add_column("VMs", justify="right")
+    for resource in plan.resources:
+        nodes.add_column(resource, justify="right")
+    for node in plan.nodes_before.index:
+        before = plan.nodes_before.loc[node]
+        after = plan.nodes_after.loc[node]
+        label = _text(node)
+        if bool(before["maintenance"]):
+            label.append(" (maintenance)", style="yellow")
+        cells = [
+            f"{_pct(before[f'{r}_util'])} → {_pct(after[f'{r}_util'])}" for r in plan.resources
+        ]
+        nodes.add_row(label, f"{int(before['vms'])} → {int(after['vms'])}", *cells)
+    console.print(nodes)
+
+    if plan.migrations:
+        moves = Table(title=f"{len(plan.migrations)} migration(s) in {len(plan.waves)} wave(s)")
+        for column in ("wave", "vm", "name", "from", "to", "reason", "gain", "memory"):
+            moves.add_column(column, justify="right" if column in ("gain", "memory") else "left")
+        for m in plan.migrations:
+            moves.add_row(
+                str(m.wave),
+                _text(m.vm),
+                _text(m.name),
+                _text(m.source),
+                _text(m.target),
+                _text(m.reason),
+                f"{m.gain:.3f}",
+                f"{m.memory_bytes / GIB:.1f} GiB",
+            )
+        console.print(moves)
+    elif not plan.triggered:
+        console.print(
+            f"Balanced: overall imbalance {plan.overall_before:.3f} is under the trigger "
+            f"{config.balance.trigger:.3f}; nothing to do."
+        )
+    else:
+        console.print("No migration improves the balance within the rules.")
+    for item in plan.unplaceable:
+        console.print(
+            Text("cannot place ", style="bold red")
+            + _text(f"{item.vm} ({item.name}) on {item.node}: {item.reason}")
+        )
+    for warning in plan.warnings:
+        console.print(Text("warning: ", style="yellow") + _text(warning))
+
+
+__all__ = ["render_table"]

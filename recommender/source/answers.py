@@ -1,0 +1,110 @@
+"""PromQL answers into plain values and frames; pure, so tested without a server.
+
+An instant answer is `[{"metric": {...}, "value": [t, "v"]}, ...]`, a range answer
+`[{"metric": {...}, "values": [[t, "v"], ...]}, ...]`; a value that is not a number is NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+Answer = list[dict[str, Any]]
+
+
+def number(value: Any) -> float:
+    """A sample's value (PromQL sends numbers as strings); NaN when it is not one."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def sample(item: Mapping[str, Any]) -> float:
+    """The value of one series of an instant answer."""
+    try:
+        return number(item["value"][1])
+    except (TypeError, IndexError, KeyError):
+        return math.nan
+
+
+def by_node_vm(answer: Answer) -> dict[tuple[str, str], float]:
+    """An instant answer aggregated by (node, vm)."""
+    out: dict[tuple[str, str], float] = {}
+    for item in answer:
+        labels = item["metric"]
+        if "node" in labels and "vm" in labels:
+            out[(labels["node"], labels["vm"])] = sample(item)
+    return out
+
+
+def by_label(answer: Answer, label: str) -> dict[str, float]:
+    """An instant answer aggregated by one label."""
+    return {item["metric"][label]: sample(item) for item in answer if label in item["metric"]}
+
+
+def pair_values(answer: Answer) -> pd.Series:
+    """An instant answer aggregated by (node, vm) as a Series indexed by (node, vm)."""
+    data = by_node_vm(answer)
+    if not data:
+        return pd.Series(dtype=float, index=pd.MultiIndex.from_tuples([], names=["node", "vm"]))
+    index = pd.MultiIndex.from_tuples(list(data), names=["node", "vm"])
+    return pd.Series(list(data.values()), index=index, dtype=float)
+
+
+def node_matrix(answer: Answer, times: np.ndarray) -> pd.DataFrame:
+    """A range answer aggregated by node as a (time x node) frame; NaN where absent."""
+    index = pd.Index(np.round(times, 3), name="time")
+    columns: dict[str, pd.Series] = {}
+    for item in answer:
+        node = item["metric"].get("node")
+        if node is None or not item["values"]:
+            continue
+        stamps = np.round([number(v[0]) for v in item["values"]], 3)
+        values = [number(v[1]) for v in item["values"]]
+        series = pd.Series(values, index=stamps, dtype=float)
+        series = series[~series.index.duplicated()].reindex(index)
+        columns[node] = series if node not in columns else columns[node].fillna(series)
+    return pd.DataFrame(columns, index=index, dtype=float)
+
+
+def presence_frame(answer: Answer, times: np.ndarray) -> pd.DataFrame:
+    """Rows (vm, node, step, time, samples, name) from the presence range answer: `step`
+    indexes `times`, `time` is its value, `samples` the VM's samples on the node in that step
+    (a rename inside a step adds up; the name is the latest seen)."""
+    position = {t: i for i, t in enumerate(np.round(times, 3).tolist())}
+    rows = []
+    for item in answer:
+        labels = item["metric"]
+        if "vm" not in labels or "node" not in labels:
+            continue
+        for stamp, value in item["values"]:
+            k = position.get(round(number(stamp), 3))
+            samples = number(value)
+            if k is not None and math.isfinite(samples) and samples > 0:
+                rows.append((labels["vm"], labels["node"], k, samples, labels.get("name", "")))
+    columns = ["vm", "node", "step", "samples", "name"]
+    frame = pd.DataFrame(rows, columns=columns).astype(
+        {"vm": object, "node": object, "step": int, "samples": float, "name": object}
+    )
+    frame = frame.groupby(["vm", "node", "step"], as_index=False, sort=True).agg(
+        samples=("samples", "sum"), name=("name", "last")
+    )
+    frame.insert(3, "time", np.asarray(times, dtype=float)[frame["step"].to_numpy(dtype=int)])
+    return frame
+
+
+__all__ = [
+    "Answer",
+    "by_label",
+    "by_node_vm",
+    "node_matrix",
+    "number",
+    "pair_values",
+    "presence_frame",
+    "sample",
+]

@@ -1,0 +1,113 @@
+"""The answers of the report's queries into a `History`; pure, so tested without a server."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pandas as pd
+
+from recommender.config import Config
+from recommender.history import History, Window
+from recommender.model import RESOURCES
+from recommender.source.answers import Answer, node_matrix, pair_values, presence_frame
+from recommender.source.http import SourceError
+from recommender.source.queries import RATE_COUNTERS
+
+# Capacities the exporter reports per node; the others come from the config.
+MEASURED_CAPACITY = ("cpu", "memory")
+
+
+class ReportError(SourceError):
+    """The report cannot be made (no data in the period, a bad period); one line."""
+
+
+def _capacity(
+    config: Config, measured: Mapping[str, pd.DataFrame], nodes: list[str], index: pd.Index
+) -> dict[str, pd.DataFrame]:
+    """Per resource, (time x node) capacity: measured, or from the config for the steps a
+    node reported any measured capacity."""
+    capacity = {r: measured[r].reindex(columns=nodes) for r in MEASURED_CAPACITY}
+    exists = capacity["cpu"].notna() | capacity["memory"].notna()
+    for resource in RESOURCES:
+        if resource in capacity:
+            continue
+        values = {n: config.capacity.of_node(n)[resource] for n in nodes}
+        frame = pd.DataFrame(values, index=index, columns=nodes, dtype=float)
+        capacity[resource] = frame.where(exists)
+    return capacity
+
+
+def _warnings(
+    capacity: Mapping[str, pd.DataFrame],
+    up: pd.DataFrame,
+    nodes: list[str],
+    has_data: pd.Series,
+    window: Window,
+) -> list[str]:
+    warnings = []
+    for resource, family in (
+        ("cpu", "vmbalance_node_cpus"),
+        ("memory", "vmbalance_node_memory_bytes"),
+    ):
+        blind = [n for n in nodes if capacity[resource][n].isna().all()]
+        if blind:
+            warnings.append(
+                f"nodes without {family} in the period ({resource} capacity unknown, left out "
+                f"of the imbalance): {', '.join(blind)}"
+            )
+    down = [n for n in nodes if (up.get(n, pd.Series(dtype=float)) == 0).any()]
+    if down:
+        warnings.append(
+            "nodes whose exporter could not read the hypervisor (vmbalance_up 0) for part of "
+            f"the period, left out of the imbalance then: {', '.join(down)}"
+        )
+    missing = int((~has_data).sum())
+    if missing:
+        warnings.append(
+            f"{missing} of {window.points} steps have no load data (gaps in the history)"
+        )
+    return warnings
+
+
+def assemble_history(
+    config: Config,
+    window: Window,
+    ranges: Mapping[str, Answer],
+    instants: Mapping[str, Answer],
+) -> History:
+    """Frames from the answers of `ReportQueries`."""
+    times = window.times
+    presence = presence_frame(ranges["presence"], times)
+    raw_load = {r: node_matrix(ranges[f"load_{r}"], times) for r in RESOURCES}
+    measured = {r: node_matrix(ranges[f"capacity_{r}"], times) for r in MEASURED_CAPACITY}
+    up = node_matrix(ranges["up"], times)
+    nodes = sorted(
+        set(presence["node"]).union(*(f.columns for f in (*raw_load.values(), up)))
+        | set(measured["cpu"].columns)
+        | set(measured["memory"].columns)
+    )
+    index = raw_load["cpu"].index
+    has_data = pd.concat([raw_load[r] for r in RATE_COUNTERS], axis=1).notna().any(axis=1)
+    load = {r: raw_load[r].reindex(columns=nodes).fillna(0.0) for r in RESOURCES}
+    capacity = _capacity(config, measured, nodes, index)
+    maintenance = set(config.rules.maintenance)
+    up_ok = up.reindex(columns=nodes).fillna(1.0) != 0
+    known = pd.DataFrame(True, index=index, columns=nodes)
+    for resource in config.balance.needed_resources:
+        known &= capacity[resource] > 0
+    active = known & up_ok & ~pd.Series({n: n in maintenance for n in nodes}, dtype=bool)
+    pairs = pd.DataFrame({r: pair_values(instants[f"vm_{r}"]) for r in RESOURCES})
+    pairs.index = pairs.index.set_names(["node", "vm"])
+    return History(
+        window=window,
+        load=load,
+        capacity=capacity,
+        active=active,
+        has_data=has_data,
+        presence=presence,
+        pairs=pairs,
+        warnings=_warnings(capacity, up, nodes, has_data, window),
+    )
+
+
+__all__ = ["MEASURED_CAPACITY", "ReportError", "assemble_history"]
