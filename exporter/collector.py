@@ -201,14 +201,12 @@ def series(
             value = getattr(vm, attr)
             if value is not None:
                 yield family, (node, vm.vm), value
-    for family, attr in DISK_VALUES:
-        for vm in vms:
-            for disk in vm.disks:
-                yield family, (node, vm.vm, disk.disk), getattr(disk, attr)
-    for family, attr in NIC_VALUES:
-        for vm in vms:
-            for nic in vm.interfaces:
-                yield family, (node, vm.vm, nic.interface), getattr(nic, attr)
+    disks = [((node, vm.vm, disk.disk), disk) for vm in vms for disk in vm.disks]
+    nics = [((node, vm.vm, nic.interface), nic) for vm in vms for nic in vm.interfaces]
+    for values, devices in ((DISK_VALUES, disks), (NIC_VALUES, nics)):
+        for family, attr in values:
+            for labels, device in devices:
+                yield family, labels, getattr(device, attr)
     yield from node_series(result, node, backend, totals, duration)
 
 
@@ -375,6 +373,6 @@ class VMCollector(Collector):
             return ScrapeResult(up=False, error=f"{type(exc).__name__}: {exc}")
 
     @staticmethod
-    def _empty_family(family: Family) -> Metric:
+    def _empty_family(family: Family) -> CounterMetricFamily | GaugeMetricFamily:
         cls = CounterMetricFamily if family.kind == "counter" else GaugeMetricFamily
         return cls(family.name, family.help, labels=list(family.labels))
