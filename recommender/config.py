@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from recommender.listen import parse_listen
-from recommender.model import RESOURCES
+from recommender.resources import RESOURCES
 
 GIB = 1024**3
 

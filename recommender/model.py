@@ -21,15 +21,9 @@ from datetime import UTC, datetime
 import numpy as np
 import pandas as pd
 
-RESOURCES: tuple[str, ...] = ("cpu", "memory", "disk_bytes", "disk_ops", "network")
-
-RESOURCE_UNITS: dict[str, str] = {
-    "cpu": "cores",
-    "memory": "bytes",
-    "disk_bytes": "bytes/s",
-    "disk_ops": "ops/s",
-    "network": "bytes/s",
-}
+# Re-exported: the stages read the resource names from the model.
+from recommender.resources import RESOURCE_UNITS as RESOURCE_UNITS
+from recommender.resources import RESOURCES as RESOURCES
 
 NODE_COLUMNS: tuple[str, ...] = (*RESOURCES, "maintenance")
 VM_COLUMNS: tuple[str, ...] = (
