@@ -70,20 +70,6 @@ Record = tuple[Domain, dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
-class _Listed:
-    """A running domain's handle, kept by domain ID while the backend lists IDs.
-
-    An ID names one run of one domain: libvirt hands out a new one at every start and does
-    not reuse them while the daemon runs, and a reconnect clears the table. The name cannot
-    change while the domain runs (libvirt renames only inactive domains).
-    """
-
-    domain: Domain
-    uuid: str
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
 class _Found:
     """What the listing part of a scrape found: exactly one of `records` and `listed` is used
     on a given connection; `lost` counts listed domains that stopped before their lookup."""
@@ -154,7 +140,11 @@ class LibvirtBackend:
         # Whether the bulk call is worth making on this connection: None until the first
         # scrape tells, False when it carries only `state.*` or is not supported at all.
         self._bulk_useful: bool | None = None
-        self._listed: dict[int, _Listed] = {}
+        # The job of each running domain by domain ID while the backend lists IDs, made once
+        # per domain run: an ID names one run of one domain (libvirt hands out a new one at
+        # every start and does not reuse them while the daemon runs; a reconnect clears the
+        # table), and the name cannot change while the domain runs.
+        self._listed: dict[int, DomainJob] = {}
         # Whether the driver answers getMemoryStats(); found out again on each new connection.
         self._node_memory_stats = True
         # (connection, when, cpus, memory bytes) of the last node facts read
@@ -314,24 +304,24 @@ class LibvirtBackend:
         return records
 
     def _list_domains(self, conn: Connection) -> tuple[list[DomainJob], int]:
-        """Jobs for the running domains by ID, reusing the handles of earlier scrapes."""
-        listed: dict[int, _Listed] = {}
+        """Jobs for the running domains by ID, those of earlier scrapes kept as they were."""
+        listed: dict[int, DomainJob] = {}
         jobs: list[DomainJob] = []
         lost = 0
         known = self._listed
         for domain_id in conn.listDomainsID():
-            entry = known.get(domain_id)
-            if entry is None:
+            job = known.get(domain_id)
+            if job is None:
                 try:
                     domain = conn.lookupByID(domain_id)
-                    entry = _Listed(domain, domain.UUIDString(), domain.name())
+                    job = DomainJob(domain, {}, {}, domain.UUIDString(), domain_id, domain.name())
                 except self._lv.libvirtError as exc:
                     if self._conn.is_connection_error(exc):
                         raise
                     lost += 1  # stopped between the listing and the lookup
                     continue
-            listed[domain_id] = entry
-            jobs.append(DomainJob(entry.domain, {}, {}, entry.uuid, domain_id, entry.name))
+            listed[domain_id] = job
+            jobs.append(job)
         self._listed = listed
         return jobs, lost
 

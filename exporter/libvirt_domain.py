@@ -37,7 +37,9 @@ PAUSED_ELSEWHERE = frozenset({2, 12})
 
 @dataclass(slots=True)
 class DomainJob:
-    """A domain whose bulk stats miss fields, to complete with per-domain calls."""
+    """A domain whose bulk stats miss fields, to complete with per-domain calls (all of them,
+    for a listed domain). Never changed once made: a listed domain's job serves every scrape
+    of its run."""
 
     domain: Domain
     stats: Mapping[str, Any]  # empty for a listed domain
