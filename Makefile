@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # uv, pinned and hash-checked in requirements/uv.txt, installs the exact versions in uv.lock.
 TOOLS := .tools
 UV := $(TOOLS)/bin/uv
-SYNC := UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --locked --quiet --python $(PYTHON) --extra libvirt
+SYNC := UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --locked --quiet --python $(PYTHON) --extra libvirt --extra recommender
 
 # Debian packages: python build basics, the real servers the tests run, libvirt headers for
 # libvirt-python, QEMU for real guests, the peer exporter the benchmark measures against.
@@ -48,7 +48,7 @@ UPGRADE_VENV := $(TOOLS)/upgrade-check
 upgrade-check: debs $(UV)
 	@rm -rf $(UPGRADE_VENV)
 	@$(UV) venv --quiet --python $(PYTHON) $(UPGRADE_VENV)
-	@VIRTUAL_ENV=$(UPGRADE_VENV) $(UV) pip install --quiet --upgrade -e '.[libvirt]' --group dev
+	@VIRTUAL_ENV=$(UPGRADE_VENV) $(UV) pip install --quiet --upgrade -e '.[libvirt,recommender]' --group dev
 	@echo "versions that differ from uv.lock:"
 	@$(UV) lock --upgrade --dry-run 2>&1 | grep -E '^Update|^Add|^Remove' || echo "  none"
 	$(UPGRADE_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow"

@@ -95,7 +95,7 @@ def default_node_name(pve_local: str = PVE_LOCAL_LINK) -> str:
 
 def choose_backend(args: argparse.Namespace) -> str:
     if args.backend != "auto":
-        return args.backend
+        return str(args.backend)
     path = args.pve_conf_dir
     try:
         is_dir = _start_reads.call("conf", path, partial(os.path.isdir, path), _start_deadline())

@@ -201,14 +201,12 @@ def series(
             value = getattr(vm, attr)
             if value is not None:
                 yield family, (node, vm.vm), value
-    for family, attr in DISK_VALUES:
-        for vm in vms:
-            for disk in vm.disks:
-                yield family, (node, vm.vm, disk.disk), getattr(disk, attr)
-    for family, attr in NIC_VALUES:
-        for vm in vms:
-            for nic in vm.interfaces:
-                yield family, (node, vm.vm, nic.interface), getattr(nic, attr)
+    disks = [((node, vm.vm, disk.disk), disk) for vm in vms for disk in vm.disks]
+    nics = [((node, vm.vm, nic.interface), nic) for vm in vms for nic in vm.interfaces]
+    for values, devices in ((DISK_VALUES, disks), (NIC_VALUES, nics)):
+        for family, attr in values:
+            for labels, device in devices:
+                yield family, labels, getattr(device, attr)
     yield from node_series(result, node, backend, totals, duration)
 
 
@@ -265,18 +263,19 @@ def render_text(
             f'{VM_INFO.name}{{{labels},name="{escape_label(vm.name)}",'
             f'uuid="{escape_label(vm.uuid)}",backend="{backend_label}"}} 1.0\n'
         )
+    vm_sets = [(vm, f"{{{labels}}} ") for vm, labels in zip(vms, vm_labels, strict=True)]
     for family, attr in VM_VALUES:
         out.append(_header(family))
-        _append_samples(out, family.sample_name, attrgetter(attr), zip(vms, vm_labels, strict=True))
-    for values, device_label in (
-        (DISK_VALUES, [(d, f'{lb},disk="{escape_label(d.disk)}"') for vm, lb in
+        _append_samples(out, family.sample_name, attrgetter(attr), vm_sets)
+    for values, device_sets in (
+        (DISK_VALUES, [(d, f'{{{lb},disk="{escape_label(d.disk)}"}} ') for vm, lb in
                        zip(vms, vm_labels, strict=True) for d in vm.disks]),
-        (NIC_VALUES, [(n, f'{lb},interface="{escape_label(n.interface)}"') for vm, lb in
+        (NIC_VALUES, [(n, f'{{{lb},interface="{escape_label(n.interface)}"}} ') for vm, lb in
                       zip(vms, vm_labels, strict=True) for n in vm.interfaces]),
     ):  # fmt: skip
         for family, attr in values:
             out.append(_header(family))
-            _append_samples(out, family.sample_name, attrgetter(attr), device_label)
+            _append_samples(out, family.sample_name, attrgetter(attr), device_sets)
     current: Family | None = None
     for family, label_values, value in node_series(result, node, backend, totals, duration):
         if family is not current:
@@ -304,18 +303,20 @@ def _append_samples(
     value_of: Callable[[Any], float | None],
     rows: Iterable[tuple[Any, str]],
 ) -> None:
-    """Append `name{labels} value` for each (object, labels) row whose value is not None.
+    """Append `name{labels} value` for each (object, label set) row whose value is not None;
+    a label set is written with its braces and the space after them: `{node="n",vm="v"} `.
 
     The hot loop of a large scrape, so integers (most counters) are formatted inline rather
-    than through `format_value`.
+    than through `format_value`, and a list (not a generator) is built: each item of a
+    generator costs a resumption.
     """
-    out.extend(
-        f"{name}{{{labels}}} {value}.0\n"
+    out.extend([
+        f"{name}{label_set}{value}.0\n"
         if value.__class__ is int and -_EXACT_INT < value < _EXACT_INT
-        else f"{name}{{{labels}}} {format_value(value)}\n"
-        for item, labels in rows
+        else f"{name}{label_set}{format_value(value)}\n"
+        for item, label_set in rows
         if (value := value_of(item)) is not None
-    )
+    ])  # fmt: skip
 
 
 def _header(family: Family) -> str:
@@ -375,6 +376,6 @@ class VMCollector(Collector):
             return ScrapeResult(up=False, error=f"{type(exc).__name__}: {exc}")
 
     @staticmethod
-    def _empty_family(family: Family) -> Metric:
+    def _empty_family(family: Family) -> CounterMetricFamily | GaugeMetricFamily:
         cls = CounterMetricFamily if family.kind == "counter" else GaugeMetricFamily
         return cls(family.name, family.help, labels=list(family.labels))

@@ -299,7 +299,6 @@ class HTTPServer:
     async def _read_head(
         self, reader: asyncio.StreamReader, peer: str, first_line: bytes | None
     ) -> Request | None:
-        size = 0
         line = first_line
         while True:  # a client may send empty lines before the request line (RFC 9112 2.2)
             if line is None:
@@ -309,8 +308,16 @@ class HTTPServer:
             if line not in (b"\r\n", b"\n"):
                 break
             line = None
-        size += len(line)
         method, target, version = _request_line(line)
+        headers = await self._read_headers(reader, len(line))
+        if version == "HTTP/1.1" and "host" not in headers:
+            raise _BadRequest(400, "missing required Host header")
+        path, _, query = target.partition("?")
+        return Request(method, target, path, query, version, headers, peer)
+
+    async def _read_headers(self, reader: asyncio.StreamReader, size: int) -> dict[str, str]:
+        """Header fields up to the blank line (the first of a repeated name wins); `size` is
+        what the head used so far, counted against `max_header_bytes`."""
         headers: dict[str, str] = {}
         while True:
             raw = await _readline(reader)
@@ -320,17 +327,13 @@ class HTTPServer:
             if size > self.limits.max_header_bytes:
                 raise _BadRequest(431, "Request Header Fields Too Large")
             if raw in (b"\r\n", b"\n"):
-                break
+                return headers
             name, sep, value = raw.partition(b":")
             if not sep or not name or not set(name) <= _TOKEN:
                 raise _BadRequest(400, "malformed MIME header line")
             key = name.decode("ascii").lower()
             if key not in headers:
                 headers[key] = value.strip(b" \t\r\n").decode("latin-1")
-        if version == "HTTP/1.1" and "host" not in headers:
-            raise _BadRequest(400, "missing required Host header")
-        path, _, query = target.partition("?")
-        return Request(method, target, path, query, version, headers, peer)
 
     async def _write(
         self, writer: asyncio.StreamWriter, response: Response, method: bytes, *, close: bool

@@ -1,27 +1,22 @@
 """Proxmox VE backend: each running VM read over its own QMP socket, plus /proc and sysfs.
 
-Proxmox's QEMU serves one QMP client at a time and pvestatd polls it too, so every VM gets a
-short session per scrape: connect, negotiate, one pipelined batch of read-only queries, hang
-up. Nothing is kept open between scrapes, so the exporter never starves `qm` or pvestatd.
-
-Only commands in `ALLOWED_COMMANDS` ever reach a VM: `execute` is the one path every command
-(negotiation included) goes through, and it refuses anything else before a byte is sent.
+A scrape lists the VMs of the run directory, then reads each (its `.conf`, one short QMP
+session, its process in /proc and its tap devices in sysfs) on one event loop, a few at a time,
+each within its own share of the scrape deadline. The parts: `qmp_session` (the session and
+the gate that keeps it read-only), `qmp_replies` (replies as samples), `pve_conf` (the
+`.conf` files), `hostfiles` and `hostio` (the host reads and their deadlines).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Final
-
-from qemu.qmp import ExecuteError, Message, QMPClient, Runstate
 
 from exporter.hostfiles import (
     ProcessUsage,
@@ -32,9 +27,10 @@ from exporter.hostfiles import (
 )
 from exporter.hostio import HostReader, ReadTimeout
 from exporter.pve_conf import VMConfig, read_config
+from exporter.qmp_replies import disks_from_blockstats, qemu_version, vm_sample
+from exporter.qmp_session import read_session
 from exporter.samples import (
     BackendError,
-    DiskSample,
     InterfaceSample,
     NodeSample,
     ScrapeResult,
@@ -42,26 +38,6 @@ from exporter.samples import (
 )
 
 logger = logging.getLogger(__name__)
-
-#: Every QMP command the exporter may send: all of them only read state.
-ALLOWED_COMMANDS: Final[frozenset[str]] = frozenset(
-    {
-        "qmp_capabilities",
-        "query-blockstats",
-        "query-balloon",
-        "query-cpus-fast",
-        "query-version",
-        "query-name",
-        "query-status",
-        "query-uuid",
-        "query-memory-size-summary",
-        "qom-get",
-    }
-)
-
-#: Where Proxmox puts its balloon device (`-device virtio-balloon-pci,id=balloon0`); its
-#: `guest-stats` property holds the guest's own memory figures on an unpatched QEMU.
-BALLOON_QOM_PATH: Final = "/machine/peripheral/balloon0"
 
 # A config tree that does not answer a stat within this is taken as hung (pmxcfs without
 # quorum); one `.conf` may take this share of its VM's time, the rest is for the VM itself.
@@ -76,141 +52,6 @@ _STAGE_WORDS: Final = {
 }
 # How long cancelled VM sessions get to hang up before the scrape returns without them.
 _CANCEL_GRACE: Final = 0.2
-# QEMU reports a guest statistic it has not received as -1 in an unsigned 64-bit field.
-_STAT_UNSET: Final = 2**63
-# Block devices whose qdev path is not the Proxmox drive name (OVMF code and vars).
-_QDEV_ALIASES: Final = {"/machine/system.flash0": "pflash0", "/machine/system.flash1": "efidisk0"}
-# Run states (`query-status`) of a QEMU whose guest runs on another node: a target waiting for
-# or receiving an incoming migration, a source finishing or done migrating away. That node
-# reports the VM; publishing it here too would count it twice (and a failed migration would
-# look like a VM that moved). Not an error either: the VM is simply not here.
-_RUNNING_ELSEWHERE: Final = frozenset({"inmigrate", "postmigrate", "finish-migrate"})
-
-
-class CommandNotAllowedError(Exception):
-    """A QMP command outside `ALLOWED_COMMANDS` was about to be sent."""
-
-
-async def execute(
-    client: QMPClient, command: str, arguments: Mapping[str, object] | None = None
-) -> object:
-    """Send one QMP command; the single gate that keeps the exporter read-only."""
-    if command not in ALLOWED_COMMANDS:
-        raise CommandNotAllowedError(f"QMP command {command!r} is not in ALLOWED_COMMANDS")
-    return await client.execute(command, arguments)
-
-
-class _Client(QMPClient):
-    """QMPClient that formats messages for its debug log only when that log is on.
-
-    The library's message hooks pretty-print every message with `json.dumps(indent=2)`
-    before the logger decides to drop it; at 200 VMs that was most of a scrape's CPU time.
-    """
-
-    def _cb_outbound(self, msg: Message) -> Message:
-        return super()._cb_outbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
-
-    def _cb_inbound(self, msg: Message) -> Message:
-        return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
-
-
-# --------------------------------------------------------------------------- QMP replies
-
-
-def disk_name(device: str | None, qdev: str | None) -> str | None:
-    """The disk as Proxmox names it, from a `query-blockstats` entry.
-
-    `-drive` disks carry `device: drive-scsi0`; `-blockdev` disks have an empty `device` and
-    only the qdev: a bare id (`scsi0`) for SCSI/SATA/IDE, a QOM path for virtio-blk
-    (`/machine/peripheral/virtio0/virtio-backend`). None when there is no name at all.
-    """
-    if device:
-        return device.removeprefix("drive-")
-    if not qdev:
-        return None
-    if qdev in _QDEV_ALIASES:
-        return _QDEV_ALIASES[qdev]
-    parts = [part for part in qdev.split("/") if part and part != "virtio-backend"]
-    return parts[-1] if parts else None
-
-
-def disks_from_blockstats(entries: object) -> tuple[DiskSample, ...]:
-    """Disk counters from a `query-blockstats` reply; nameless or repeated entries dropped."""
-    if not isinstance(entries, list):
-        raise TypeError("query-blockstats did not return a list")
-    disks: dict[str, DiskSample] = {}
-    for entry in entries:
-        if not isinstance(entry, dict):
-            continue
-        name = disk_name(entry.get("device"), entry.get("qdev"))
-        stats = entry.get("stats")
-        if not name or name in disks or not isinstance(stats, dict):
-            continue
-        disks[name] = DiskSample(
-            disk=name,
-            read_bytes=int(stats.get("rd_bytes", 0)),
-            written_bytes=int(stats.get("wr_bytes", 0)),
-            reads_completed=int(stats.get("rd_operations", 0)),
-            writes_completed=int(stats.get("wr_operations", 0)),
-        )
-    return tuple(disks.values())
-
-
-def _stat(value: object) -> int | None:
-    """A guest memory figure, or None when the guest has not reported it."""
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _STAT_UNSET:
-        return value
-    return None
-
-
-def _used(total: object, free: object) -> int | None:
-    total_bytes, free_bytes = _stat(total), _stat(free)
-    if not total_bytes or free_bytes is None or free_bytes > total_bytes:
-        return None
-    return total_bytes - free_bytes
-
-
-def guest_memory_used(balloon: Mapping[str, object] | None, guest_stats: object) -> int | None:
-    """Guest-visible memory in use (total - free), as Proxmox computes it.
-
-    Proxmox's QEMU adds `total_mem`/`free_mem` to `query-balloon`; an upstream QEMU has the
-    same figures in the balloon's `guest-stats` QOM property once the guest reports them.
-    """
-    if balloon is not None:
-        used = _used(balloon.get("total_mem"), balloon.get("free_mem"))
-        if used is not None:
-            return used
-    if isinstance(guest_stats, dict) and guest_stats.get("last-update"):
-        stats = guest_stats.get("stats")
-        if isinstance(stats, dict):
-            return _used(stats.get("stat-total-memory"), stats.get("stat-free-memory"))
-    return None
-
-
-def memory_max(conf: VMConfig, balloon: Mapping[str, object] | None, summary: object) -> int:
-    """Memory assigned to the VM: QEMU's balloon maximum, else the config, else QEMU's RAM."""
-    if balloon is not None and (max_mem := _stat(balloon.get("max_mem"))):
-        return max_mem
-    if conf.memory_bytes:
-        return conf.memory_bytes
-    if isinstance(summary, dict):
-        base = _stat(summary.get("base-memory")) or 0
-        plugged = _stat(summary.get("plugged-memory")) or 0
-        if base + plugged:
-            return base + plugged
-    if balloon is not None and (actual := _stat(balloon.get("actual"))):
-        return actual
-    return 0
-
-
-def _qemu_version(reply: object) -> tuple[int, int, int] | None:
-    if not isinstance(reply, dict) or not isinstance(reply.get("qemu"), dict):
-        return None
-    qemu = reply["qemu"]
-    try:
-        return int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"])
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 def _one_line(text: str) -> str:
@@ -259,7 +100,7 @@ class QmpBackend:
     """Reads the VMs Proxmox VE runs on this node, over QMP, /proc and sysfs."""
 
     name = "qmp"
-    read_sources = ("conf", "qmp", "proc", "sysfs", "run")
+    read_sources: tuple[str, ...] = ("conf", "qmp", "proc", "sysfs", "run")
 
     def __init__(
         self,
@@ -331,33 +172,10 @@ class QmpBackend:
     # ------------------------------------------------------------------ internals
 
     def _scrape(self, deadline: float) -> ScrapeResult:
-        # /etc/pve is pmxcfs: when it hangs, every .conf read would; find out once, quickly.
-        probe_deadline = min(deadline, time.monotonic() + _CONF_TREE_PROBE)
-        try:
-            self._reader.call("conf", "conf-dir", self._probe_conf_dir, probe_deadline)
-        except ReadTimeout:
-            return ScrapeResult(
-                up=False,
-                error=f"Proxmox config tree {self.conf_dir} does not answer",
-                read_timeouts={"conf": 1},
-            )
-        except OSError:
-            pass  # unreadable now (the constructor checked it once): .conf reads say more
-        try:
-            targets, listing_skipped = self._reader.call("run", "run-dir", self._list_vms, deadline)
-        except ReadTimeout:
-            return ScrapeResult(
-                up=False,
-                error=f"QMP run directory {self.run_dir} does not answer",
-                read_timeouts={"run": 1},
-            )
-        except OSError as exc:
-            return ScrapeResult(
-                up=False,
-                error=_one_line(
-                    f"cannot list QMP run directory {self.run_dir}: {exc.strerror or exc}"
-                ),
-            )
+        listing = self._list_or_fail(deadline)
+        if isinstance(listing, ScrapeResult):
+            return listing
+        targets, listing_skipped = listing
         try:
             memory = self._memory(min(deadline, time.monotonic() + _CONF_TREE_PROBE))
         except (OSError, ValueError) as exc:
@@ -378,6 +196,36 @@ class QmpBackend:
             skipped=skipped,
             read_timeouts=timeouts,
         )
+
+    def _list_or_fail(self, deadline: float) -> tuple[list[_Target], dict[str, str]] | ScrapeResult:
+        """The VMs to read and the broken ones, or the backend down when its trees hang."""
+        # /etc/pve is pmxcfs: when it hangs, every .conf read would; find out once, quickly.
+        probe_deadline = min(deadline, time.monotonic() + _CONF_TREE_PROBE)
+        try:
+            self._reader.call("conf", "conf-dir", self._probe_conf_dir, probe_deadline)
+        except ReadTimeout:
+            return ScrapeResult(
+                up=False,
+                error=f"Proxmox config tree {self.conf_dir} does not answer",
+                read_timeouts={"conf": 1},
+            )
+        except OSError:
+            pass  # unreadable now (the constructor checked it once): .conf reads say more
+        try:
+            return self._reader.call("run", "run-dir", self._list_vms, deadline)
+        except ReadTimeout:
+            return ScrapeResult(
+                up=False,
+                error=f"QMP run directory {self.run_dir} does not answer",
+                read_timeouts={"run": 1},
+            )
+        except OSError as exc:
+            return ScrapeResult(
+                up=False,
+                error=_one_line(
+                    f"cannot list QMP run directory {self.run_dir}: {exc.strerror or exc}"
+                ),
+            )
 
     def _probe_conf_dir(self) -> None:
         os.stat(self.conf_dir)
@@ -463,6 +311,15 @@ class QmpBackend:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=_CANCEL_GRACE)
+        return self._tally(targets, tasks, stages)
+
+    def _tally(
+        self,
+        targets: list[_Target],
+        tasks: list[asyncio.Task[_Reading]],
+        stages: dict[str, _Stage],
+    ) -> tuple[list[_Reading], dict[str, str], dict[str, int]]:
+        """The readings that finished, why the others did not, and the reads that timed out."""
         readings: list[_Reading] = []
         skipped: dict[str, str] = {}
         timeouts: dict[str, int] = {}
@@ -471,27 +328,28 @@ class QmpBackend:
             exc = None if not task.done() or task.cancelled() else task.exception()
             if task.done() and not task.cancelled() and exc is None:
                 readings.append(task.result())
-                timeouts.update(
-                    {src: timeouts.get(src, 0) + n for src, n in stage.timeouts.items()}
-                )
-                continue
-            if isinstance(exc, _DeadlinePassed):
+            elif isinstance(exc, _DeadlinePassed):
                 skipped[target.vmid] = "not reached before the scrape deadline"
                 continue
-            if isinstance(exc, TimeoutError) or exc is None:  # ReadTimeout is one too
-                # Where this VM's reading was when its time ran out; a read still stuck from an
-                # earlier scrape was where it was then.
-                if isinstance(exc, ReadTimeout) and exc.earlier:
-                    source = self._stuck_at.get(target.vmid, stage.source)
-                else:
-                    source = stage.source
-                    self._stuck_at[target.vmid] = source
-                stage.timeouts[source] = stage.timeouts.get(source, 0) + 1
-                skipped[target.vmid] = f"{_STAGE_WORDS[source]} did not answer in time"
             else:
-                skipped[target.vmid] = _describe(exc)
-            timeouts.update({src: timeouts.get(src, 0) + n for src, n in stage.timeouts.items()})
+                skipped[target.vmid] = self._failure(target.vmid, exc, stage)
+            for source, count in stage.timeouts.items():
+                timeouts[source] = timeouts.get(source, 0) + count
         return readings, skipped, timeouts
+
+    def _failure(self, vmid: str, exc: BaseException | None, stage: _Stage) -> str:
+        """Why a VM was skipped; a timeout (`exc` None: cancelled) counts where it hung."""
+        if not isinstance(exc, TimeoutError) and exc is not None:  # ReadTimeout is one too
+            return _describe(exc)
+        # Where this VM's reading was when its time ran out; a read still stuck from an
+        # earlier scrape was where it was then.
+        if isinstance(exc, ReadTimeout) and exc.earlier:
+            source = self._stuck_at.get(vmid, stage.source)
+        else:
+            source = stage.source
+            self._stuck_at[vmid] = source
+        stage.timeouts[source] = stage.timeouts.get(source, 0) + 1
+        return f"{_STAGE_WORDS[source]} did not answer in time"
 
     async def _config(self, target: _Target, stage: _Stage, vm_deadline: float) -> VMConfig:
         """The VM's `.conf`, or its last good reading while the file does not answer."""
@@ -521,50 +379,12 @@ class QmpBackend:
     async def _read_vm(self, target: _Target, stage: _Stage, vm_deadline: float) -> _Reading:
         conf = await self._config(target, stage, vm_deadline)
         stage.source = "qmp"
-        queries: dict[str, Mapping[str, object] | None] = {
-            "query-status": None,
-            "query-blockstats": None,
-            "query-balloon": None,
-            "query-cpus-fast": None,
-            "query-version": None,
-        }
-        if conf.name is None:
-            queries["query-name"] = None
-        if conf.uuid is None:
-            queries["query-uuid"] = None
-        if conf.memory_bytes is None:
-            queries["query-memory-size-summary"] = None
-
-        client = _Client(f"vm{target.vmid}")
-        client.negotiate = False  # negotiated below, through execute(), like every command
-        try:
-            await client.connect(target.socket)
-            await execute(client, "qmp_capabilities")
-            replies = await _batch(client, queries)
-            elsewhere = _runs_elsewhere(replies["query-status"])
-            balloon = replies["query-balloon"]
-            balloon_info = balloon if isinstance(balloon, dict) else None
-            guest_stats: object = None
-            if (
-                not elsewhere
-                and balloon_info is not None
-                and guest_memory_used(balloon_info, None) is None
-            ):
-                with contextlib.suppress(ExecuteError):
-                    guest_stats = await execute(
-                        client, "qom-get", {"path": BALLOON_QOM_PATH, "property": "guest-stats"}
-                    )
-        finally:
-            await _hang_up(client)
-
-        version = _qemu_version(replies["query-version"])
-        if elsewhere:
-            logger.debug("VM %s not published: migrating (%s)", target.vmid, elsewhere)
+        session = await read_session(target.vmid, target.socket, conf)
+        version = qemu_version(session.replies["query-version"])
+        if session.elsewhere:
+            logger.debug("VM %s not published: migrating (%s)", target.vmid, session.elsewhere)
             return _Reading(sample=None, version=version)
-        blockstats = replies["query-blockstats"]
-        if isinstance(blockstats, ExecuteError):
-            raise blockstats
-        disks = disks_from_blockstats(blockstats)
+        disks = disks_from_blockstats(session.required("query-blockstats"))
         # Read /proc after the session: it also proves the process outlived the queries.
         # /proc, then sysfs, in one trip to a reader thread; `stage` says which one hung.
         stage.source = "proc"
@@ -574,64 +394,5 @@ class QmpBackend:
             partial(self._host_figures, target, conf.nets, stage),
             vm_deadline,
         )
-        cpus = replies["query-cpus-fast"]
-        name_reply = replies.get("query-name")
-        uuid_reply = replies.get("query-uuid")
-        qmp_name = name_reply.get("name") if isinstance(name_reply, dict) else None
-        qmp_uuid = uuid_reply.get("UUID") if isinstance(uuid_reply, dict) else None
-        if qmp_uuid and not str(qmp_uuid).strip("0-"):
-            qmp_uuid = None  # QEMU's default all-zero UUID says nothing
-        used = guest_memory_used(balloon_info, guest_stats)
-        sample = VMSample(
-            vm=target.vmid,
-            name=conf.name or (str(qmp_name) if qmp_name else f"VM {target.vmid}"),
-            uuid=conf.uuid or (str(qmp_uuid) if qmp_uuid else ""),
-            cpu_seconds=usage.cpu_seconds,
-            vcpus=len(cpus) if isinstance(cpus, list) and cpus else conf.cpu_count,
-            memory_max_bytes=memory_max(
-                conf, balloon_info, replies.get("query-memory-size-summary")
-            ),
-            memory_used_bytes=used if used is not None else usage.rss_bytes,
-            memory_rss_bytes=usage.rss_bytes,
-            disks=disks,
-            interfaces=interfaces,
-        )
+        sample = vm_sample(target.vmid, conf, session, usage, disks, interfaces)
         return _Reading(sample=sample, version=version)
-
-
-def _runs_elsewhere(status: object) -> str | None:
-    """The run state from a `query-status` reply when it means the guest runs on another node.
-
-    A refused or odd reply gives None: the VM is read as before rather than hidden.
-    """
-    if isinstance(status, dict) and status.get("status") in _RUNNING_ELSEWHERE:
-        return str(status["status"])
-    return None
-
-
-async def _batch(
-    client: QMPClient, queries: Mapping[str, Mapping[str, object] | None]
-) -> dict[str, object]:
-    """Send all queries at once (QEMU answers in order) to keep the session short.
-
-    A command QEMU refuses (no balloon device, say) yields its ExecuteError in place of a
-    reply; a lost connection raises.
-    """
-    names = list(queries)
-    results = await asyncio.gather(
-        *(execute(client, name, queries[name]) for name in names), return_exceptions=True
-    )
-    replies: dict[str, object] = {}
-    for name, result in zip(names, results, strict=True):
-        if isinstance(result, BaseException) and not isinstance(result, ExecuteError):
-            raise result
-        replies[name] = result
-    return replies
-
-
-async def _hang_up(client: QMPClient) -> None:
-    """Close the session at once so the socket is free for pvestatd and `qm`."""
-    if client.runstate == Runstate.IDLE:
-        return
-    with contextlib.suppress(Exception):
-        await client.disconnect()

@@ -98,6 +98,12 @@ def make_ssl_context(tls: TLSConfig, where: str = "web config") -> ssl.SSLContex
             f"{where}: tls_server_config: failed to load X509KeyPair ({tls.cert_file}, "
             f"{tls.key_file}): {_reason(exc)}"
         ) from None
+    _client_auth(context, tls, where)
+    return context
+
+
+def _client_auth(context: ssl.SSLContext, tls: TLSConfig, where: str) -> None:
+    """Client certificates as `client_auth_type` asks, verified against `client_ca_file`."""
     auth = tls.client_auth_type
     if auth in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert", "RequireAnyClientCert"):
         try:
@@ -120,7 +126,6 @@ def make_ssl_context(tls: TLSConfig, where: str = "web config") -> ssl.SSLContex
             raise WebConfigError(
                 f"{where}: tls_server_config.client_ca_file {tls.client_ca_file}: {_reason(exc)}"
             ) from None
-    return context
 
 
 def _reason(exc: BaseException) -> str:

@@ -26,9 +26,13 @@ What the TLS fields mean for OpenSSL is in `exporter.tlsconfig`; the bcrypt rule
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import yaml
 
 TLS_VERSIONS = ("TLS10", "TLS11", "TLS12", "TLS13")
 
@@ -136,7 +140,7 @@ def load_web_config(path: str | Path) -> WebConfig:
     except UnicodeDecodeError:
         raise WebConfigError(f"{where}: not UTF-8 text") from None
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader that refuses repeated keys
+        raw = yaml.load(text, Loader=_strict_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -183,15 +187,10 @@ def _tls(raw: object, base: Path, where: str) -> TLSConfig | None:
     ca = _string(section.get("client_ca_file"), name + "client_ca_file", where)
     ciphers = _names(section.get("cipher_suites"), name + "cipher_suites", where, CIPHER_SUITES)
     curves = _names(section.get("curve_preferences"), name + "curve_preferences", where, CURVES)
-    versions = {}
-    for key_name, default in (("min_version", "TLS12"), ("max_version", "TLS13")):
-        value = section.get(key_name)
-        if value is None:
-            versions[key_name] = default
-        elif value not in TLS_VERSIONS:
-            raise WebConfigError(f"{where}: {name}{key_name}: unknown TLS version: {value}")
-        else:
-            versions[key_name] = value
+    versions = {
+        key_name: _tls_version(section.get(key_name), default, name + key_name, where)
+        for key_name, default in (("min_version", "TLS12"), ("max_version", "TLS13"))
+    }
     prefer = section.get("prefer_server_cipher_suites", True)
     if not isinstance(prefer, bool):
         raise WebConfigError(f"{where}: {name}prefer_server_cipher_suites: not a boolean")
@@ -225,6 +224,14 @@ def _tls(raw: object, base: Path, where: str) -> TLSConfig | None:
         curve_preferences=curves,
         prefer_server_cipher_suites=prefer,
     )
+
+
+def _tls_version(value: object, default: str, field: str, where: str) -> str:
+    if value is None:
+        return default
+    if value not in TLS_VERSIONS:
+        raise WebConfigError(f"{where}: {field}: unknown TLS version: {value}")
+    return str(value)
 
 
 def _headers(raw: object, where: str) -> tuple[tuple[str, str], ...]:
@@ -285,12 +292,13 @@ def _names(raw: object, name: str, where: str, known: tuple[str, ...]) -> tuple[
     return tuple(raw)
 
 
-def _strict_loader() -> type:
+@functools.cache
+def _strict_loader() -> type[yaml.SafeLoader]:
+    """A SafeLoader that refuses a key given twice, as Go's yaml.UnmarshalStrict does; built
+    on first use, so importing this module does not import yaml."""
     import yaml
 
     class StrictLoader(yaml.SafeLoader):
-        """SafeLoader that refuses a key given twice, as Go's yaml.UnmarshalStrict does."""
-
         def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
             seen = set()
             for key_node, _ in node.value:
@@ -303,17 +311,3 @@ def _strict_loader() -> type:
             return super().construct_mapping(node, deep=deep)
 
     return StrictLoader
-
-
-class _LazyLoader:
-    """Builds the strict loader on first use, so importing this module does not import yaml."""
-
-    _cls: type | None = None
-
-    def __call__(self, stream: Any) -> Any:
-        if _LazyLoader._cls is None:
-            _LazyLoader._cls = _strict_loader()
-        return _LazyLoader._cls(stream)
-
-
-_StrictLoader = _LazyLoader()

@@ -28,7 +28,7 @@ from pydantic import (
 from recommender.engine.measure import needed_resources
 from recommender.engine.rules import RuleSettings
 from recommender.listen import parse_listen
-from recommender.model import GIB, RESOURCES
+from recommender.resources import GIB, RESOURCES
 from recommender.strict_model import StrictModel
 from recommender.text import one_line
 

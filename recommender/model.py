@@ -23,19 +23,13 @@ from typing import TypeVar
 import numpy as np
 import pandas as pd
 
-RESOURCES: tuple[str, ...] = ("cpu", "memory", "disk_bytes", "disk_ops", "network")
-CPU = RESOURCES.index("cpu")
-MEM = RESOURCES.index("memory")
-
-GIB = 1024**3
-
-RESOURCE_UNITS: dict[str, str] = {
-    "cpu": "cores",
-    "memory": "bytes",
-    "disk_bytes": "bytes/s",
-    "disk_ops": "ops/s",
-    "network": "bytes/s",
-}
+# Re-exported: the stages read the resource names and units from the model.
+from recommender.resources import CPU as CPU
+from recommender.resources import GIB as GIB
+from recommender.resources import MEM as MEM
+from recommender.resources import RESOURCE_UNITS as RESOURCE_UNITS
+from recommender.resources import RESOURCES as RESOURCES
+from recommender.resources import utilisation as array_utilisation
 
 # The units a utilisation is computed on: arrays for the plan, frames for the report.
 Loads = TypeVar("Loads", np.ndarray, pd.DataFrame, pd.Series)
@@ -127,4 +121,4 @@ def utilisation(load: Loads, capacity: Loads) -> Loads:
     with np.errstate(divide="ignore", invalid="ignore"):
         if isinstance(capacity, pd.DataFrame | pd.Series):
             return load / capacity.where(capacity > 0)
-        return np.asarray(load, dtype=float) / np.where(capacity > 0, capacity, np.nan)
+        return array_utilisation(load, capacity)

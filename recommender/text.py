@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
 
-from recommender.model import GIB
+from recommender.resources import GIB
 
 # A host name (and a Proxmox node name): letters, digits, dots and dashes, not at either end.
 HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")

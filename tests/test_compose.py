@@ -96,10 +96,14 @@ def test_node_compose_files_mount_only_the_hypervisor_paths(path: Path) -> None:
         assert service["pid"] == "host"
 
 
-def test_dockerfile_installs_the_package_with_both_entry_points() -> None:
+def test_dockerfile_installs_the_locked_package_with_both_entry_points() -> None:
     text = (REPO / "Dockerfile").read_text(encoding="utf-8")
-    assert re.search(r"^FROM python:3\.11-slim", text, re.MULTILINE)
-    assert "'.[libvirt]'" in text
+    assert len(re.findall(r"^FROM python:3\.11-slim", text, re.MULTILINE)) == 2
+    # Both commands by default, each extra by name; the versions and hashes from uv.lock.
+    assert re.search(r'^ARG EXTRAS="libvirt recommender"$', text, re.MULTILINE)
+    assert "uv export --frozen --no-dev" in text
+    assert re.search(r"pip wheel .*--require-hashes .*-r requirements.txt", text)
+    assert "COPY pyproject.toml uv.lock" in text
     for package in ("libvirt-dev", "pkg-config", "gcc", "libvirt0"):
         assert package in text
     for line in text.splitlines():
@@ -108,7 +112,7 @@ def test_dockerfile_installs_the_package_with_both_entry_points() -> None:
                 assert (REPO / source).exists(), line
     pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
     assert 'vmbalance-exporter = "exporter.cli:main"' in pyproject
-    assert 'vmbalance = "recommender.cli:main"' in pyproject
+    assert 'vmbalance = "recommender.entry:main"' in pyproject
     ignored = (REPO / ".dockerignore").read_text(encoding="utf-8").split()
     assert ".venv" in ignored and ".git" in ignored
 

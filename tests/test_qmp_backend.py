@@ -32,14 +32,9 @@ from devkit.qemu import (
     write_boot_image,
 )
 from exporter.pve_conf import VMConfig, parse_config
-from exporter.qmp import (
-    ALLOWED_COMMANDS,
-    CommandNotAllowedError,
-    QmpBackend,
-    disk_name,
-    disks_from_blockstats,
-    execute,
-)
+from exporter.qmp import QmpBackend
+from exporter.qmp_replies import disk_name, disks_from_blockstats
+from exporter.qmp_session import ALLOWED_COMMANDS, CommandNotAllowedError, execute
 from exporter.samples import BackendError, DiskSample, InterfaceSample, NodeSample, VMSample
 
 MIB = 1024 * 1024

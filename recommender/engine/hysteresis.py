@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from recommender.engine.measure import EPSILON
-from recommender.model import GIB
+from recommender.resources import GIB
 
 if TYPE_CHECKING:
     from recommender.config import BalanceSettings

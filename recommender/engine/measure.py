@@ -23,7 +23,7 @@ from typing import overload
 
 import numpy as np
 
-from recommender.model import utilisation
+from recommender.resources import utilisation
 
 # Imbalances closer than this are equal: "under the target" allows it, rankings round to it.
 EPSILON = 1e-9

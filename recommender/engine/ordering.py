@@ -16,7 +16,7 @@ import numpy as np
 
 from recommender.engine.problem import Problem, State
 from recommender.engine.rules import Constraint, Movers, allowed_targets
-from recommender.model import MEM
+from recommender.resources import MEM
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from pydantic import ValidationError
 
@@ -20,10 +20,12 @@ from recommender.config import Config, ConfigError, load_config, validation_prob
 from recommender.errors import CommandError
 from recommender.faces.errors import known_error
 from recommender.faces.stdout import document_stdout
-from recommender.model import Snapshot
 from recommender.output_file import write_output
 from recommender.outputs.formats import FORMATS
 from recommender.quoting import display
+
+if TYPE_CHECKING:  # the data frames load with the commands that need them
+    from recommender.model import Snapshot
 
 EXIT_OK = 0
 EXIT_ERROR = 2

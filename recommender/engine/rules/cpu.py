@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from recommender.engine.rules.base import CapacityFit
-from recommender.model import CPU
+from recommender.resources import CPU
 
 if TYPE_CHECKING:
     from recommender.config import BalanceSettings

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from recommender.engine.rules.base import CapacityFit
-from recommender.model import MEM
+from recommender.resources import MEM
 from recommender.text import in_gib
 
 if TYPE_CHECKING:
