@@ -300,7 +300,7 @@ _EXACT_INT = 10**16
 def _append_samples(
     out: list[str],
     name: str,
-    value_of: Callable[[Any], float | None],
+    value_of: Callable[[Any], int | float | None],
     rows: Iterable[tuple[Any, str]],
 ) -> None:
     """Append `name{labels} value` for each (object, label set) row whose value is not None;

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -27,6 +27,7 @@ from pydantic import (
 
 from recommender.engine.measure import needed_resources
 from recommender.engine.rules import RuleSettings
+from recommender.engine.rules.base import RulesPart
 from recommender.listen import parse_listen
 from recommender.resources import GIB, RESOURCES
 from recommender.strict_model import StrictModel
@@ -243,12 +244,18 @@ class ServeSettings(StrictModel):
         return value
 
 
+if TYPE_CHECKING:  # composed at import time from the rules' own settings models
+    RulesSection = RulesPart
+else:
+    RulesSection = RuleSettings
+
+
 class Config(StrictModel):
     prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
     query: QuerySettings = Field(default_factory=QuerySettings)
     capacity: CapacitySettings = Field(default_factory=CapacitySettings)
     balance: BalanceSettings = Field(default_factory=BalanceSettings)
-    rules: RuleSettings = Field(default_factory=RuleSettings)
+    rules: RulesSection = Field(default_factory=RuleSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
 
@@ -267,10 +274,10 @@ class ConfigError(Exception):
 class _LineLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:  # type: ignore[override]
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
         seen: dict[object, int] = {}
         for key_node, _value_node in node.value:
-            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=True)
             try:
                 if key in seen:
                     raise yaml.constructor.ConstructorError(

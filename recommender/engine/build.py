@@ -140,7 +140,7 @@ def _vms(
     names = tuple(str(v) for v in frame.index)
     display = tuple(str(v) for v in frame["name"].fillna("").to_numpy()) if names else ()
     node = (
-        pd.Index(node_names, dtype=object).get_indexer(frame["node"].astype(str))
+        pd.Index(node_names, dtype=object).get_indexer(pd.Index(frame["node"].astype(str)))
         if names
         else np.zeros(0, dtype=np.int64)
     ).astype(np.int64)

@@ -15,8 +15,10 @@ imbalance, then the migrations at that imbalance.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
@@ -25,10 +27,23 @@ from recommender.engine.measure import cluster_mean
 from recommender.engine.problem import Problem, State, UnitMove
 from recommender.engine.rules import Constraint, Movers
 
-try:  # optional: the product runs without it and plans heuristically
-    import highspy
-except ImportError:  # pragma: no cover - depends on the installation
-    highspy = None
+
+def _load_highspy() -> ModuleType | None:
+    """HiGHS when installed: without it the product plans heuristically."""
+    try:
+        return importlib.import_module("highspy")
+    except ImportError:  # pragma: no cover - depends on the installation
+        return None
+
+
+highspy: ModuleType | None = _load_highspy()
+
+
+def _highs() -> ModuleType:
+    if highspy is None:  # callers check `available()` first
+        raise RuntimeError("highspy is not installed")
+    return highspy
+
 
 # HighsInfo.primal_solution_status of a feasible solution (kSolutionStatusFeasible).
 _FEASIBLE_SOLUTION = 2
@@ -256,7 +271,7 @@ class LinearModel:
             pick = np.flatnonzero(cols.mover == owner)
             start[pick] = cols.node[pick] == node
         start[cols.nv :] = self.incumbent_levels
-        solution = highspy.HighsSolution()
+        solution = _highs().HighsSolution()
         solution.col_value = start.tolist()
         solution.value_valid = True
         highs.setSolution(solution)
@@ -265,14 +280,15 @@ class LinearModel:
         self, highs: Any, cols: _Columns, objective: Objective, imbalance_cap: float | None
     ) -> ExactResult:
         status = highs.getModelStatus()
-        if status == highspy.HighsModelStatus.kInfeasible:
+        if status == _highs().HighsModelStatus.kInfeasible:
             return ExactResult("infeasible", (), False, 0, 0.0)
         solution = np.asarray(highs.getSolution().col_value)
         # At a limit HiGHS may hand back values that are no feasible plan (none found yet).
         feasible = highs.getInfo().primal_solution_status == _FEASIBLE_SOLUTION
         if len(solution) != cols.nv + cols.nz or not feasible:
             return ExactResult("limit", (), False, 0, 0.0)
-        label: ExactStatus = "optimal" if status == highspy.HighsModelStatus.kOptimal else "limit"
+        optimal = status == _highs().HighsModelStatus.kOptimal
+        label: ExactStatus = "optimal" if optimal else "limit"
         value = float(solution[cols.nv :] @ cols.z_weights / cols.weight_sum)
         if objective == "imbalance":
             return ExactResult(label, (), False, 0, 0.0, value)
@@ -296,7 +312,7 @@ class LinearModel:
 
 
 def _solver() -> Any:
-    highs = highspy.Highs()
+    highs = _highs().Highs()
     highs.setOptionValue("output_flag", False)
     highs.setOptionValue("random_seed", 0)
     highs.setOptionValue("threads", 1)

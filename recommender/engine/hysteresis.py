@@ -36,14 +36,16 @@ def in_cooldown(last_migration: np.ndarray, now: float, cooldown_seconds: float)
     """VMs whose last migration is less than `cooldown_seconds` before `now` (NaN: never)."""
     last = np.asarray(last_migration, dtype=float)
     with np.errstate(invalid="ignore"):
-        return np.isfinite(last) & (now - last < cooldown_seconds)
+        cooling: np.ndarray = np.isfinite(last) & (now - last < cooldown_seconds)
+    return cooling
 
 
 def is_bursting(burst_ratio: np.ndarray, limit: float) -> np.ndarray:
     """VMs whose burst ratio is at or above `limit` (NaN: unknown, not bursting)."""
     ratio = np.asarray(burst_ratio, dtype=float)
     with np.errstate(invalid="ignore"):
-        return np.isfinite(ratio) & (ratio >= limit)
+        bursting: np.ndarray = np.isfinite(ratio) & (ratio >= limit)
+    return bursting
 
 
 def weakest_move(gains: np.ndarray, thresholds: np.ndarray) -> int | None:

@@ -52,7 +52,8 @@ def imbalance_per_resource(load: np.ndarray, capacity: np.ndarray) -> np.ndarray
     if load.shape[0] == 0:
         return np.zeros(load.shape[1])
     util = node_utilisation(load, capacity)
-    return np.maximum(util.max(axis=0) - cluster_mean(load, capacity), 0.0)
+    per_resource: np.ndarray = np.maximum(util.max(axis=0) - cluster_mean(load, capacity), 0.0)
+    return per_resource
 
 
 def overall_imbalance(per_resource: np.ndarray, weights: np.ndarray) -> float:

@@ -149,8 +149,8 @@ class Scorer:
         step = max(1, BLOCK // max(1, len(self.resources)))
         for lo in range(0, len(target), step):
             hi = min(len(target), lo + step)
-            part = slice(lo, hi)
-            out[:, part] = self._evaluate(view, load[part], source[part], target[part], False)
+            block = slice(lo, hi)
+            out[:, block] = self._evaluate(view, load[block], source[block], target[block], False)
         if len(self.active) <= self.EXACT_DISTANCE_NODES and len(target):
             pick = np.arange(len(target))
             if refine is not None and refine < len(target):
@@ -190,7 +190,8 @@ class Scorer:
 
         def above(x: np.ndarray, line: np.ndarray, power: int) -> np.ndarray:
             e = np.maximum(x - line, 0.0)
-            return (e * e if power == 2 else e) @ w
+            excess: np.ndarray = (e * e if power == 2 else e) @ w
+            return excess
 
         us_safe = np.where(src_active[:, None], us_new, 0.0)
         # Smooth: squared excess over the mean; only the two changed nodes differ, unless the

@@ -264,7 +264,7 @@ def pilot(ctx: SearchContext, start: Candidate, budget: int, best: Candidate) ->
         found = greedy.moves(plan.state, plan.view, room, [m.unit for m in plan.moves])
         if len(found) == 0:
             break
-        trials = []
+        trials: list[_Trial] = []
         for j in greedy.best_moves(found, ctx.limits.pilot_breadth):
             child = greedy.apply(plan, int(found.unit[j]), int(found.target[j]))
             left = room - (child.state.migrations - plan.state.migrations)

@@ -11,12 +11,13 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeAlias
 
 from pydantic import ValidationError
 
 from recommender import __version__
 from recommender.config import Config, ConfigError, load_config, validation_problems
+from recommender.engine.rules.maintenance import MaintenanceSettings
 from recommender.errors import CommandError
 from recommender.faces.errors import known_error
 from recommender.faces.stdout import document_stdout
@@ -30,7 +31,8 @@ if TYPE_CHECKING:  # the data frames load with the commands that need them
 EXIT_OK = 0
 EXIT_ERROR = 2
 
-Subcommands = argparse._SubParsersAction  # what `add_subparsers` returns
+# What `add_subparsers` returns.
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
@@ -205,50 +207,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Each flag that sets one setting as it is given, and that setting (section, key).
+_FLAG_SETTINGS: dict[str, tuple[str, str]] = {
+    "prometheus_url": ("prometheus", "url"),
+    "bearer_token_file": ("prometheus", "bearer_token_file"),
+    "username": ("prometheus", "username"),
+    "ca_file": ("prometheus", "ca_file"),
+    "insecure_skip_verify": ("prometheus", "insecure_skip_verify"),
+    "timeout": ("prometheus", "timeout_seconds"),
+    "window": ("query", "window"),
+    "estimator": ("query", "estimator"),
+    "quantile": ("query", "quantile"),
+    "max_migrations": ("balance", "max_migrations"),
+    "commands": ("output", "commands"),
+    "listen": ("serve", "listen"),
+    "interval": ("serve", "interval_seconds"),
+}
+
+
 def effective_config(args: argparse.Namespace, base: Config | None = None) -> Config:
     """The config file (else `base`, else defaults) with the command-line flags on top."""
     config = load_config(args.config) if getattr(args, "config", None) else base or Config()
-    prometheus: dict[str, Any] = {}
-    if getattr(args, "prometheus_url", None):
-        prometheus["url"] = args.prometheus_url
-    if getattr(args, "bearer_token_file", None):
-        prometheus["bearer_token_file"] = args.bearer_token_file
-    if getattr(args, "username", None):
-        prometheus["username"] = args.username
+    updates: dict[str, dict[str, Any]] = {}
+    for flag, (section, key) in _FLAG_SETTINGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            updates.setdefault(section, {})[key] = value
     if getattr(args, "password_file", None):
-        prometheus["password"] = _read_secret("--password-file", args.password_file)
-    if getattr(args, "ca_file", None):
-        prometheus["ca_file"] = args.ca_file
-    if getattr(args, "insecure_skip_verify", None):
-        prometheus["insecure_skip_verify"] = True
-    if getattr(args, "timeout", None) is not None:
-        prometheus["timeout_seconds"] = args.timeout
-    query: dict[str, Any] = {}
-    for flag in ("window", "estimator", "quantile"):
-        if getattr(args, flag, None) is not None:
-            query[flag] = getattr(args, flag)
-    balance: dict[str, Any] = {}
-    if getattr(args, "max_migrations", None) is not None:
-        balance["max_migrations"] = args.max_migrations
-    rules: dict[str, Any] = {}
+        password = _read_secret("--password-file", args.password_file)
+        updates.setdefault("prometheus", {})["password"] = password
     if getattr(args, "maintenance", None):
-        rules["maintenance"] = sorted({*config.rules.maintenance, *args.maintenance})
-    output: dict[str, Any] = {}
-    if getattr(args, "commands", None):
-        output["commands"] = args.commands
-    serve: dict[str, Any] = {}
-    if getattr(args, "listen", None):
-        serve["listen"] = args.listen
-    if getattr(args, "interval", None) is not None:
-        serve["interval_seconds"] = args.interval
-    updates = {
-        "prometheus": prometheus,
-        "query": query,
-        "balance": balance,
-        "rules": rules,
-        "output": output,
-        "serve": serve,
-    }
+        configured = MaintenanceSettings.of(config.rules).maintenance
+        updates.setdefault("rules", {})["maintenance"] = sorted({*configured, *args.maintenance})
     merged = config.model_dump()
     for section, values in updates.items():
         merged[section].update(values)

@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from recommender.config import Config
+from recommender.engine.rules.maintenance import MaintenanceSettings
 from recommender.errors import CommandError
 from recommender.faces.errors import known_error
 from recommender.listen import parse_listen
@@ -66,7 +67,7 @@ def node_facts(
         if (value := finite_or_none(row[resource])) is not None
     }
     maintenance = {str(n): bool(m) for n, m in snapshot.nodes["maintenance"].items()}
-    for node in config.rules.maintenance:
+    for node in MaintenanceSettings.of(config.rules).maintenance:
         maintenance[node] = True
     return capacities, maintenance
 
@@ -278,7 +279,8 @@ def make_app(recommender: Recommender, registry: CollectorRegistry) -> Callable[
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
-            return metrics_app(environ, start_response)
+            metrics: Iterable[bytes] = metrics_app(environ, start_response)
+            return metrics
         if path == "/plan":
             latest = recommender.latest()
             if latest.plan_document is None:

@@ -10,10 +10,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from recommender.config import GIB, Config
+from recommender.config import Config
 from recommender.model import finite_or_none
 from recommender.plan import Plan
 from recommender.quoting import display
+from recommender.resources import GIB
 
 
 def _text(value: object) -> Text:
@@ -26,8 +27,7 @@ def _pct(value: float | None) -> str:
     return "n/a" if known is None else f"{100 * known:.0f}%"
 
 
-def render_table(plan: Plan, config: Config, console: Console) -> None:
-    """Node utilisation before → after per resource, then each move with reason and gain."""
+def _imbalance_table(plan: Plan) -> Table:
     summary = Table(title="Imbalance")
     summary.add_column("resource")
     summary.add_column("before", justify="right")
@@ -43,8 +43,10 @@ def render_table(plan: Plan, config: Config, console: Console) -> None:
         Text(f"{plan.overall_before:.3f}", style="bold"),
         Text(f"{plan.overall_after:.3f}", style="bold"),
     )
-    console.print(summary)
+    return summary
 
+
+def _node_table(plan: Plan) -> Table:
     nodes = Table(title="Node utilisation before → after")
     nodes.add_column("node")
     nodes.add_column("VMs", justify="right")
@@ -60,24 +62,33 @@ def render_table(plan: Plan, config: Config, console: Console) -> None:
             f"{_pct(before[f'{r}_util'])} → {_pct(after[f'{r}_util'])}" for r in plan.resources
         ]
         nodes.add_row(label, f"{int(before['vms'])} → {int(after['vms'])}", *cells)
-    console.print(nodes)
+    return nodes
 
+
+def _moves_table(plan: Plan) -> Table:
+    moves = Table(title=f"{len(plan.migrations)} migration(s) in {len(plan.waves)} wave(s)")
+    for column in ("wave", "vm", "name", "from", "to", "reason", "gain", "memory"):
+        moves.add_column(column, justify="right" if column in ("gain", "memory") else "left")
+    for m in plan.migrations:
+        moves.add_row(
+            str(m.wave),
+            _text(m.vm),
+            _text(m.name),
+            _text(m.source),
+            _text(m.target),
+            _text(m.reason),
+            f"{m.gain:.3f}",
+            f"{m.memory_bytes / GIB:.1f} GiB",
+        )
+    return moves
+
+
+def render_table(plan: Plan, config: Config, console: Console) -> None:
+    """Node utilisation before → after per resource, then each move with reason and gain."""
+    console.print(_imbalance_table(plan))
+    console.print(_node_table(plan))
     if plan.migrations:
-        moves = Table(title=f"{len(plan.migrations)} migration(s) in {len(plan.waves)} wave(s)")
-        for column in ("wave", "vm", "name", "from", "to", "reason", "gain", "memory"):
-            moves.add_column(column, justify="right" if column in ("gain", "memory") else "left")
-        for m in plan.migrations:
-            moves.add_row(
-                str(m.wave),
-                _text(m.vm),
-                _text(m.name),
-                _text(m.source),
-                _text(m.target),
-                _text(m.reason),
-                f"{m.gain:.3f}",
-                f"{m.memory_bytes / GIB:.1f} GiB",
-            )
-        console.print(moves)
+        console.print(_moves_table(plan))
     elif not plan.triggered:
         console.print(
             f"Balanced: overall imbalance {plan.overall_before:.3f} is under the trigger "

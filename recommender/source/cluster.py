@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from recommender.config import Config, duration_seconds
+from recommender.engine.rules.maintenance import MaintenanceSettings
 from recommender.model import Snapshot, make_nodes, make_vms
 from recommender.source.answers import Answer, by_label, by_node_vm, sample
 from recommender.source.http import SourceError
@@ -137,7 +138,7 @@ def _nodes(
     cpus = by_label(answers["node_cpus"], "node")
     memory = by_label(answers["node_memory"], "node")
     node_names = sorted(set(up) | {p.node for p in places.values()})
-    maintenance = set(config.rules.maintenance)
+    maintenance = set(MaintenanceSettings.of(config.rules).maintenance)
     down = sorted(n for n in node_names if up.get(n) == 0)
     if down:
         warnings.append(

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import pandas as pd
 
 from recommender.config import Config
+from recommender.engine.rules.maintenance import MaintenanceSettings
 from recommender.history import History, Window
 from recommender.model import RESOURCES
 from recommender.source.answers import Answer, node_matrix, pair_values, presence_frame
@@ -90,7 +91,7 @@ def assemble_history(
     has_data = pd.concat([raw_load[r] for r in RATE_COUNTERS], axis=1).notna().any(axis=1)
     load = {r: raw_load[r].reindex(columns=nodes).fillna(0.0) for r in RESOURCES}
     capacity = _capacity(config, measured, nodes, index)
-    maintenance = set(config.rules.maintenance)
+    maintenance = set(MaintenanceSettings.of(config.rules).maintenance)
     up_ok = up.reindex(columns=nodes).fillna(1.0) != 0
     known = pd.DataFrame(True, index=index, columns=nodes)
     for resource in config.balance.needed_resources:

@@ -283,11 +283,13 @@ class CapacityFit(Constraint):
         return f"{value:.1f} {self.unit}"
 
     def slack(self) -> np.ndarray:
-        return self.tolerance * np.maximum(np.abs(self.limit), 1.0)
+        slack: np.ndarray = self.tolerance * np.maximum(np.abs(self.limit), 1.0)
+        return slack
 
     def allowed_targets(self, state: State, movers: Movers) -> np.ndarray:
         after = state.node_load[None, :, self.column] + movers.load[:, self.column, None]
-        return after <= (self.limit + self.slack())[None, :]
+        allowed: np.ndarray = after <= (self.limit + self.slack())[None, :]
+        return allowed
 
     def check(self, state: State, *, final: bool = False) -> list[Violation]:
         over = np.flatnonzero(state.node_load[:, self.column] > self.limit + self.slack())

@@ -234,7 +234,7 @@ def top_vms(history: History, resource: str, count: int = TOP_VMS) -> list[TopVM
                 load=float(load),
                 capacity_share=load / node_capacity if node_capacity > 0 else math.nan,
                 node_share=on_node / node_total if node_total > 0 else math.nan,
-                moved=int(homes.at[vm, "nodes"]) > 1,
+                moved=int(str(homes.at[vm, "nodes"])) > 1,
             )
         )
     return out

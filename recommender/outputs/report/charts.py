@@ -57,7 +57,7 @@ def _figure() -> Figure:
     return Figure(figsize=CHART_SIZE, dpi=CHART_DPI, layout="constrained")
 
 
-def _dates(index: pd.Index) -> np.ndarray:
+def _dates(index: pd.Index) -> pd.DatetimeIndex:
     return pd.to_datetime(index.to_numpy(dtype=float), unit="s", utc=True).tz_localize(None)
 
 
@@ -93,7 +93,7 @@ def chart_imbalance(
     ax.axhline(config.balance.target, color="tab:green", linestyle=":", label="target")
     for i, m in enumerate(migrations):
         ax.axvline(
-            pd.Timestamp(m.time, unit="s").to_datetime64(),
+            mdates.date2num(pd.Timestamp(m.time, unit="s").to_pydatetime()),
             color="grey",
             linewidth=0.8,
             alpha=0.6,
@@ -147,8 +147,10 @@ def chart_plan(plan: Plan, path: Path) -> Path:
         ax.tick_params(axis="y", labelsize=7)
     summary = axes.flat[-1]
     labels = [*RESOURCES, "overall"]
-    before = [plan.imbalance_before.get(r, 0.0) for r in RESOURCES] + [plan.overall_before]
-    after = [plan.imbalance_after.get(r, 0.0) for r in RESOURCES] + [plan.overall_after]
+    imbalance_before = [plan.imbalance_before.get(r, 0.0) for r in RESOURCES]
+    imbalance_after = [plan.imbalance_after.get(r, 0.0) for r in RESOURCES]
+    before = np.array([*imbalance_before, plan.overall_before])
+    after = np.array([*imbalance_after, plan.overall_after])
     y = np.arange(len(labels))
     summary.bar(y - 0.2, before, 0.4, label="before", color="tab:orange")
     summary.bar(y + 0.2, after, 0.4, label="after", color="tab:blue")

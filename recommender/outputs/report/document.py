@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from recommender.config import GIB, Config
+from recommender.config import Config
 from recommender.history import Window
 from recommender.model import RESOURCES, Snapshot, finite_or_none
 from recommender.outputs.commands import commands_refusal, plan_commands, render_commands
@@ -21,6 +21,7 @@ from recommender.outputs.report.charts import RESOURCE_LABELS
 from recommender.outputs.report.forecast import DAY, HORIZON, MIN_POINTS, Crossing, Outcome
 from recommender.outputs.report.migrations import EFFECT_POINTS
 from recommender.plan import Plan
+from recommender.resources import GIB
 from recommender.text import format_time
 
 RESOURCE_TITLES: dict[str, str] = {
