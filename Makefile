@@ -14,7 +14,7 @@ SYNC := UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --locked --quiet --python $(PY
 DEBS := python3-venv python3-dev gcc pkg-config libvirt-dev openssl \
         prometheus prometheus-alertmanager victoria-metrics prometheus-libvirt-exporter \
         qemu-system-x86 qemu-utils busybox-static cpio docker-compose \
-        libvirt-daemon libvirt-daemon-driver-qemu
+        libvirt-daemon libvirt-daemon-driver-qemu prometheus-node-exporter
 
 .PHONY: all debs venv test test-fast upgrade-check demo lab bench lint clean
 
@@ -35,7 +35,8 @@ $(STAMP): pyproject.toml uv.lock $(UV) | debs
 
 venv: debs $(STAMP)
 
-test: venv
+# Style, types and layering first, then every test (CI runs exactly this).
+test: lint venv
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # The inner loop: everything but the tests that start real servers or guests.
@@ -64,9 +65,20 @@ lab: venv
 bench: venv
 	@set -e; for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script; done
 
-lint: venv
-	$(VENV)/bin/ruff check exporter recommender devkit tests bench lab demo
-	$(VENV)/bin/ruff format --check exporter recommender devkit tests bench lab demo
+# Lint needs no Debian package: its own venv from the lock, without libvirt-python (which
+# compiles against libvirt-dev). ruff (style and complexity), mypy --strict on the product
+# packages, and the layering contracts of docs/architecture.md (import-linter).
+LINT_VENV := $(TOOLS)/lint
+LINT_STAMP := $(LINT_VENV)/.installed
+$(LINT_STAMP): pyproject.toml uv.lock $(UV)
+	@UV_PROJECT_ENVIRONMENT=$(LINT_VENV) $(UV) sync --locked --quiet --python $(PYTHON) --extra recommender
+	@touch $(LINT_STAMP)
+
+lint: $(LINT_STAMP)
+	$(LINT_VENV)/bin/ruff check .
+	$(LINT_VENV)/bin/ruff format --check .
+	$(LINT_VENV)/bin/mypy
+	$(LINT_VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) $(TOOLS) build *.egg-info .pytest_cache
