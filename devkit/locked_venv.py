@@ -1,8 +1,10 @@
 """Scratch virtualenvs installed as an operator's would be, from the lock.
 
 The dependencies are `uv.lock` exported for the chosen extras (exact versions, hash-checked),
-the project itself a built wheel, not an editable checkout. uv installs from its cache only
-(`make venv` has filled it with every locked file), so no test waits on a package index.
+the project itself a built wheel, not an editable checkout. The files come from uv's cache
+where `make venv` has put them; uv still asks the index for what a lock export does not carry
+(a `requirements.txt` names versions, not file URLs), so these installs need the index that
+`make venv` reached.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def install(
     python = venv / "bin" / "python"
     requirements = work / "requirements.txt"
     requirements.write_text(locked_requirements(extras))
-    common = ["--quiet", "--offline", "--python", str(python)]
+    common = ["--quiet", "--python", str(python)]
     if compile_bytecode:
         common.append("--compile-bytecode")
     _uv("pip", "install", *common, "--require-hashes", "-r", str(requirements))
