@@ -87,6 +87,20 @@ class History:
     def nodes(self) -> list[str]:
         return list(self.active.columns)
 
+    @property
+    def covered(self) -> float:
+        """Seconds of the window the data covers: from the first sample to the end. The first
+        step with data counts by the share of a full step's samples it holds."""
+        data = np.flatnonzero(self.has_data.to_numpy(dtype=bool))
+        if not len(data):
+            return 0.0
+        first = int(data[0])
+        share = 1.0
+        samples = self.presence.groupby("step")["samples"].max()
+        if len(samples) and first in samples.index and samples.max() > 0:
+            share = float(samples[first] / samples.max())
+        return float(self.window.end - self.window.times[first] + share * self.window.step)
+
     def utilisation(self, resource: str) -> pd.DataFrame:
         return utilisation(self.load[resource], self.capacity[resource])
 

@@ -23,9 +23,10 @@ from devkit.simulate import (
     to_victoriametrics,
 )
 from recommender.config import Config
+from recommender.faces.report import write_report
 from recommender.history import History, report_window
 from recommender.model import RESOURCES, Snapshot
-from recommender.outputs.report.analysis import imbalance_series
+from recommender.outputs.report.analysis import imbalance_series, node_statistics, vm_contributions
 from recommender.source.answers import quantiles, step_positions
 from recommender.source.grid import (
     SampleGrid,
@@ -267,3 +268,28 @@ def test_range_answers_land_on_their_step_whatever_the_server_rounds() -> None:
     times = 1000.0 + 300.0 * np.arange(4)
     stamps = [1150.0, 1450.0, 1750.0, 2050.0, 2400.0, 999.0]
     assert step_positions(stamps, times, shift=150.0).tolist() == [0, 1, 2, 3, -1, -1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["prometheus", "victoriametrics"])
+def test_a_week_report_over_one_day_of_data(
+    fifteen_seconds: Servers, server: str, tmp_path: Path
+) -> None:
+    """25 hours of data, a 7-day report: the rates are over the covered time (not diluted
+    over seven days), the summary names the covered span, and no trend is drawn."""
+    history = fifteen_seconds.history
+    url = fifteen_seconds.urls()[server]
+    config = _config(url, history, "mean")
+    found = _history(url, fifteen_seconds, 7 * 86400, history.end)
+    assert found.covered == pytest.approx(history.end - history.start, abs=60)
+    per_vm = vm_contributions(found).groupby(level="vm").sum()
+    for sim in history.vms:
+        truth = history.true_load(sim.vm, history.end, history.end - history.start)
+        for resource in RATES:
+            assert per_vm.loc[sim.vm, resource] == pytest.approx(truth[resource], rel=0.02)
+    assert all(math.isnan(n.trend_per_day) for n in node_statistics(found, "cpu"))
+
+    at = datetime.fromtimestamp(history.end, UTC)
+    markdown = write_report(config, "7d", tmp_path / "out", at).read_text(encoding="utf-8")
+    assert "Data covers 1.0 day(s) of the 7 requested" in markdown
+    assert "steps have no load data" in markdown

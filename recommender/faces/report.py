@@ -123,6 +123,7 @@ def build_report(
         charts=draw_charts(out_dir, history, analysis, plan, config),
         warnings=report_warnings(history.warnings, snapshot, plan),
         generated_at=datetime.now(UTC).timestamp(),
+        covered=history.covered,
     )
 
 

@@ -121,6 +121,10 @@ class NodeStats:
     trend_per_day: float  # utilisation points (as a fraction) per day, least squares
 
 
+# A trend per day is shown only from this much data: one day's line is its daily cycle.
+MIN_TREND_SECONDS = 3 * DAY
+
+
 def edge_seconds(window: Window) -> float:
     """How much of each end of the period "first/last day" compares: a day, or half of a
     shorter period."""
@@ -140,7 +144,7 @@ def node_statistics(history: History, resource: str) -> list[NodeStats]:
     for node in history.nodes:
         capacity = history.capacity[resource][node].dropna()
         series = util[node].to_numpy(dtype=float)
-        fit = fit_line(times, series)
+        fit = fit_line(times, series) if history.covered >= MIN_TREND_SECONDS else None
         out.append(
             NodeStats(
                 node=node,
@@ -196,13 +200,21 @@ def vm_homes(presence: pd.DataFrame) -> pd.DataFrame:
 
 
 def vm_contributions(history: History) -> pd.DataFrame:
-    """(node, vm) x resource: each VM's mean load over the period on each node. Rates are
-    already that; memory (a level) is weighted by the share of the period spent there."""
+    """(node, vm) x resource: each VM's mean load over the time the data covers, on each node.
+    The queries divide the rates by the whole period; a period only partly covered by data
+    (a 7-day report over 1 day) divides by the covered time instead. Memory (a level) is
+    weighted by the share of the covered steps spent there."""
     pairs = history.pairs.copy()
     presence = history.presence
     if presence.empty or pairs.empty:
         return pairs
-    steps = presence.groupby(["node", "vm"])["step"].nunique() / history.window.points
+    window, covered = history.window, history.covered
+    if 0 < covered < window.span:
+        rates = [r for r in pairs.columns if r != "memory"]
+        pairs[rates] = pairs[rates] * (window.span / covered)
+    data = np.flatnonzero(history.has_data.to_numpy(dtype=bool))
+    covered_steps = window.points - int(data[0]) if len(data) else window.points
+    steps = presence.groupby(["node", "vm"])["step"].nunique() / covered_steps
     fraction = steps.reindex(pairs.index).fillna(0.0)
     pairs["memory"] = pairs["memory"] * fraction
     return pairs

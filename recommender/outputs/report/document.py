@@ -7,6 +7,7 @@ Names are untrusted: everything a tenant can choose goes through the escaping fi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -58,6 +59,18 @@ class ReportData:
     charts: dict[str, str]  # chart key -> file name next to report.md
     warnings: list[str]
     generated_at: float
+    covered: float = math.nan  # seconds of the period the data covers
+
+    @property
+    def coverage(self) -> str:
+        """`Data covers 1.0 day(s) of the 7 requested.` when it covers less than the period."""
+        span = self.window.span
+        if not math.isfinite(self.covered) or self.covered >= span - self.window.step:
+            return ""
+        return (
+            f"Data covers {self.covered / 86400:.1f} day(s) of the {span / 86400:g} requested: "
+            "rates are over the covered time, no trend is drawn from less than 3 days."
+        )
 
     @property
     def basis(self) -> str:
