@@ -83,7 +83,8 @@ def draw_charts(
             analysis.cluster, analysis.forecasts, end, out_dir / CHARTS["forecast"]
         ),
     }
-    if plan is not None:
+    # An empty plan has no before and after to compare.
+    if plan is not None and plan.migrations:
         paths["plan"] = chart_plan(plan, out_dir / CHARTS["plan"])
     for key, name in CHARTS.items():
         stale = out_dir / name
