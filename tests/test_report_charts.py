@@ -6,10 +6,12 @@ from __future__ import annotations
 import matplotlib.dates as mdates
 import numpy as np
 import pandas as pd
+import pytest
 from matplotlib.figure import Figure
 
 from recommender.history import History, Window
 from recommender.model import RESOURCES
+from recommender.outputs.report.analysis import TABLE_NODES, busiest_nodes, node_statistics
 from recommender.outputs.report.charts import CHART_NODES, _dates, _time_axis, chart_nodes
 
 
@@ -56,3 +58,15 @@ def test_a_panel_without_data_says_so_over_the_period_in_utc() -> None:
     drawn = Figure().add_subplot()
     _time_axis(drawn, x, [np.ones(len(x))])
     assert len(drawn.texts) == 0
+
+
+def test_node_tables_list_the_busiest_and_summarise_the_rest() -> None:
+    stats = node_statistics(fleet(400), "cpu")
+    rows = busiest_nodes(stats)
+    assert len(rows) == TABLE_NODES + 1
+    assert [r.node for r in rows[:3]] == ["pve399", "pve398", "pve397"]
+    rest = rows[-1]
+    assert rest.node == f"{400 - TABLE_NODES} other nodes (mean per node)"
+    # Nodes 0..379 carry load i on capacity 400: the mean of the others is 189.5 / 400.
+    assert rest.mean_util == pytest.approx(189.5 / 400)
+    assert busiest_nodes(stats[:5]) == stats[:5]

@@ -161,6 +161,38 @@ def node_statistics(history: History, resource: str) -> list[NodeStats]:
     return out
 
 
+# Nodes each per-resource table lists one by one; the others are summarised in one row.
+TABLE_NODES = 20
+
+
+def busiest_nodes(stats: list[NodeStats], count: int = TABLE_NODES) -> list[NodeStats]:
+    """The `count` nodes with the highest peak utilisation, then one row for the others
+    (the mean of each column, capacity and loads summed): a table of 400 nodes is unread."""
+    if len(stats) <= count:
+        return stats
+    ranked = sorted(stats, key=lambda n: (-np.nan_to_num(n.peak_util, nan=-1.0), n.node))
+    shown, rest = ranked[:count], ranked[count:]
+
+    def mean(field: str) -> float:
+        return _nanmean(np.array([getattr(n, field) for n in rest], dtype=float))
+
+    def total(field: str) -> float:
+        return float(np.nansum([getattr(n, field) for n in rest]))
+
+    summary = NodeStats(
+        node=f"{len(rest)} other nodes (mean per node)",
+        capacity=total("capacity") / len(rest),
+        mean_load=mean("mean_load"),
+        peak_load=mean("peak_load"),
+        mean_util=mean("mean_util"),
+        peak_util=mean("peak_util"),
+        first_util=mean("first_util"),
+        last_util=mean("last_util"),
+        trend_per_day=mean("trend_per_day"),
+    )
+    return [*shown, summary]
+
+
 def _nanmean(values: np.ndarray) -> float:
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if len(finite) else math.nan
@@ -280,7 +312,7 @@ def analyse(history: History, config: Config, now: Mapping[str, float] | None) -
         series=series,
         cluster=cluster,
         summary=summarise_imbalance(series, config.balance.trigger, window.step, now),
-        nodes={r: node_statistics(history, r) for r in RESOURCES},
+        nodes={r: busiest_nodes(node_statistics(history, r)) for r in RESOURCES},
         edge_label="day" if edge_seconds(window) >= DAY else "half",
         top={r: top_vms(history, r) for r in TOP_ORDER},
         migrations=migration_effects(observed, series["overall"], window.step),
@@ -295,6 +327,7 @@ __all__ = [
     "NodeStats",
     "TopVM",
     "analyse",
+    "busiest_nodes",
     "cluster_utilisation",
     "edge_seconds",
     "imbalance_series",
