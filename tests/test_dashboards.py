@@ -92,17 +92,26 @@ def test_there_are_the_four_dashboards() -> None:
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
-def test_dashboard_conventions(path: Path) -> None:
+def test_dashboard_is_provisionable(path: Path) -> None:
     dashboard = _load(path)
     assert dashboard["schemaVersion"] >= 39
     assert dashboard.get("id") is None, "provisioned dashboards carry no database id"
-    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_dashboard_variables_read_the_chosen_datasource(path: Path) -> None:
+    variables = _variables(_load(path))
     ds = variables["datasource"]
     assert ds["type"] == "datasource" and ds["query"] == "prometheus"
     for var in variables.values():
         if var["type"] == "query":
             assert var["datasource"] == DATASOURCE, var["name"]
             assert LABEL_VALUES.match(_variable_query(var)), var["name"]
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_dashboard_panels_say_what_they_show(path: Path) -> None:
+    dashboard = _load(path)
     panels = list(_panels(dashboard))
     assert panels
     ids = [p["id"] for p in dashboard["panels"]]
@@ -117,6 +126,12 @@ def test_dashboard_conventions(path: Path) -> None:
         assert panel["targets"], title
         for target in panel["targets"]:
             assert target["datasource"] == DATASOURCE, title
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_dashboard_queries_take_ranges_and_names_from_variables(path: Path) -> None:
+    dashboard = _load(path)
+    variables = _variables(dashboard)
     for where, expr in _exprs(dashboard):
         for selector in RANGE_SELECTOR.findall(expr):
             assert selector == "$__rate_interval", f"{where}: [{selector}] in {expr}"
@@ -130,6 +145,10 @@ def test_dashboard_conventions(path: Path) -> None:
     # Node and VM are chosen with variables, never typed into a query.
     text = json.dumps([e for _, e in _exprs(dashboard)])
     assert not re.search(r"\bpve\d", text)
+
+
+def _variables(dashboard: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in dashboard["templating"]["list"]}
 
 
 def test_dashboards_read_only_documented_metrics() -> None:
