@@ -25,9 +25,14 @@ import multiprocessing
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 from baseline import greedy_repack
