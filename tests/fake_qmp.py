@@ -142,6 +142,8 @@ class FakeVM:
     """Drop the connection when this command arrives (QEMU died mid-session)."""
     on_command: Callable[[str], None] | None = None
     """Called in the server thread with each command name before it is answered."""
+    dirty_rate: dict[str, Any] | None = None
+    """The `query-dirty-rate` reply; None: no measurement was ever started."""
 
 
 @dataclass
@@ -205,6 +207,9 @@ def answer(vm: FakeVM, command: str, arguments: dict[str, Any]) -> dict[str, Any
         }
     if command == "query-memory-size-summary":
         return {"return": {"base-memory": vm.memory_bytes, "plugged-memory": 0}}
+    if command == "query-dirty-rate":
+        unstarted = {"status": "unstarted", "start-time": 0, "calc-time": 0, "sample-pages": 0}
+        return {"return": vm.dirty_rate or unstarted}
     return _error("CommandNotFound", f"The command {command} has not been found")
 
 
