@@ -142,6 +142,8 @@ class FakeVM:
     """Drop the connection when this command arrives (QEMU died mid-session)."""
     on_command: Callable[[str], None] | None = None
     """Called in the server thread with each command name before it is answered."""
+    dirty_rate: dict[str, Any] | None = None
+    """The `query-dirty-rate` reply; None: no measurement was ever started."""
 
 
 @dataclass
@@ -230,6 +232,11 @@ def _memory_size(vm: FakeVM, arguments: dict[str, Any]) -> dict[str, Any]:
     return {"return": {"base-memory": vm.memory_bytes, "plugged-memory": 0}}
 
 
+def _dirty_rate(vm: FakeVM, arguments: dict[str, Any]) -> dict[str, Any]:
+    unstarted = {"status": "unstarted", "start-time": 0, "calc-time": 0, "sample-pages": 0}
+    return {"return": vm.dirty_rate or unstarted}
+
+
 _ANSWERS: dict[str, Callable[[FakeVM, dict[str, Any]], dict[str, Any]]] = {
     "qmp_capabilities": _capabilities_again,
     "query-blockstats": _blockstats,
@@ -241,6 +248,7 @@ _ANSWERS: dict[str, Callable[[FakeVM, dict[str, Any]], dict[str, Any]]] = {
     "query-uuid": _uuid,
     "query-status": _status,
     "query-memory-size-summary": _memory_size,
+    "query-dirty-rate": _dirty_rate,
 }
 
 
