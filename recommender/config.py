@@ -244,6 +244,26 @@ class ServeSettings(StrictModel):
         return value
 
 
+class ApplySettings(StrictModel):
+    """How `vmbalance apply` (and serve's automatic levels) execute a plan."""
+
+    # The rolling queue: at most this many migrations touching one node (as source or
+    # target) at once, and at most `max_parallel` in the whole cluster.
+    max_parallel_per_node: Count = Field(1, ge=1, le=64)
+    max_parallel: Count = Field(2, ge=1, le=1024)
+    # A migration's estimate: its memory over this bandwidth, plus a fixed start-up time.
+    bandwidth_bytes_per_second: Number = Field(1.0e9, gt=0, le=MAX_QUANTITY)
+    startup_seconds: Number = Field(10.0, ge=0, le=86400)
+    # A migration running longer than `overdue_factor` times its estimate is reported, and
+    # cancelled only when `cancel_overdue` is true.
+    overdue_factor: Number = Field(3.0, gt=1, le=1000)
+    cancel_overdue: Flag = False
+    # Seconds between two looks at a running migration (task status, job stats).
+    poll_interval_seconds: Number = Field(1.0, gt=0, le=600)
+    # JSON Lines audit log, appended to (none when unset).
+    audit_log: str | None = None
+
+
 if TYPE_CHECKING:  # composed at import time from the rules' own settings models
     RulesSection = RulesPart
 else:
@@ -258,6 +278,7 @@ class Config(StrictModel):
     rules: RulesSection = Field(default_factory=RuleSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    apply: ApplySettings = Field(default_factory=ApplySettings)
 
 
 # --- loading ---------------------------------------------------------------------------------
