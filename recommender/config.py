@@ -244,6 +244,32 @@ class ServeSettings(StrictModel):
         return value
 
 
+class ProxmoxApiSettings(StrictModel):
+    """Proxmox VE's HTTP API, with an API token (`USER@REALM!TOKENID`). The token's secret is
+    read from `token_secret_file`, else from the environment variable `token_secret_env`, when
+    a run starts; it is never written anywhere."""
+
+    url: str = "https://localhost:8006"
+    token_id: str = ""
+    token_secret_file: str | None = None
+    token_secret_env: str = "VMBALANCE_PVE_TOKEN_SECRET"
+    verify_tls: Flag = True
+    ca_file: str | None = None
+    timeout_seconds: Number = Field(30.0, gt=0, le=3600)
+    # Copy a VM's local disks with it (`with-local-disks`) where Proxmox allows that; when
+    # false, a VM with local disks is skipped.
+    with_local_disks: Flag = True
+    # Consecutive failed looks at a running task before its migration counts as failed.
+    poll_retries: Count = Field(5, ge=0, le=1000)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if urlsplit(check_url(value)).scheme != "https":
+            raise ValueError("Proxmox VE's API is https://")
+        return value
+
+
 class ApplySettings(StrictModel):
     """How `vmbalance apply` (and serve's automatic levels) execute a plan."""
 
@@ -262,6 +288,7 @@ class ApplySettings(StrictModel):
     poll_interval_seconds: Number = Field(1.0, gt=0, le=600)
     # JSON Lines audit log, appended to (none when unset).
     audit_log: str | None = None
+    proxmox: ProxmoxApiSettings = Field(default_factory=ProxmoxApiSettings)
 
 
 if TYPE_CHECKING:  # composed at import time from the rules' own settings models

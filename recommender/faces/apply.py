@@ -95,8 +95,14 @@ def load_steps(args: argparse.Namespace) -> Loaded:
 
 def make_backend(flavour: str, config: Config) -> Backend:
     """The backend the plan's command flavour names."""
-    del config
-    raise CommandError(f"no {flavour} backend in this version of vmbalance apply")
+    if flavour == "proxmox":
+        from recommender.apply.proxmox import ProxmoxBackend
+
+        return ProxmoxBackend(config.apply)
+    raise CommandError(
+        "apply: the libvirt backend is not available in this version; "
+        "run the plan's virsh commands (plan -o commands)"
+    )
 
 
 def plan_table(steps: Sequence[Step], config: Config) -> Table:
