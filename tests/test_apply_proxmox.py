@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from devkit.fake_pve import FakePVE, FakeVM, self_signed_tls
 from recommender.config import Config
 from recommender.faces.cli import main
 from recommender.model import GIB, Snapshot, make_nodes, make_vms
 from recommender.snapshot import snapshot_text
-from tests.fake_pve import FakePVE, FakeVM
-from tests.test_deadline import server_tls
 
 # The fake's certificate is self-signed without a subject alternative name: not verified.
 pytestmark = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
@@ -44,7 +43,7 @@ def vm_row(node: str) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> ssl.SSLContext:
-    return server_tls(tmp_path_factory.mktemp("tls"))
+    return self_signed_tls(tmp_path_factory.mktemp("tls"))
 
 
 def start(tls: ssl.SSLContext, vms: dict[int, FakeVM]) -> FakePVE:
