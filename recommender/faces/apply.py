@@ -99,10 +99,9 @@ def make_backend(flavour: str, config: Config) -> Backend:
         from recommender.apply.proxmox import ProxmoxBackend
 
         return ProxmoxBackend(config.apply)
-    raise CommandError(
-        "apply: the libvirt backend is not available in this version; "
-        "run the plan's virsh commands (plan -o commands)"
-    )
+    from recommender.apply.libvirt import LibvirtBackend
+
+    return LibvirtBackend(config.apply, config.output.libvirt_uri)
 
 
 def plan_table(steps: Sequence[Step], config: Config) -> Table:
