@@ -281,3 +281,40 @@ def test_dry_run_prints_the_steps_and_migrates_nothing(
         "step 2: migrate 102 from pve2 to pve3 (balance); waits for 1\n"
     )
     assert pve.calls == []
+
+
+def test_a_fresh_plan_evacuates_a_node_in_maintenance(
+    tmp_path: Path, tls: ssl.SSLContext, fake: list[FakePVE]
+) -> None:
+    pve = start(tls, {101: FakeVM("pve1"), 102: FakeVM("pve2")})
+    fake.append(pve)
+    args = setup(tmp_path, pve, [(101, "pve1", "pve2", 1), (102, "pve2", "pve3", 1)])
+    plan_at = args.index("--plan")
+    fresh = [*args[:plan_at], *args[plan_at + 2 :], "--maintenance", "pve1"]
+    assert main(fresh) == 0
+    assert [p["target"] for p in pve.posts("/nodes/pve1/qemu/101/migrate")] in (["pve2"], ["pve3"])
+    assert pve.vms[101].node != "pve1"
+    assert [(r["vm"], r["result"]) for r in audit(tmp_path) if r["result"]] == [("101", "done")]
+
+
+def test_bad_settings_and_outputs_stop_the_run_in_one_line_before_anything_moves(
+    tmp_path: Path, tls: ssl.SSLContext, fake: list[FakePVE], capfd: pytest.CaptureFixture[str]
+) -> None:
+    pve = start(tls, {101: FakeVM("pve1")})
+    fake.append(pve)
+    args = setup(tmp_path, pve, [(101, "pve1", "pve2", 1)])
+    (tmp_path / "logdir").mkdir()
+    bad_log = [*args, "--audit-log", str(tmp_path / "logdir")]
+    assert main(bad_log) == 2
+    assert main([*args, "--max-parallel", "0"]) == 2
+    (tmp_path / "bad.yaml").write_text("apply:\n  max_parallel_per_node: 0\n")
+    config_at = args.index("-c") + 1
+    assert main([*args[:config_at], str(tmp_path / "bad.yaml"), *args[config_at + 1 :]]) == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.startswith("vmbalance:")]
+    assert err == [
+        f"vmbalance: {tmp_path / 'logdir'}: is a directory; not writing there",
+        "vmbalance: --max-parallel: apply.max_parallel: Input should be greater than or equal to 1",
+        f"vmbalance: {tmp_path / 'bad.yaml'}:2: apply.max_parallel_per_node: Input should be "
+        "greater than or equal to 1",
+    ]
+    assert pve.posts("/migrate") == []

@@ -34,7 +34,7 @@ from recommender.apply.steps import Step, dependencies, steps_of_document, steps
 from recommender.config import Config
 from recommender.errors import CommandError
 from recommender.model import Snapshot
-from recommender.output_file import write_output
+from recommender.output_file import append_output, write_output
 from recommender.quoting import display
 
 EXIT_OK = 0
@@ -209,6 +209,9 @@ def run_apply(args: argparse.Namespace, out: TextIO) -> int:
         out.write(dry_run_text(steps))
         return EXIT_OK
     backend = make_backend(flavour, config)
+    audit_path = args.audit_log or config.apply.audit_log
+    if audit_path:  # a log that cannot be written stops the run before anything moves
+        append_output(audit_path, b"")
     if not args.yes:
         _confirm(len(steps))
     metrics = ApplyMetrics()
@@ -217,7 +220,7 @@ def run_apply(args: argparse.Namespace, out: TextIO) -> int:
         backend,
         config.apply,
         check=live_check(snapshot_of, config),
-        audit=AuditLog(args.audit_log or config.apply.audit_log),
+        audit=AuditLog(audit_path),
         metrics=metrics,
         continue_on_error=args.continue_on_error,
         report=Reporter(console, config),
