@@ -16,7 +16,8 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter.collector import FAMILIES
 from exporter.samples import BLOCKER_REASONS
-from recommender.config import Config
+from recommender.config import AutomationSettings, Config
+from recommender.faces.automation import Automation
 from recommender.faces.serve import Recommender, RecommenderCollector
 from recommender.history import report_window
 from recommender.snapshot import load_snapshot
@@ -37,6 +38,8 @@ def documented() -> tuple[set[str], set[str]]:
             if line.startswith("| `vmbalance_"):
                 name = line.split("`")[1]
                 kind = line.split("|")[2].strip()
+                if kind == "histogram":
+                    name += "_count"
                 out.add(name if kind != "counter" or name.endswith("_total") else name + "_total")
         return out
 
@@ -49,6 +52,10 @@ def serve_emitted() -> set[str]:
     recommender.run_once()
     registry = CollectorRegistry()
     registry.register(RecommenderCollector(recommender))
+    # At an automation level that executes, serve publishes the executed migrations too.
+    executing = Config(automation=AutomationSettings(level="full", lock_file="unused.lock"))
+    automation = Automation(executing, lambda plan, config: None, lambda: snapshot)  # type: ignore[arg-type,return-value]
+    registry.register(automation.collector())
     text = generate_latest(registry).decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
 
