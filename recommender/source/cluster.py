@@ -275,9 +275,8 @@ def assemble_snapshot(
     at = when.timestamp()
     q = config.query
     warnings: list[str] = []
-    places = placements(
-        answers["vm_last_seen"] + answers["vm_seen_now"], answers["vm_first_seen"], at, plan
-    )
+    last_seen = answers["vm_departed"] + answers["vm_seen_recently"] + answers["vm_seen_now"]
+    places = placements(last_seen, answers["vm_first_seen"], at, plan)
     if not places:
         raise SourceError(
             f"no VM has data in the last {q.short_window} at "
