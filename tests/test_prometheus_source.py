@@ -27,6 +27,7 @@ from devkit.simulate import (
 )
 from recommender.config import Config
 from recommender.model import NODE_COLUMNS, VM_COLUMNS
+from recommender.source.host import VM_LOAD_ONLY
 from recommender.source.http import SourceError
 from recommender.source.prometheus import PrometheusSource
 from recommender.source.queries import SnapshotQueries
@@ -162,7 +163,9 @@ def test_snapshot_matches_the_simulated_truth(cluster: Cluster, server: str) -> 
     for resource in ("memory", "disk_bytes", "disk_ops", "network"):
         np.testing.assert_allclose(nodes[resource], truth.nodes[resource])
     assert math.isnan(vms.loc[NO_MEMORY_VM, "memory"])
-    assert len(snapshot.warnings) == 2
+    # No node_exporter in this history: the snapshot says it balances VM load only.
+    assert len(snapshot.warnings) == 3 and snapshot.warnings[-1] == VM_LOAD_ONLY
+    assert "background_cpu" not in snapshot.nodes.columns
     assert any(NO_CPUS_NODE in w and "vmbalance_node_cpus" in w for w in snapshot.warnings)
     assert any(
         NO_MEMORY_VM in w and "vmbalance_vm_memory_used_bytes" in w for w in snapshot.warnings

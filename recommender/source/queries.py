@@ -53,7 +53,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from recommender.config import Config, QuerySettings, duration_seconds
+from recommender.config import Config, HostSettings, QuerySettings, duration_seconds
 from recommender.history import Window
 from recommender.quoting import promql_regex_alternatives
 
@@ -172,6 +172,31 @@ def _level_queries(q: QuerySettings) -> dict[str, str]:
     }
 
 
+# node_exporter's host totals, joined to `node` by the scrape relabelling in docs/deploy.md.
+# CPU busy is every mode but idle, iowait (idle while waiting for I/O) and steal (time the
+# layer below took): the work this host did, VMs and Ceph alike.
+HOST_CPU = "node_cpu_seconds_total"
+HOST_CPU_IDLE_MODES = "idle|iowait|steal"
+HOST_NETWORK = ("node_network_receive_bytes_total", "node_network_transmit_bytes_total")
+
+
+def _host_queries(host: HostSettings, window: str, window_s: float) -> dict[str, str]:
+    """Per node, what the host did over the window: CPU cores busy, NIC bytes/s."""
+    queries: dict[str, str] = {}
+    if host.cpu:
+        queries["host_cpu"] = (
+            f'sum by (cluster, node) (increase({HOST_CPU}{{node!="",'
+            f'mode!~"{HOST_CPU_IDLE_MODES}"}}[{window}])) / {seconds_text(window_s)}'
+        )
+    if host.interfaces:
+        devices = promql_regex_alternatives(host.interfaces)
+        selectors = [f'{c}{{node!="",device=~{devices}}}' for c in HOST_NETWORK]
+        queries["host_network"] = (
+            f"({counter_sum(selectors, window, 'cluster, node')}) / {seconds_text(window_s)}"
+        )
+    return queries
+
+
 @dataclass(frozen=True)
 class SnapshotQueries:
     """The PromQL of one snapshot, derived from the config only."""
@@ -194,6 +219,7 @@ class SnapshotQueries:
             **_presence_queries(q.window, presence, history_range),
             **_rate_queries(q, window_s, short_s),
             **_level_queries(q),
+            **_host_queries(config.host, q.window, window_s),
         }
         return cls(
             queries=queries,
