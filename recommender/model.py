@@ -40,6 +40,11 @@ Loads = TypeVar("Loads", np.ndarray, pd.DataFrame, pd.Series)
 # 0 when unknown): resource -> nodes-frame column.
 BACKGROUND_COLUMNS: dict[str, str] = {"cpu": "background_cpu", "network": "background_network"}
 NODE_COLUMNS: tuple[str, ...] = (*RESOURCES, "maintenance")
+# The snapshot's warning when the source found no host load; every plan from it repeats it.
+VM_LOAD_ONLY = (
+    "no node_exporter series joined to a node (node_cpu_seconds_total with a node label, "
+    "docs/deploy.md): balancing VM load only"
+)
 VM_COLUMNS: tuple[str, ...] = (
     "name",
     "node",

@@ -22,7 +22,7 @@ from recommender.engine.hysteresis import in_cooldown, is_bursting
 from recommender.engine.measure import needed_resources, weight_vector
 from recommender.engine.problem import CountedSets, Problem, Units
 from recommender.engine.rules.base import Constraint, RulesPart
-from recommender.model import BACKGROUND_COLUMNS, MEM, RESOURCES, Snapshot
+from recommender.model import BACKGROUND_COLUMNS, MEM, RESOURCES, VM_LOAD_ONLY, Snapshot
 from recommender.text import and_more
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def build_problem(
     `RULES` when None). Pure: the inputs are not modified."""
     kinds = tuple(registry.RULES if rule_types is None else rule_types)
     balance, settings = config.balance, config.rules
-    warnings: list[str] = []
+    warnings: list[str] = [w for w in snapshot.warnings if w == VM_LOAD_ONLY]
     weights = weight_vector(balance.weights, RESOURCES)
     needed = np.isin(RESOURCES, needed_resources(balance.weights, RESOURCES))
     nodes = _nodes(snapshot.nodes, settings, kinds, needed, warnings)

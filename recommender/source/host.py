@@ -16,15 +16,9 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from recommender.model import BACKGROUND_COLUMNS
+from recommender.model import BACKGROUND_COLUMNS, VM_LOAD_ONLY
 from recommender.source.answers import Answer, by_label
 from recommender.text import and_more
-
-# What the snapshot says when no host series answered.
-VM_LOAD_ONLY = (
-    "no node_exporter series joined to a node (node_cpu_seconds_total with a node label, "
-    "docs/deploy.md): balancing VM load only"
-)
 
 
 def host_background(

@@ -184,9 +184,15 @@ def _host_queries(host: HostSettings, window: str, window_s: float) -> dict[str,
     """Per node, what the host did over the window: CPU cores busy, NIC bytes/s."""
     queries: dict[str, str] = {}
     if host.cpu:
+        # Busy share of all CPU time times the CPUs: right also for a host series younger
+        # than the window or with missed scrapes, where increase / window would be short.
+        cpu = f'{HOST_CPU}{{node!=""}}'
+        busy = f'{HOST_CPU}{{node!="",mode!~"{HOST_CPU_IDLE_MODES}"}}'
+        idle = f'{HOST_CPU}{{node!="",mode="idle"}}'  # one series per CPU
         queries["host_cpu"] = (
-            f'sum by (cluster, node) (increase({HOST_CPU}{{node!="",'
-            f'mode!~"{HOST_CPU_IDLE_MODES}"}}[{window}])) / {seconds_text(window_s)}'
+            f"sum by (cluster, node) (increase({busy}[{window}])) "
+            f"/ sum by (cluster, node) (increase({cpu}[{window}])) "
+            f"* count by (cluster, node) (last_over_time({idle}[{window}]))"
         )
     if host.interfaces:
         devices = promql_regex_alternatives(host.interfaces)
