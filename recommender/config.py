@@ -233,6 +233,23 @@ class OutputSettings(StrictModel):
     libvirt_uri: str = "qemu+ssh://{node}/system"
 
 
+class HostSettings(StrictModel):
+    """Host load beside VM load, from node_exporter (docs/deploy.md joins its series to the
+    `node` label). `interfaces`: the NIC devices whose bytes count as the node's network load
+    (e.g. the bond that carries Ceph and VM traffic); empty: host NIC load is not read."""
+
+    cpu: bool = True
+    interfaces: list[str] = Field(default_factory=list)
+
+    @field_validator("interfaces")
+    @classmethod
+    def _device_names(cls, value: list[str]) -> list[str]:
+        for device in value:
+            if not device or len(device) > 64 or any(c.isspace() or c == "/" for c in device):
+                raise ValueError(f"{device!r} is not a network device name")
+        return value
+
+
 class ServeSettings(StrictModel):
     listen: str = "127.0.0.1:9643"
     interval_seconds: Number = Field(300.0, gt=0, le=MAX_QUANTITY)
@@ -388,6 +405,7 @@ class Config(StrictModel):
     serve: ServeSettings = Field(default_factory=ServeSettings)
     apply: ApplySettings = Field(default_factory=ApplySettings)
     automation: AutomationSettings = Field(default_factory=AutomationSettings)
+    host: HostSettings = Field(default_factory=HostSettings)
 
 
 # --- loading ---------------------------------------------------------------------------------

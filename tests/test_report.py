@@ -394,7 +394,12 @@ def test_sections_tables_and_images(reported: Reported) -> None:
         assert image.content and (reported.path.parent / str(image.attrs["src"])).is_file()
     window = report_window(3 * 86400, reported.history.end)
     cost = len(ReportQueries.for_config(reported.config, window))
-    cost += len(SnapshotQueries.for_config(reported.config).queries)
+    snapshot_queries = SnapshotQueries.for_config(reported.config)
+    cost += len(snapshot_queries.queries)
+    # And when the VMs that moved within the snapshot's history were last seen where.
+    end, history = reported.history.end, snapshot_queries.history_range
+    moved = [m.vm for m in reported.history.migrations if m.time > end - history]
+    cost += len(snapshot_queries.departures(moved))
     assert f"{cost} PromQL queries" in reported.markdown
 
 

@@ -85,6 +85,10 @@ class PrometheusSource:
         t = when.timestamp()
         plan = SnapshotQueries.for_config(config)
         answers = {name: self.query(promql, t) for name, promql in plan.queries.items()}
+        moved = [item["metric"]["vm"] for item in answers["vm_moved"] if "vm" in item["metric"]]
+        answers["vm_departed"] = [
+            item for promql in plan.departures(moved) for item in self.query(promql, t)
+        ]
         return assemble_snapshot(config, plan, answers, when, self.display_url)
 
     def history(self, config: Config, window: Window) -> History:
