@@ -49,6 +49,10 @@ class DomainSpec:
     load: GuestLoad
     memory_mib: int = 96
     disk_mib: int = 4
+    # A read-only disk is one libvirt lets migrate between two daemons of one machine: for a
+    # writable disk on a local file system it refuses ("migration without shared storage is
+    # unsafe", whatever the cache mode, in libvirt 9).
+    disk_readonly: bool = False
 
 
 def domain_uuid(name: str) -> str:
@@ -78,6 +82,8 @@ def domain_xml(spec: DomainSpec, kernel: Path, initrd: Path, disk: Path, serial:
     ElementTree.SubElement(disk_el, "driver", name="qemu", type="raw")
     ElementTree.SubElement(disk_el, "source", file=str(disk))
     ElementTree.SubElement(disk_el, "target", dev="vda", bus="virtio")
+    if spec.disk_readonly:
+        ElementTree.SubElement(disk_el, "readonly")
     serial_el = ElementTree.SubElement(devices, "serial", type="file")
     ElementTree.SubElement(serial_el, "source", path=str(serial))
     ElementTree.SubElement(serial_el, "target", port="0")
@@ -105,8 +111,13 @@ class PrivateLibvirtd:
     which first copies the daemon's and the guests' logs to `logs_dir`.
     """
 
-    def __init__(self, logs_dir: Path, user: str | None = None) -> None:
+    def __init__(
+        self, logs_dir: Path, user: str | None = None, host_uuid: str | None = None
+    ) -> None:
         self.logs_dir = logs_dir
+        # Two daemons on one machine are two nodes only with their own host UUIDs: libvirt
+        # refuses a migration to a daemon reporting its own.
+        self.host_uuid = host_uuid
         self.user = user if user is not None else (DAEMON_USER if os.geteuid() == 0 else None)
         self.root = Path(tempfile.gettempdir()) / "vmb-libvirtd-unstarted"
         self._made_root = False
@@ -175,7 +186,10 @@ class PrivateLibvirtd:
             directory.mkdir(parents=True, exist_ok=True)
         # Logs to files: no virtlogd. No lock manager, no network: nothing else is spawned.
         (self.config_home / "libvirt" / "qemu.conf").write_text('stdio_handler = "file"\n')
-        (self.config_home / "libvirt" / "libvirtd.conf").write_text('log_outputs = "3:stderr"\n')
+        daemon_conf = 'log_outputs = "3:stderr"\n'
+        if self.host_uuid is not None:
+            daemon_conf += f'host_uuid = "{self.host_uuid}"\n'
+        (self.config_home / "libvirt" / "libvirtd.conf").write_text(daemon_conf)
         self.runtime_dir.chmod(0o700)
         for path in [self.root, *self.root.rglob("*")]:
             self._chown(path)

@@ -233,6 +233,23 @@ class OutputSettings(StrictModel):
     libvirt_uri: str = "qemu+ssh://{node}/system"
 
 
+class HostSettings(StrictModel):
+    """Host load beside VM load, from node_exporter (docs/deploy.md joins its series to the
+    `node` label). `interfaces`: the NIC devices whose bytes count as the node's network load
+    (e.g. the bond that carries Ceph and VM traffic); empty: host NIC load is not read."""
+
+    cpu: bool = True
+    interfaces: list[str] = Field(default_factory=list)
+
+    @field_validator("interfaces")
+    @classmethod
+    def _device_names(cls, value: list[str]) -> list[str]:
+        for device in value:
+            if not device or len(device) > 64 or any(c.isspace() or c == "/" for c in device):
+                raise ValueError(f"{device!r} is not a network device name")
+        return value
+
+
 class ServeSettings(StrictModel):
     listen: str = "127.0.0.1:9643"
     interval_seconds: Number = Field(300.0, gt=0, le=MAX_QUANTITY)
@@ -242,6 +259,134 @@ class ServeSettings(StrictModel):
     def _listen_address(cls, value: str) -> str:
         parse_listen(value)
         return value
+
+
+class ProxmoxApiSettings(StrictModel):
+    """Proxmox VE's HTTP API, with an API token (`USER@REALM!TOKENID`). The token's secret is
+    read from `token_secret_file`, else from the environment variable `token_secret_env`, when
+    a run starts; it is never written anywhere."""
+
+    url: str = "https://localhost:8006"
+    token_id: str = ""
+    token_secret_file: str | None = None
+    token_secret_env: str = "VMBALANCE_PVE_TOKEN_SECRET"
+    verify_tls: Flag = True
+    ca_file: str | None = None
+    timeout_seconds: Number = Field(30.0, gt=0, le=3600)
+    # Copy a VM's local disks with it (`with-local-disks`) where Proxmox allows that; when
+    # false, a VM with local disks is skipped.
+    with_local_disks: Flag = True
+    # Consecutive failed looks at a running task before its migration counts as failed.
+    poll_retries: Count = Field(5, ge=0, le=1000)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if urlsplit(check_url(value)).scheme != "https":
+            raise ValueError("Proxmox VE's API is https://")
+        return value
+
+
+class ApplySettings(StrictModel):
+    """How `vmbalance apply` (and serve's automatic levels) execute a plan."""
+
+    # The rolling queue: at most this many migrations touching one node (as source or
+    # target) at once, and at most `max_parallel` in the whole cluster.
+    max_parallel_per_node: Count = Field(1, ge=1, le=64)
+    max_parallel: Count = Field(2, ge=1, le=1024)
+    # A migration's estimate: its memory over this bandwidth, plus a fixed start-up time.
+    bandwidth_bytes_per_second: Number = Field(1.0e9, gt=0, le=MAX_QUANTITY)
+    startup_seconds: Number = Field(10.0, ge=0, le=86400)
+    # A migration running longer than `overdue_factor` times its estimate is reported, and
+    # cancelled only when `cancel_overdue` is true.
+    overdue_factor: Number = Field(3.0, gt=1, le=1000)
+    cancel_overdue: Flag = False
+    # Seconds between two looks at a running migration (task status, job stats).
+    poll_interval_seconds: Number = Field(1.0, gt=0, le=600)
+    # JSON Lines audit log, appended to (none when unset).
+    audit_log: str | None = None
+    proxmox: ProxmoxApiSettings = Field(default_factory=ProxmoxApiSettings)
+
+
+_WINDOW = re.compile(
+    r"^(?P<days>daily|[a-z]{3}(?:-[a-z]{3})?(?:,[a-z]{3}(?:-[a-z]{3})?)*) "
+    r"(?P<start>[0-9]{2}:[0-9]{2})-(?P<end>[0-9]{2}:[0-9]{2})$"
+)
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def parse_window(text: str) -> tuple[frozenset[int], int, int]:
+    """`DAYS HH:MM-HH:MM` (DAYS: `daily`, or `mon-fri`, `sat,sun`, ...) as (weekdays, start
+    minute, end minute); a window whose end is before its start runs past midnight and
+    belongs to the day it starts on."""
+    match = _WINDOW.match(text.strip().lower())
+    if match is None:
+        raise ValueError(
+            f"not a window: {text!r} (use e.g. 'mon-fri 22:00-05:00', 'daily 01:00-04:00')"
+        )
+    days: set[int] = set()
+    for part in match.group("days").split(","):
+        if part == "daily":
+            days.update(range(7))
+            continue
+        first, _, last = part.partition("-")
+        if first not in WEEKDAYS or (last and last not in WEEKDAYS):
+            raise ValueError(f"{text!r}: unknown day in {part!r} (mon ... sun)")
+        a, b = WEEKDAYS.index(first), WEEKDAYS.index(last or first)
+        days.update(range(a, b + 1) if a <= b else [*range(a, 7), *range(0, b + 1)])
+    minutes = []
+    for clock in (match.group("start"), match.group("end")):
+        hour, minute = int(clock[:2]), int(clock[3:])
+        if hour > 24 or minute > 59 or (hour == 24 and minute):
+            raise ValueError(f"{text!r}: {clock} is not a time of day")
+        minutes.append(hour * 60 + minute)
+    if minutes[0] == minutes[1]:
+        raise ValueError(f"{text!r}: the window is empty")
+    return frozenset(days), minutes[0], minutes[1]
+
+
+class AutomationSettings(StrictModel):
+    """What `vmbalance serve` executes by itself (docs/automation.md)."""
+
+    # manual: recommend only; partial: execute evacuations of nodes in maintenance and
+    # repairs of broken rules; full: execute balancing plans too.
+    level: Literal["manual", "partial", "full"] = "manual"
+    # When plans may be executed, in `timezone`; none: at any time.
+    windows: list[str] = Field(default_factory=list)
+    timezone: str = "UTC"
+    min_seconds_between_plans: Number = Field(3600.0, ge=0, le=MAX_QUANTITY)
+    # Migrations executed per day (in `timezone`), all plans together.
+    daily_migration_budget: Count = Field(20, ge=0, le=1_000_000)
+    # While this file exists, nothing is executed (as after POST /-/pause).
+    pause_file: str | None = None
+    # flock()ed while a plan executes, so one instance executes per cluster at a time: every
+    # instance serving the cluster must name the same file (on a shared file system when
+    # they run on different hosts).
+    lock_file: str | None = None
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, value: list[str]) -> list[str]:
+        for window in value:
+            parse_window(window)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo
+
+        try:
+            ZoneInfo(value)
+        except (ValueError, KeyError, OSError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _lock_when_executing(self) -> AutomationSettings:
+        if self.level != "manual" and not self.lock_file:
+            raise ValueError(f"level {self.level} needs lock_file (one instance executes)")
+        return self
 
 
 if TYPE_CHECKING:  # composed at import time from the rules' own settings models
@@ -258,6 +403,9 @@ class Config(StrictModel):
     rules: RulesSection = Field(default_factory=RuleSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    apply: ApplySettings = Field(default_factory=ApplySettings)
+    automation: AutomationSettings = Field(default_factory=AutomationSettings)
+    host: HostSettings = Field(default_factory=HostSettings)
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Two pandas frames and a little metadata. The engine, the renderers and the repor
 this, so they are tested and benchmarked without any server.
 
 `nodes` — index `node` (str); one column per resource holding the node's *capacity* in the
-resource's unit (NaN: unknown), and `maintenance` (bool).
+resource's unit (NaN: unknown), `maintenance` (bool), and `background_cpu` /
+`background_network`: the load the host carries besides its VMs (Ceph, the host itself),
+counted in the node's load (present when the source read host load; absent means 0).
 
 `vms` — index `vm` (str: Proxmox VMID or libvirt domain name); `name` (display only,
 untrusted), `node` (where its latest sample was), one column per resource holding the VM's
@@ -34,7 +36,15 @@ from recommender.resources import utilisation as array_utilisation
 # The units a utilisation is computed on: arrays for the plan, frames for the report.
 Loads = TypeVar("Loads", np.ndarray, pd.DataFrame, pd.Series)
 
+# Load a node carries besides its VMs (host total minus the VMs' sum, from node_exporter;
+# 0 when unknown): resource -> nodes-frame column.
+BACKGROUND_COLUMNS: dict[str, str] = {"cpu": "background_cpu", "network": "background_network"}
 NODE_COLUMNS: tuple[str, ...] = (*RESOURCES, "maintenance")
+# The snapshot's warning when the source found no host load; every plan from it repeats it.
+VM_LOAD_ONLY = (
+    "no node_exporter series joined to a node (node_cpu_seconds_total with a node label, "
+    "docs/deploy.md): balancing VM load only"
+)
 VM_COLUMNS: tuple[str, ...] = (
     "name",
     "node",
@@ -78,13 +88,18 @@ def empty_vms() -> pd.DataFrame:
 
 
 def make_nodes(rows: dict[str, dict[str, float | bool]]) -> pd.DataFrame:
-    """Build a nodes frame from {node: {resource: capacity, "maintenance": bool}}."""
+    """Build a nodes frame from {node: {resource: capacity, "maintenance": bool}}; with
+    `"background_<resource>": load` in any row, the frame has every background column
+    (missing values 0)."""
     frame = empty_nodes()
     for node, values in rows.items():
         frame.loc[node] = [float(values.get(r, np.nan)) for r in RESOURCES] + [
             bool(values.get("maintenance", False))
         ]
     frame["maintenance"] = frame["maintenance"].astype(bool)
+    if any(c in values for values in rows.values() for c in BACKGROUND_COLUMNS.values()):
+        for column in BACKGROUND_COLUMNS.values():
+            frame[column] = [float(values.get(column, 0.0)) for values in rows.values()]
     return frame
 
 

@@ -146,4 +146,40 @@ def write_output(
         raise OutputFileError(f"{shown}: is {what}; not writing there")
 
 
-__all__ = ["OutputFileError", "resolve", "write_output"]
+def append_output(path: str | os.PathLike[str], data: str | bytes) -> None:
+    """Append `data` to `path` (created with the umask's mode when missing): a log.
+
+    Nothing is replaced: a symlink is followed to its target, a regular file, a FIFO or a
+    character device is opened with O_APPEND and written in place; a block device, a
+    directory, a socket or a file under `/proc` is refused, as by `write_output`."""
+    shown = os.fspath(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    target, stream = resolve(path)
+    if stream:
+        raise OutputFileError(f"{shown}: is an open stream, not a log file")
+    try:
+        status = os.stat(target)
+    except FileNotFoundError:
+        status = None
+    except OSError as exc:
+        raise OutputFileError(f"{shown}: {_reason(exc)}") from None
+    if status is not None and not (
+        stat.S_ISREG(status.st_mode) or stat.S_ISCHR(status.st_mode)
+        or stat.S_ISFIFO(status.st_mode)
+    ):  # fmt: skip
+        what = "a directory" if stat.S_ISDIR(status.st_mode) else "a block device"
+        if stat.S_ISSOCK(status.st_mode):
+            what = "a socket"
+        raise OutputFileError(f"{shown}: is {what}; not writing there")
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOCTTY | os.O_CLOEXEC | os.O_CREAT
+    try:
+        fd = os.open(target, flags, 0o666)
+    except OSError as exc:
+        raise OutputFileError(f"{shown}: cannot open: {_reason(exc)}") from None
+    try:
+        _write_all(fd, payload, shown)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["OutputFileError", "append_output", "resolve", "write_output"]

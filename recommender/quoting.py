@@ -22,9 +22,11 @@ U+2066–U+2069, zero-width characters, ...) and lone surrogates, which are not 
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import unicodedata
+from collections.abc import Iterable
 
 _ACTIVE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 # Plain ASCII that needs no quoting in bash (no glob, no expansion, no word splitting).
@@ -112,11 +114,31 @@ def json_text(document: str) -> str:
     return _NOT_PRINTABLE_ASCII.sub(_json_escape, document)
 
 
+# What RE2 (the regex engine of Prometheus and VictoriaMetrics) treats as syntax; Go's
+# regexp.QuoteMeta escapes exactly these.
+_RE2_SPECIAL = frozenset("\\.+*?()|[]{}^$")
+
+
+def promql_string(value: str) -> str:
+    """A PromQL double-quoted string literal holding exactly `value` (Go string escapes:
+    quotes, backslashes and control characters are escaped; other text stays as it is)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def promql_regex_alternatives(values: Iterable[str]) -> str:
+    """A PromQL string literal for `label=~...` that matches exactly the given values (each
+    one literally, whatever it holds)."""
+    literal = "|".join("".join("\\" + c if c in _RE2_SPECIAL else c for c in v) for v in values)
+    return promql_string(literal)
+
+
 __all__ = [
     "UnsafeValueError",
     "check_shell_word",
     "display",
     "is_active",
     "json_text",
+    "promql_regex_alternatives",
+    "promql_string",
     "shell_word",
 ]

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import IO, Annotated, Any, Literal
 
 import numpy as np
+import pandas as pd
 from pydantic import (
     AwareDatetime,
     BaseModel,
@@ -29,7 +30,14 @@ from pydantic import (
 )
 
 from recommender.config import MAX_QUANTITY, Config, validation_problems
-from recommender.model import RESOURCES, Snapshot, finite_or_none, make_nodes, make_vms
+from recommender.model import (
+    BACKGROUND_COLUMNS,
+    RESOURCES,
+    Snapshot,
+    finite_or_none,
+    make_nodes,
+    make_vms,
+)
 from recommender.output_file import write_output
 from recommender.text import one_line, redact_url
 
@@ -69,8 +77,20 @@ class NodeEntry(_Model):
     name: str = Field(min_length=1)
     capacity: dict[str, StrictFloat | None] = Field(default_factory=dict)
     maintenance: StrictBool = False
+    # Load besides the VMs (cpu, network); absent in files written before it existed: 0.
+    background: dict[str, StrictFloat | None] = Field(default_factory=dict)
 
-    _resources = field_validator("capacity")(_check_resources)
+    _resources = field_validator("capacity", "background")(_check_resources)
+
+    @field_validator("background")
+    @classmethod
+    def _background_resources(cls, value: dict[str, float | None]) -> dict[str, float | None]:
+        for resource in value:
+            if resource not in BACKGROUND_COLUMNS:
+                raise ValueError(
+                    f"background: {resource!r} has none (known: {', '.join(BACKGROUND_COLUMNS)})"
+                )
+        return value
 
 
 class VMEntry(_Model):
@@ -121,12 +141,20 @@ def _timestamp(value: float | None) -> datetime | None:
     return None if number is None else datetime.fromtimestamp(number, UTC)
 
 
+def _background_entry(row: pd.Series) -> dict[str, dict[str, float | None]]:
+    """`{"background": {...}}` for a node whose frame has the background columns, else {}."""
+    if not all(c in row.index for c in BACKGROUND_COLUMNS.values()):
+        return {}
+    return {"background": {r: finite_or_none(row[c]) for r, c in BACKGROUND_COLUMNS.items()}}
+
+
 def _document(snapshot: Snapshot, config: Config | None) -> dict[str, Any]:
     nodes = [
         {
             "name": str(node),
             "capacity": {r: finite_or_none(row[r]) for r in RESOURCES},
             "maintenance": bool(row["maintenance"]),
+            **_background_entry(row),
         }
         for node, row in snapshot.nodes.iterrows()
     ]
@@ -214,6 +242,10 @@ def parse_snapshot(document: Any, name: str = "snapshot") -> tuple[Snapshot, Con
             entry.name: {
                 **{r: np.nan if v is None else v for r, v in entry.capacity.items()},
                 "maintenance": entry.maintenance,
+                **{
+                    BACKGROUND_COLUMNS[r]: 0.0 if v is None else v
+                    for r, v in entry.background.items()
+                },
             }
             for entry in parsed.nodes
         }

@@ -56,6 +56,12 @@ def test_the_tree_keeps_every_contract(tmp_path: Path) -> None:
         ("recommender/model.py", "import recommender.config", "resource names"),
         ("recommender/plan.py", "import devkit.simulate", "development kit"),
         ("recommender/source/cluster.py", "import recommender.outputs.table", "does not plan"),
+        ("recommender/engine/search.py", "import recommender.apply.queue", "snapshots only"),
+        ("recommender/apply/queue.py", "import recommender.outputs.document", "data flow"),
+        ("recommender/outputs/table.py", "import recommender.apply.steps", "data flow"),
+        ("recommender/apply/steps.py", "import recommender.faces.cli", "data flow"),
+        ("recommender/source/history.py", "import recommender.apply.audit", "does not plan"),
+        ("exporter/web.py", "import proxmoxer", "recommender's libraries"),
     ],
 )
 def test_a_planted_import_breaks_its_contract(

@@ -395,7 +395,12 @@ def test_sections_tables_and_images(reported: Reported) -> None:
         assert image.content and (reported.path.parent / str(image.attrs["src"])).is_file()
     window = report_window(3 * 86400, reported.history.end, reported.history.step)
     cost = len(ReportQueries.for_config(reported.config, window))
-    cost += len(SnapshotQueries.for_config(reported.config).queries) + GRID_QUERIES
+    snapshot_queries = SnapshotQueries.for_config(reported.config)
+    cost += len(snapshot_queries.queries) + GRID_QUERIES
+    # And when the VMs that moved within the snapshot's history were last seen where.
+    end, history = reported.history.end, snapshot_queries.history_range
+    moved = [m.vm for m in reported.history.migrations if m.time > end - history]
+    cost += len(snapshot_queries.departures(moved))
     assert f"{cost} PromQL queries" in reported.markdown
 
 

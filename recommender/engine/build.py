@@ -22,7 +22,7 @@ from recommender.engine.hysteresis import in_cooldown, is_bursting
 from recommender.engine.measure import needed_resources, weight_vector
 from recommender.engine.problem import CountedSets, Problem, Units
 from recommender.engine.rules.base import Constraint, RulesPart
-from recommender.model import MEM, RESOURCES, Snapshot
+from recommender.model import BACKGROUND_COLUMNS, MEM, RESOURCES, VM_LOAD_ONLY, Snapshot
 from recommender.text import and_more
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ class _Nodes:
     maintenance: np.ndarray  # (N,)
     known: np.ndarray  # (N,) every needed capacity known
     active: np.ndarray  # (N,)
+    background: np.ndarray  # (N, R) load besides the VMs, 0 where unknown
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def build_problem(
     `RULES` when None). Pure: the inputs are not modified."""
     kinds = tuple(registry.RULES if rule_types is None else rule_types)
     balance, settings = config.balance, config.rules
-    warnings: list[str] = []
+    warnings: list[str] = [w for w in snapshot.warnings if w == VM_LOAD_ONLY]
     weights = weight_vector(balance.weights, RESOURCES)
     needed = np.isin(RESOURCES, needed_resources(balance.weights, RESOURCES))
     nodes = _nodes(snapshot.nodes, settings, kinds, needed, warnings)
@@ -96,7 +97,8 @@ def build_problem(
         known=vms.known,
         cooldown=in_cooldown(last_migration, taken_at, balance.cooldown_seconds),
         bursting=is_bursting(burst_ratio, balance.burst_ratio),
-        limits=_limits(kinds, balance, nodes.capacity, vms),
+        limits=_limits(kinds, balance, nodes.capacity, nodes.background, vms),
+        background=nodes.background,
         units=units,
         counted=CountedSets.from_groups(counted, len(vms.names)),
         warnings=tuple(warnings),
@@ -126,7 +128,22 @@ def _nodes(
             "where they are and it receives none"
         )
     capacity = np.where(capacity_ok, raw, 0.0)
-    return _Nodes(names, capacity, maintenance, known, known & ~maintenance)
+    return _Nodes(
+        names, capacity, maintenance, known, known & ~maintenance, _background(frame, len(names))
+    )
+
+
+def _background(frame: pd.DataFrame, n_nodes: int) -> np.ndarray:
+    """(N, R) load each node carries besides its VMs: the snapshot's `background_*` columns
+    (a frame built without them, or a NaN, counts 0; never negative)."""
+    background = np.zeros((n_nodes, len(RESOURCES)))
+    for resource, column in BACKGROUND_COLUMNS.items():
+        if column in frame.columns:
+            values = frame[column].to_numpy(dtype=float)
+            background[:, RESOURCES.index(resource)] = np.where(
+                np.isfinite(values) & (values > 0), values, 0.0
+            )
+    return background
 
 
 def _vms(
@@ -192,11 +209,12 @@ def _limits(
     kinds: tuple[type[Constraint], ...],
     balance: BalanceSettings,
     capacity: np.ndarray,
+    background: np.ndarray,
     vms: _Vms,
 ) -> np.ndarray:
     """(N, R) per-node limits the rules set (inf elsewhere); a rule's limit is never below
     where the node starts, so an over-full node may not grow but need not shrink."""
-    start = np.zeros(capacity.shape)
+    start = background.copy()
     placed = vms.node >= 0
     np.add.at(start, vms.node[placed], vms.load[placed])
     limits = np.full(capacity.shape, np.inf)

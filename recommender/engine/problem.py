@@ -160,6 +160,7 @@ class Problem:
     cooldown: np.ndarray  # (V,) bool: migrated within cooldown_seconds
     bursting: np.ndarray  # (V,) bool: burst_ratio at or above the setting
     limits: np.ndarray  # (N, R) most a node may hold (inf: no limit), never below its start
+    background: np.ndarray  # (N, R) load besides the VMs (host total minus VMs), counted first
     units: Units
     counted: CountedSets
     warnings: tuple[str, ...] = field(default=())
@@ -223,7 +224,7 @@ class State:
         n, r = problem.n_nodes, len(problem.resources)
         vm_node = problem.vm_node.astype(np.int64, copy=True)
         placed = vm_node >= 0
-        node_load = np.zeros((n, r))
+        node_load = problem.background.astype(float, copy=True).reshape(n, r)
         np.add.at(node_load, vm_node[placed], problem.load[placed])
         sets = problem.counted
         set_count = np.zeros((len(sets), n), dtype=np.int64)

@@ -1,4 +1,4 @@
-"""`vmbalance`: snapshot, plan, config check, serve, report.
+"""`vmbalance`: snapshot, plan, apply, config check, serve, report.
 
 Every failure an operator can cause (unreachable Prometheus, a bad config or snapshot file, no
 data) ends as one line on stderr and exit status 2; a plan, empty or not, is exit 0.
@@ -115,6 +115,65 @@ def _add_plan_command(commands: Subcommands) -> None:
     )  # fmt: skip
 
 
+def _add_apply_command(commands: Subcommands) -> None:
+    """`vmbalance apply`."""
+    apply = commands.add_parser(
+        "apply",
+        help="execute a plan: live migrations in a rolling queue",
+        description="Execute a saved plan (--plan FILE) or a fresh one: each migration starts "
+        "when the ones it waits for are done and its nodes have a free slot, after a check of "
+        "the live state. Exit 0 when every migration not skipped succeeded, 1 when one failed "
+        "or the run was stopped, 2 for bad input (docs/automation.md).",
+    )
+    _add_config_option(apply)
+    _add_source_options(apply)
+    apply.add_argument("--plan", metavar="FILE", help="a plan document (plan -o json)")
+    apply.add_argument(
+        "-i",
+        "--input",
+        metavar="FILE",
+        help="plan from, and check the live state against, this snapshot file",
+    )
+    apply.add_argument(
+        "--commands",
+        choices=("auto", "proxmox", "libvirt"),
+        help="backend of a fresh plan (default auto, as for plan)",
+    )
+    apply.add_argument("--max-migrations", type=int, metavar="N", help="at most N migrations")
+    apply.add_argument(
+        "--maintenance",
+        action="append",
+        default=[],
+        metavar="NODE",
+        help="evacuate NODE (repeatable)",
+    )
+    apply.add_argument("-y", "--yes", action="store_true", help="do not ask before starting")
+    apply.add_argument("--dry-run", action="store_true", help="print the steps; migrate nothing")
+    apply.add_argument(
+        "--continue-on-error",
+        action="store_true",
+        help="after a failure, go on with migrations on other nodes",
+    )
+    apply.add_argument(
+        "--max-parallel",
+        type=int,
+        metavar="N",
+        help="migrations at once in the cluster (apply.max_parallel)",
+    )
+    apply.add_argument(
+        "--max-parallel-per-node",
+        type=int,
+        metavar="N",
+        help="migrations at once per node (apply.max_parallel_per_node)",
+    )
+    apply.add_argument("--audit-log", metavar="FILE", help="JSON Lines audit log, appended to")
+    apply.add_argument(
+        "--metrics-file",
+        metavar="FILE",
+        help="write the run's metrics here (node_exporter textfile)",
+    )
+
+
 def _add_snapshot_command(commands: Subcommands) -> None:
     """`vmbalance snapshot`."""
     snapshot = commands.add_parser(
@@ -198,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
         _add_plan_command,
+        _add_apply_command,
         _add_snapshot_command,
         _add_config_command,
         _add_serve_command,
@@ -379,6 +439,12 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
+    from recommender.faces.apply import run_apply
+
+    return run_apply(args, out)
+
+
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     from recommender.faces.serve import serve
 
@@ -397,6 +463,7 @@ def cmd_report(args: argparse.Namespace, out: TextIO) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
     "plan": cmd_plan,
+    "apply": cmd_apply,
     "snapshot": cmd_snapshot,
     "config": cmd_config,
     "serve": cmd_serve,

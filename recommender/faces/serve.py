@@ -80,9 +80,11 @@ class Recommender:
         self,
         config: Config,
         snapshot_source: Callable[[Config], Snapshot] | None = None,
+        after_plan: Callable[[Plan], None] | None = None,
     ) -> None:
         self.config = config
         self._source = snapshot_source or _prometheus_snapshot
+        self._after_plan = after_plan  # serve's automation (recommender.faces.automation)
         self._lock = threading.Lock()
         self._latest = Latest()
 
@@ -120,6 +122,8 @@ class Recommender:
             finite_or_none(plan.overall_before) or 0.0,
             finite_or_none(plan.overall_after) or 0.0,
         )
+        if self._after_plan is not None:
+            self._after_plan(plan)
         return True
 
     def _failed(self, exc: Exception, duration: float) -> None:
@@ -273,12 +277,19 @@ class RecommenderCollector(Collector):
         yield from run_families(latest)
 
 
-def make_app(recommender: Recommender, registry: CollectorRegistry) -> Callable[..., Any]:
-    """`/metrics`, `/plan` (the latest plan as JSON), `/-/healthy`, and a landing page."""
+def make_app(
+    recommender: Recommender,
+    registry: CollectorRegistry,
+    routes: dict[str, Callable[..., Iterable[bytes]]] | None = None,
+) -> Callable[..., Any]:
+    """`/metrics`, `/plan` (the latest plan as JSON), `/-/healthy`, a landing page, and the
+    `routes` given (the automation's pause switch)."""
     metrics_app = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
+        if routes and path in routes:
+            return routes[path](environ, start_response)
         if path == "/metrics":
             metrics: Iterable[bytes] = metrics_app(environ, start_response)
             return metrics
@@ -321,6 +332,32 @@ def next_run(first: float, now: float, interval: float) -> float:
     return first + (math.floor((now - first) / interval) + 1) * interval
 
 
+def _run_once(recommender: Recommender, registry: CollectorRegistry, out: TextIO) -> int:
+    """One planning run, its metrics written to `out`; a failed run is a one-line error."""
+    from prometheus_client import generate_latest
+
+    ok = recommender.run_once()
+    out.write(generate_latest(registry).decode())
+    if not ok:
+        raise CommandError(recommender.latest().last_error or "planning failed")
+    return 0
+
+
+def _listen(config: Config, app: Any) -> WSGIServer:
+    """The HTTP server for /metrics, /plan and the automation switches, bound but not serving."""
+    try:
+        address = parse_listen(config.serve.listen)
+    except ValueError as exc:
+        raise CommandError(f"--listen {exc}") from None
+    server_class = type("Server", (WSGIServer,), {"address_family": address.family})
+    try:
+        return make_server(
+            address.host, address.port, app, server_class=server_class, handler_class=_QuietHandler
+        )
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {config.serve.listen}: {exc.strerror}") from None
+
+
 def serve(
     config: Config,
     once: bool = False,
@@ -332,37 +369,34 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if at is not None and not once:
         raise CommandError("--at goes with --once: a serving loop plans the present")
-    recommender = Recommender(config, partial(_prometheus_snapshot, at=at))
+    from recommender.faces.automation import PAUSE_PATHS, after_plan, automation_for
+
+    # A replay of the past (--at) never executes.
+    automation = (
+        automation_for(config, partial(_prometheus_snapshot, config)) if at is None else None
+    )
+    hook = after_plan(automation) if automation else None
+    recommender = Recommender(config, partial(_prometheus_snapshot, at=at), after_plan=hook)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RecommenderCollector(recommender))
+    if automation is not None:
+        registry.register(automation.collector())
     if once:
-        from prometheus_client import generate_latest
-
-        ok = recommender.run_once()
-        (out or sys.stdout).write(generate_latest(registry).decode())
-        if not ok:
-            raise CommandError(recommender.latest().last_error or "planning failed")
-        return 0
-
-    try:
-        address = parse_listen(config.serve.listen)
-    except ValueError as exc:
-        raise CommandError(f"--listen {exc}") from None
-    server_class = type("Server", (WSGIServer,), {"address_family": address.family})
-    try:
-        httpd: WSGIServer = make_server(
-            address.host,
-            address.port,
-            make_app(recommender, registry),
-            server_class=server_class,
-            handler_class=_QuietHandler,
-        )
-    except OSError as exc:
-        raise CommandError(f"cannot listen on {config.serve.listen}: {exc.strerror}") from None
+        return _run_once(recommender, registry, out or sys.stdout)
+    routes: dict[str, Callable[..., Iterable[bytes]]] | None = (
+        dict.fromkeys(PAUSE_PATHS, automation.http) if automation else None
+    )
+    httpd = _listen(config, make_app(recommender, registry, routes))
     threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
     stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        if automation is not None:  # migrations in flight finish; nothing new starts
+            automation.stop("stopped by a signal")
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, on_signal)
     log.info(
         "serving http://%s/metrics and /plan; planning every %.0fs",
         config.serve.listen,

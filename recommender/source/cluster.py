@@ -19,6 +19,7 @@ from recommender.config import Config, duration_seconds
 from recommender.engine.rules.maintenance import MaintenanceSettings
 from recommender.model import Snapshot, make_nodes, make_vms
 from recommender.source.answers import Answer, by_label, by_node_vm, sample
+from recommender.source.host import host_background
 from recommender.source.http import SourceError
 from recommender.source.queries import (
     BURST_RESOURCES,
@@ -275,9 +276,8 @@ def assemble_snapshot(
     at = when.timestamp()
     q = config.query
     warnings: list[str] = []
-    places = placements(
-        answers["vm_last_seen"] + answers["vm_seen_now"], answers["vm_first_seen"], at, plan
-    )
+    last_seen = answers["vm_departed"] + answers["vm_seen_recently"] + answers["vm_seen_now"]
+    places = placements(last_seen, answers["vm_first_seen"], at, plan)
     if not places:
         raise SourceError(
             f"no VM has data in the last {q.short_window} at "
@@ -294,6 +294,12 @@ def assemble_snapshot(
     short = frame({r: pd.Series(rates.shorts[r], dtype=float) for r in BURST_RESOURCES})
     short = short.reindex(vms.index)
     vms["burst_ratio"] = burst_ratios(mean, short, nodes, config.balance.weights).to_numpy()
+    vm_means = {
+        "cpu": rates.means.get("cpu", rates.loads["cpu"]),
+        "network": rates.means.get("network", rates.loads["network"]),
+    }
+    vm_node = {vm: place.node for vm, place in places.items()}
+    nodes = host_background(answers, vm_means, vm_node, nodes, warnings)
     return Snapshot(
         nodes=nodes,
         vms=vms,

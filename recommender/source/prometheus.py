@@ -114,11 +114,16 @@ class PrometheusSource:
         query, notes = adapted_query(config.query, grid)
         config = config.model_copy(update={"query": query})
         plan = SnapshotQueries.for_config(config, grid)
+        t = grid.at
         answers = {
-            name: self._snapshot_answer(plan, name, promql, grid.at, query.quantile)
+            name: self._snapshot_answer(plan, name, promql, t, query.quantile)
             for name, promql in plan.queries.items()
         }
-        taken = datetime.fromtimestamp(grid.at, UTC)
+        moved = [item["metric"]["vm"] for item in answers["vm_moved"] if "vm" in item["metric"]]
+        answers["vm_departed"] = [
+            item for promql in plan.departures(moved) for item in self.query(promql, t)
+        ]
+        taken = datetime.fromtimestamp(t, UTC)
         snapshot = assemble_snapshot(config, plan, answers, taken, self.display_url)
         snapshot.warnings[:0] = notes
         return snapshot

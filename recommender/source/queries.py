@@ -2,9 +2,9 @@
 
 A snapshot uses only the standard instant-query API (`/api/v1/query` with `time=`), so the
 same queries read Prometheus, VictoriaMetrics, Thanos and Mimir. Their number is fixed by the
-config, whatever the number of VMs: every query is aggregated `by (node, vm)` or `by (vm)`
-and answered for all VMs at once. The report adds range queries (`/api/v1/query_range`)
-aggregated `by (node)` or `by (node, vm)`.
+config, whatever the number of VMs (plus the departures of the VMs that moved, below):
+every query is aggregated `by (node, vm)` or `by (vm)` and answered for all VMs at once. The
+report adds range queries (`/api/v1/query_range`) aggregated `by (node)` or `by (node, vm)`.
 
 Why `increase(x[w]) / w` and not `rate(x[w])`: the two servers disagree on `rate()` of a
 series that starts or ends inside the window. Prometheus divides by the whole window
@@ -26,6 +26,18 @@ latest sample, counters over windows that start on a sample, levels without the 
 sample, sub-windows and steps at least three scrape intervals wide. That is where Prometheus
 and VictoriaMetrics (default flags) give the same numbers.
 
+Where each VM runs and when it last moved is read without stepping through the whole
+history: a subquery evaluates its expression at every step for every series, so
+`max_over_time(timestamp(vmbalance_vm_info)[24h:1m])` costs 1,440 evaluations per VM (at
+10,000 VMs with a day of history, longer than Prometheus's 2-minute query timeout). Instead
+`vm_moved` reads the raw samples once (`last_over_time(...[24h])`, no steps) and answers only
+the VMs seen on more than one node; the per-minute subquery that dates their departures is
+then asked for those VMs alone (`SnapshotQueries.departures`, one more query, or one per
+~1,000 VMs that moved). The current node comes from the short window, the first sample
+(only a VM younger than the window is scaled) from the window: both a few steps at most.
+Aggregations keep `cluster` (`by (cluster, node, vm)`), so VMs of different clusters stay
+apart where the label is present.
+
 Server settings that matter: `timestamp(vmbalance_vm_info)` inside the history subqueries
 sees a sample only within the lookback (Prometheus `--query.lookback-delta`, default 5m), so
 the lookback must be at least the 1m subquery step. Every other selector has an explicit
@@ -46,8 +58,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from recommender.config import Config, QuerySettings, duration_seconds
+from recommender.config import Config, HostSettings, QuerySettings, duration_seconds
 from recommender.history import Window
+from recommender.quoting import promql_regex_alternatives
 from recommender.source.grid import SampleGrid
 
 # Counters behind each rate resource (summed).
@@ -79,6 +92,9 @@ MEMORY_FAMILIES: dict[str, str] = {
 INFO = "vmbalance_vm_info"
 _LOADS = tuple(f"load_{resource}" for resource in RATE_COUNTERS)
 
+# The longest list of VM ids one departures query carries (its regex, in characters).
+DEPARTURE_QUERY_CHARS = 12_000
+
 
 def seconds_text(seconds: float) -> str:
     return f"{seconds:g}"
@@ -103,18 +119,28 @@ def counter_sum(counters: Sequence[str], range_: str, by: str, offset: float = 0
     return f"({' + '.join(parts)}) or " + " or ".join(parts)
 
 
-def _presence_queries(history_range: str) -> dict[str, str]:
-    """Where each VM was seen and when it first appeared, from `vmbalance_vm_info`."""
+def _presence_queries(window: str, presence: str, history_range: str) -> dict[str, str]:
+    """Where each VM is, when it first appeared, and which VMs changed node, from
+    `vmbalance_vm_info`; none of them steps through the whole history (see `departures`)."""
     return {
-        "vm_last_seen": (
-            f"max by (node, vm, name) "
-            f"(max_over_time(timestamp({INFO})[{history_range}:{HISTORY_STEP}]))"
-        ),
         # The subquery's last step is the last whole minute: a VM whose samples all came
         # after it (a new VM, a new exporter) is seen only at the evaluation instant.
-        "vm_seen_now": f"max by (node, vm, name) (timestamp({INFO}))",
+        "vm_seen_now": f"max by (cluster, node, vm, name) (timestamp({INFO}))",
+        "vm_seen_recently": (
+            f"max by (cluster, node, vm, name) "
+            f"(max_over_time(timestamp({INFO})[{presence}:{HISTORY_STEP}]))"
+        ),
+        # Only the young are scaled (a VM first seen inside the window), so the window is
+        # as far back as the first sample must be looked for.
         "vm_first_seen": (
-            f"min by (node, vm) (min_over_time(timestamp({INFO})[{history_range}:{HISTORY_STEP}]))"
+            f"min by (cluster, node, vm) "
+            f"(min_over_time(timestamp({INFO})[{window}:{HISTORY_STEP}]))"
+        ),
+        # VMs seen on more than one node within the history: one pass over the raw samples,
+        # answered only for the few that moved.
+        "vm_moved": (
+            f"count by (cluster, vm) "
+            f"(count by (cluster, node, vm) (last_over_time({INFO}[{history_range}]))) > 1"
         ),
     }
 
@@ -174,6 +200,37 @@ def _level_queries(q: QuerySettings, window_s: float, grid: SampleGrid) -> dict[
     }
 
 
+# node_exporter's host totals, joined to `node` by the scrape relabelling in docs/deploy.md.
+# CPU busy is every mode but idle, iowait (idle while waiting for I/O) and steal (time the
+# layer below took): the work this host did, VMs and Ceph alike.
+HOST_CPU = "node_cpu_seconds_total"
+HOST_CPU_IDLE_MODES = "idle|iowait|steal"
+HOST_NETWORK = ("node_network_receive_bytes_total", "node_network_transmit_bytes_total")
+
+
+def _host_queries(host: HostSettings, window: str, window_s: float) -> dict[str, str]:
+    """Per node, what the host did over the window: CPU cores busy, NIC bytes/s."""
+    queries: dict[str, str] = {}
+    if host.cpu:
+        # Busy share of all CPU time times the CPUs: right also for a host series younger
+        # than the window or with missed scrapes, where increase / window would be short.
+        cpu = f'{HOST_CPU}{{node!=""}}'
+        busy = f'{HOST_CPU}{{node!="",mode!~"{HOST_CPU_IDLE_MODES}"}}'
+        idle = f'{HOST_CPU}{{node!="",mode="idle"}}'  # one series per CPU
+        queries["host_cpu"] = (
+            f"sum by (cluster, node) (increase({busy}[{window}])) "
+            f"/ sum by (cluster, node) (increase({cpu}[{window}])) "
+            f"* count by (cluster, node) (last_over_time({idle}[{window}]))"
+        )
+    if host.interfaces:
+        devices = promql_regex_alternatives(host.interfaces)
+        selectors = [f'{c}{{node!="",device=~{devices}}}' for c in HOST_NETWORK]
+        queries["host_network"] = (
+            f"({counter_sum(selectors, window, 'cluster, node')}) / {seconds_text(window_s)}"
+        )
+    return queries
+
+
 @dataclass(frozen=True)
 class SnapshotQueries:
     """The PromQL of one snapshot, derived from the config only."""
@@ -195,10 +252,12 @@ class SnapshotQueries:
         history_s = duration_seconds(q.history)
         # The history subquery also finds each VM's first sample inside the window.
         history_range = q.history if history_s >= window_s else q.window
+        presence = f"{max(short_s, 2 * duration_seconds(HISTORY_STEP)):.0f}s"
         queries = {
-            **_presence_queries(history_range),
+            **_presence_queries(q.window, presence, history_range),
             **_rate_queries(q, window_s, short_s, grid),
             **_level_queries(q, window_s, grid),
+            **_host_queries(config.host, q.window, window_s),
         }
         return cls(
             queries=queries,
@@ -212,6 +271,27 @@ class SnapshotQueries:
                 if q.estimator == "quantile" and name in (*_LOADS, "load_memory")
             ),
         )
+
+    def departures(self, moved: Sequence[str]) -> list[str]:
+        """When each of the `moved` VMs (the `vm_moved` answer) was last seen on each node
+        within the history: the per-minute subquery of old, asked for these VMs only, in
+        queries of at most `DEPARTURE_QUERY_CHARS` (VictoriaMetrics refuses a query longer
+        than 16 KiB by default), so one query in all unless thousands moved."""
+        history_range = f"{self.history_range:.0f}s"
+        batches: list[list[str]] = []
+        size = DEPARTURE_QUERY_CHARS
+        for vm in sorted(set(moved)):
+            length = len(promql_regex_alternatives([vm])) + 1
+            if size + length > DEPARTURE_QUERY_CHARS:
+                batches.append([])
+                size = 0
+            batches[-1].append(vm)
+            size += length
+        return [
+            f"max by (cluster, node, vm, name) (max_over_time(timestamp("
+            f"{INFO}{{vm=~{promql_regex_alternatives(batch)}}})[{history_range}:{HISTORY_STEP}]))"
+            for batch in batches
+        ]
 
 
 @dataclass(frozen=True)
@@ -277,6 +357,7 @@ class ReportQueries:
 
 __all__ = [
     "BURST_RESOURCES",
+    "DEPARTURE_QUERY_CHARS",
     "HISTORY_STEP",
     "MEMORY_FAMILIES",
     "RATE_COUNTERS",

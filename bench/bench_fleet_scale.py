@@ -1,0 +1,365 @@
+"""Snapshot and plan time at fleet size: N clusters x 32 nodes x 40 VMs of generated history in
+one store (Prometheus, VictoriaMetrics), and a single 10,000-VM cluster with a day of history.
+
+Each cluster is `devkit.simulate` (seeded; about 2 % of its VMs migrate during the day) with
+`cluster` on every series and node names and VM ids unique across the fleet. The whole day of
+`vmbalance_vm_info` is written (that is what the history queries read); the other families
+only for the last `--recent` seconds, which is all a snapshot reads of them (window 1h). The
+history goes to Prometheus through `promtool tsdb create-blocks-from openmetrics` (one file per
+2 h block) and to VictoriaMetrics through `/api/v1/import/prometheus`.
+
+Per size and server: the snapshot (`PrometheusSource.build_snapshot`, wall time and PromQL
+queries sent), `vmbalance plan -o json` end to end as a subprocess (wall time, peak RSS from
+wait4) and the server's peak RSS (VmHWM), and, for comparison, the two 24-hour subqueries
+the snapshot used before (`--old-up-to` VMs at most; they are what made it slow).
+
+    .venv/bin/python bench/bench_fleet_scale.py [--clusters 1 2 5 10] [--single 10000] [--no-docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import requests
+from docs_section import replace_section
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from devkit.servers import PrometheusServer, VictoriaMetricsServer, backfill  # noqa: E402
+from devkit.simulate import FAMILIES, ClusterHistory, simulate_cluster  # noqa: E402
+from recommender.config import Config  # noqa: E402
+from recommender.source.prometheus import PrometheusSource  # noqa: E402
+
+NODES, VMS_PER_NODE = 32, 40
+DAY = 86400.0
+BLOCK = 7200.0
+INFO = "vmbalance_vm_info"
+OLD_QUERIES = {
+    "last seen (24h:1m)": (f"max by (node, vm, name) (max_over_time(timestamp({INFO})[24h:1m]))"),
+    "first seen (24h:1m)": f"min by (node, vm) (min_over_time(timestamp({INFO})[24h:1m]))",
+}
+QUERY_TIMEOUT = 300.0
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+@dataclass
+class Fleet:
+    name: str
+    clusters: int
+    nodes: int
+    vms: int
+    migrations: int
+
+
+def _cluster(k: int, nodes: int, vms: int, end: float, step: float) -> ClusterHistory:
+    return simulate_cluster(
+        1000 + k,
+        nodes=nodes,
+        vms=vms,
+        duration=DAY,
+        step=step,
+        end=end,
+        migrations=max(3, vms // 50),
+        hostile_names=0,
+    )
+
+
+def _relabel(k: int, labels: tuple[tuple[str, str], ...]) -> str:
+    out = [("cluster", f"c{k:02d}")]
+    for key, value in labels:
+        if key == "node":
+            value = f"c{k:02d}-{value}"
+        elif key == "vm":
+            value = str(k * 100_000 + int(value))
+        out.append((key, value))
+    return ",".join(f'{key}="{_escape(value)}"' for key, value in out)
+
+
+def _lines(
+    history: ClusterHistory, k: int, recent_from: float
+) -> Iterator[tuple[str, str, np.ndarray, np.ndarray, bool]]:
+    """(family, label text, times, values, integer) of one cluster's series, the other
+    families than `vmbalance_vm_info` cut to the recent part."""
+    for s in history.series():
+        keep = np.ones(len(s.times), dtype=bool) if s.family == INFO else s.times >= recent_from
+        if keep.any():
+            yield s.family, _relabel(k, s.labels), s.times[keep], s.values[keep], s.integer
+
+
+def _values(values: np.ndarray, integer: bool) -> list[str]:
+    return (
+        [str(v) for v in values.astype(np.int64).tolist()]
+        if integer
+        else [repr(v) for v in values.tolist()]
+    )
+
+
+def write_fleet(
+    histories: list[tuple[int, ClusterHistory]], recent_from: float, om_dir: Path, vm_file: Path
+) -> int:
+    """One OpenMetrics file per 2 h block (families grouped, as promtool wants) and one
+    VictoriaMetrics import file; returns the number of samples."""
+    om_dir.mkdir(parents=True, exist_ok=True)
+    handles: dict[int, IO[str]] = {}
+    families = {name: (om, kind) for name, om, kind in FAMILIES}
+    samples = 0
+    per_family: dict[str, list[tuple[str, np.ndarray, np.ndarray, bool]]] = {}
+    for k, history in histories:
+        for family, labels, times, values, integer in _lines(history, k, recent_from):
+            per_family.setdefault(family, []).append((labels, times, values, integer))
+    with vm_file.open("w", encoding="utf-8") as vm_out:
+        for family, (om_name, kind) in families.items():
+            typed: set[int] = set()
+            for labels, times, values, integer in per_family.get(family, []):
+                text = _values(values, integer)
+                blocks = np.floor(times / BLOCK).astype(np.int64)
+                prefix = f"{family}{{{labels}}} "
+                stamps = times.astype(np.int64).tolist()
+                vm_out.write(
+                    "".join(f"{prefix}{v} {t * 1000}\n" for v, t in zip(text, stamps, strict=True))
+                )
+                for block in np.unique(blocks).tolist():
+                    out = handles.get(block)
+                    if out is None:
+                        out = handles[block] = (om_dir / f"block-{block:012d}.om").open(
+                            "w", encoding="utf-8"
+                        )
+                    if block not in typed:
+                        out.write(f"# TYPE {om_name} {kind}\n")
+                        typed.add(block)
+                    idx = np.flatnonzero(blocks == block).tolist()
+                    out.write("".join(f"{prefix}{text[i]} {stamps[i]}\n" for i in idx))
+                samples += len(text)
+    for out in handles.values():
+        out.write("# EOF\n")
+        out.close()
+    return samples
+
+
+def _hwm_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return math.nan
+
+
+def _plan_subprocess(url: str, at: float, tmp: Path) -> tuple[float, float, int]:
+    """`vmbalance plan -o json` against `url` at `at`: wall seconds, peak RSS MiB, exit code."""
+    out = tmp / "plan.json"
+    command = [
+        str(ROOT / ".venv" / "bin" / "vmbalance"),
+        "plan",
+        "--prometheus-url",
+        url,
+        "--timeout",
+        str(QUERY_TIMEOUT),
+        "--at",
+        datetime.fromtimestamp(at, UTC).isoformat(),
+        "-o",
+        "json",
+        "--out-file",
+        str(out),
+    ]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0 and process.stderr is not None:
+        print(process.stderr.read().decode(errors="replace").strip(), file=sys.stderr)
+    return wall, usage.ru_maxrss / 1024, process.returncode
+
+
+def _timed_query(url: str, promql: str, at: float) -> float | None:
+    started = time.perf_counter()
+    response = requests.get(
+        url + "/api/v1/query",
+        params={"query": promql, "time": f"{at:.3f}"},
+        timeout=QUERY_TIMEOUT,
+    )
+    elapsed = time.perf_counter() - started
+    return elapsed if response.status_code == 200 else None
+
+
+class TimedSource(PrometheusSource):
+    """A `PrometheusSource` that keeps the slowest query it sent."""
+
+    slowest: tuple[float, str] = (0.0, "")
+    seconds: float = 0.0  # all queries together
+
+    def query(self, promql: str, at: float) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        answer = super().query(promql, at)
+        elapsed = time.perf_counter() - started
+        self.slowest = max(self.slowest, (elapsed, promql))
+        self.seconds += elapsed
+        return answer
+
+
+def measure(url: str, pid: int, at: float, vms: int, old_up_to: int, tmp: Path) -> dict[str, Any]:
+    config = Config.model_validate({"prometheus": {"url": url, "timeout_seconds": QUERY_TIMEOUT}})
+    source = TimedSource(config.prometheus)
+    started = time.perf_counter()
+    snapshot = source.build_snapshot(config, at=datetime.fromtimestamp(at, UTC))
+    snapshot_s = time.perf_counter() - started
+    plan_s, plan_rss, code = _plan_subprocess(url, at, tmp)
+    row: dict[str, Any] = {
+        "vms_seen": len(snapshot.vms),
+        "moved": int(np.isfinite(snapshot.vms["last_migration"].to_numpy(dtype=float)).sum()),
+        "snapshot_s": snapshot_s,
+        "queries": source.queries_issued,
+        "plan_s": plan_s if code == 0 else math.nan,
+        "plan_rss": plan_rss,
+        "old_s": None,
+        "slowest_s": source.slowest[0],
+        "slowest": source.slowest[1][:120],
+        "queries_s": source.seconds,
+    }
+    if vms <= old_up_to:
+        times = [_timed_query(url, promql, at) for promql in OLD_QUERIES.values()]
+        row["old_s"] = None if None in times else sum(t for t in times if t is not None)
+    row["server_rss"] = _hwm_mib(pid)
+    return row
+
+
+def run_size(fleet: Fleet, step: float, recent: float, old_up_to: int) -> dict[str, dict[str, Any]]:
+    end = math.floor(time.time() / BLOCK) * BLOCK - 3600.0
+    tmp = Path(tempfile.mkdtemp(prefix="vmbalance-fleet-"))
+    try:
+        started = time.perf_counter()
+        histories = [
+            (k, _cluster(k, fleet.nodes // fleet.clusters, fleet.vms // fleet.clusters, end, step))
+            for k in range(fleet.clusters)
+        ]
+        fleet.migrations = sum(len(h.migrations) for _, h in histories)
+        samples = write_fleet(histories, end - recent, tmp / "om", tmp / "vm.txt")
+        del histories
+        generated = time.perf_counter() - started
+        started = time.perf_counter()
+        backfill(tmp / "om", tmp / "prom-data")
+        shutil.rmtree(tmp / "om")
+        backfilled = time.perf_counter() - started
+        print(
+            f"{fleet.name}: {samples:,} samples, generated {generated:.0f} s, "
+            f"promtool {backfilled:.0f} s",
+            flush=True,
+        )
+        rows: dict[str, dict[str, Any]] = {}
+        with PrometheusServer(tmp, data_dir=tmp / "prom-data") as prometheus:
+            assert prometheus.process is not None
+            rows["Prometheus"] = measure(
+                prometheus.url, prometheus.process.pid, end, fleet.vms, old_up_to, tmp
+            )
+        with VictoriaMetricsServer(tmp) as victoria:
+            assert victoria.process is not None
+            victoria.import_prometheus(tmp / "vm.txt")
+            rows["VictoriaMetrics"] = measure(
+                victoria.url, victoria.process.pid, end, fleet.vms, old_up_to, tmp
+            )
+        for server, row in rows.items():
+            print(f"  {server}: {row}", flush=True)
+        return rows
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cell(value: float | None, fmt: str = "{:.2f}") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "failed"
+    return fmt.format(value)
+
+
+def render(results: list[tuple[Fleet, dict[str, dict[str, Any]]]], args: argparse.Namespace) -> str:
+    clusters = " ".join(map(str, args.clusters))
+    lines = [
+        "Snapshot and plan from one store holding N clusters x 32 nodes x 40 VMs (and one "
+        "10,000-VM cluster of 250 nodes), each with a day of `vmbalance_vm_info` history and the "
+        "last 2 h of every other family, sampled every "
+        f"{args.step:.0f} s; about 2 % of the VMs migrate during the day. The snapshot is timed "
+        "in process (`PrometheusSource.build_snapshot`, with the PromQL queries it sends); "
+        "`vmbalance plan -o json` end to end as a subprocess (its peak RSS from wait4); the "
+        'server\'s peak RSS is its VmHWM after both. "before" is the two 24-hour subqueries '
+        "the snapshot sent until now (`max_over_time(timestamp(vmbalance_vm_info)[24h:1m])` "
+        'and its `min_over_time` twin), summed; "-" where not measured. VictoriaMetrics '
+        "runs with the devkit's flags (`-search.latencyOffset=0s -search.disableCache`, "
+        "otherwise its defaults); Prometheus with its defaults (2-minute query timeout, 5 m "
+        "lookback). The planning is fleet-wide over one snapshot (nodes and VM ids are "
+        "unique across the fleet).",
+        "",
+        f"- Command: `.venv/bin/python bench/bench_fleet_scale.py --clusters {clusters} "
+        f"--single {args.single} --step {args.step:.0f}`",
+        f"- Date: {date.today().isoformat()}",
+        f"- Machine: {os.cpu_count()} cores, shared; Python {platform.python_version()}; "
+        "Prometheus 2.42 and VictoriaMetrics (Debian packages)",
+        "",
+        "| fleet | VMs | server | snapshot s | of it in queries s | slowest query s | queries "
+        "| plan s (end to end) | plan peak RSS MiB | server peak RSS MiB "
+        "| before: 2 history subqueries s |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for fleet, rows in results:
+        for server, row in rows.items():
+            lines.append(
+                f"| {fleet.name} | {fleet.vms:,} | {server} | {_cell(row['snapshot_s'])} | "
+                f"{_cell(row['queries_s'])} | {_cell(row['slowest_s'])} | "
+                f"{row['queries']} | {_cell(row['plan_s'])} | {_cell(row['plan_rss'], '{:.0f}')} | "
+                f"{_cell(row['server_rss'], '{:.0f}')} | {_cell(row['old_s'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clusters", type=int, nargs="*", default=[1, 2, 5, 10])
+    parser.add_argument(
+        "--single", type=int, default=10_000, help="VMs of the single cluster (0: none)"
+    )
+    parser.add_argument("--step", type=float, default=60.0, help="sample interval, seconds")
+    parser.add_argument("--recent", type=float, default=BLOCK, help="seconds of the other families")
+    parser.add_argument(
+        "--old-up-to", type=int, default=1_300, help="time the old subqueries up to this many VMs"
+    )
+    parser.add_argument("--no-docs", action="store_true")
+    args = parser.parse_args()
+    fleets = [
+        Fleet(f"{n} x 32 x 40", n, n * NODES, n * NODES * VMS_PER_NODE, 0) for n in args.clusters
+    ]
+    if args.single:
+        fleets.append(
+            Fleet(
+                f"1 x {args.single // VMS_PER_NODE} x 40",
+                1,
+                args.single // VMS_PER_NODE,
+                args.single,
+                0,
+            )
+        )
+    results = [(fleet, run_size(fleet, args.step, args.recent, args.old_up_to)) for fleet in fleets]
+    body = render(results, args)
+    print(body)
+    if not args.no_docs:
+        replace_section("Recommender: fleet-scale history", body)
+
+
+if __name__ == "__main__":
+    main()

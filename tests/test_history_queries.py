@@ -1,0 +1,122 @@
+"""Which VMs moved and when they left each node: the departures query, asked only for the VMs
+that moved, finds exactly them on a real Prometheus and VictoriaMetrics, whatever their ids."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from devkit.servers import PrometheusServer, VictoriaMetricsServer, backfill
+from recommender.config import Config
+from recommender.quoting import promql_regex_alternatives, promql_string
+from recommender.source.prometheus import PrometheusSource
+from recommender.source.queries import DEPARTURE_QUERY_CHARS, SnapshotQueries
+
+pytestmark = pytest.mark.slow
+
+STEP = 60
+SAMPLES = 120
+# Ids full of regex and string syntax; each decoy matches an id's characters read as a regex.
+MOVED = ["a.b", "x|y", 'q"uote', "back\\slash", "(p)", "[c]", "s*", "new\nline", "\u202eb"]
+DECOYS = ["aXb", "x", "y", "p", "c", "sss", "new"]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _history(end: float) -> str:
+    """Every VM on pve1 for the first half, then the moved ones on pve2, decoys stay."""
+    lines = ["# TYPE vmbalance_vm_info gauge"]
+    half = SAMPLES // 2
+    for vm in MOVED + DECOYS:
+        for k in range(SAMPLES):
+            t = end - (SAMPLES - 1 - k) * STEP
+            node = "pve2" if vm in MOVED and k >= half else "pve1"
+            labels = f'node="{node}",vm="{_escape(vm)}",name="n"'
+            lines.append(f"vmbalance_vm_info{{{labels}}} 1 {t:.0f}")
+    lines.append("# EOF")
+    return "\n".join(lines) + "\n"
+
+
+def _vm_text(om: str) -> str:
+    """The same samples with millisecond timestamps for VictoriaMetrics."""
+    out = []
+    for line in om.splitlines():
+        if line.startswith("#"):
+            continue
+        head, stamp = line.rsplit(" ", 1)
+        out.append(f"{head} {int(stamp) * 1000}")
+    return "\n".join(out) + "\n"
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[float, dict[str, str]]]:
+    tmp: Path = tmp_path_factory.mktemp("departures")
+    end = math.floor(time.time() / 3600) * 3600 - 7200.0
+    om = _history(end)
+    (tmp / "h.om").write_text(om, encoding="utf-8")
+    backfill(tmp / "h.om", tmp / "prom-data")
+    with (
+        PrometheusServer(tmp, data_dir=tmp / "prom-data") as prometheus,
+        VictoriaMetricsServer(tmp) as victoria,
+    ):
+        victoria.import_prometheus(_vm_text(om))
+        yield end, {"prometheus": prometheus.url, "victoriametrics": victoria.url}
+
+
+@pytest.mark.parametrize("server", ["prometheus", "victoriametrics"])
+def test_moved_vms_and_their_departures(servers: tuple[float, dict[str, str]], server: str) -> None:
+    end, urls = servers
+    config = Config.model_validate({"prometheus": {"url": urls[server]}})
+    plan = SnapshotQueries.for_config(config)
+    source = PrometheusSource(config.prometheus)
+    moved = source.query(plan.queries["vm_moved"], end)
+    assert sorted(item["metric"]["vm"] for item in moved) == sorted(MOVED)
+
+    (departures,) = plan.departures([item["metric"]["vm"] for item in moved])
+    answer = source.query(departures, end)
+    seen = {(item["metric"]["vm"], item["metric"]["node"]) for item in answer}
+    assert seen == {(vm, node) for vm in MOVED for node in ("pve1", "pve2")}
+    left = end - (SAMPLES - SAMPLES // 2) * STEP
+    for item in answer:
+        if item["metric"]["node"] == "pve1":
+            assert float(item["value"][1]) == left
+
+
+@pytest.mark.parametrize("server", ["prometheus", "victoriametrics"])
+def test_snapshot_places_and_dates_the_moves(
+    servers: tuple[float, dict[str, str]], server: str
+) -> None:
+    end, urls = servers
+    config = Config.model_validate({"prometheus": {"url": urls[server]}})
+    source = PrometheusSource(config.prometheus)
+    snapshot = source.build_snapshot(config, at=datetime.fromtimestamp(end, UTC))
+    left = end - (SAMPLES - SAMPLES // 2) * STEP
+    for vm in MOVED:
+        assert snapshot.vms.loc[vm, "node"] == "pve2"
+        assert snapshot.vms.loc[vm, "last_migration"] == left
+    for vm in DECOYS:
+        assert snapshot.vms.loc[vm, "node"] == "pve1"
+        assert math.isnan(snapshot.vms.loc[vm, "last_migration"])
+    assert source.queries_issued == len(SnapshotQueries.for_config(config).queries) + 1
+
+
+def test_departures_are_split_to_stay_under_the_query_length() -> None:
+    plan = SnapshotQueries.for_config(Config())
+    assert plan.departures([]) == []
+    many = [f"vm-{i:06d}" for i in range(5000)]
+    queries = plan.departures(many)
+    assert len(queries) > 1
+    assert all(len(q) < DEPARTURE_QUERY_CHARS + 200 for q in queries)
+    assert "".join(queries).count("vm-") == len(many)
+
+
+def test_regex_alternatives_are_literal() -> None:
+    assert promql_string('a"b\\c\nd') == '"a\\"b\\\\c\\nd"'
+    assert promql_regex_alternatives(["a.b", "x|y"]) == '"a\\\\.b|x\\\\|y"'
