@@ -188,11 +188,9 @@ class PrometheusServer(_Server):
 
 
 class VictoriaMetricsServer(_Server):
-    """Single-node `victoria-metrics` on 127.0.0.1:<free port>.
-
-    Started with `-search.latencyOffset=0` (data is visible at once, also for queries at a
-    past `time`) and `-search.disableCache` (imported history must not be shadowed by cached
-    results).
+    """Single-node `victoria-metrics` on 127.0.0.1:<free port>, with its default flags (as an
+    operator runs it: range timestamps aligned to the step, results cached, the newest 30 s
+    hidden from queries at "now"); `extra_args` add flags.
     """
 
     name = "victoria-metrics"
@@ -209,8 +207,6 @@ class VictoriaMetricsServer(_Server):
             f"-httpListenAddr=127.0.0.1:{self.port}",
             f"-storageDataPath={self.data_dir}",
             "-retentionPeriod=1y",
-            "-search.latencyOffset=0s",
-            "-search.disableCache",
             *self.extra_args,
         ]
 

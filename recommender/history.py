@@ -47,10 +47,25 @@ class Window:
         return self.start + self.step * np.arange(self.points, dtype=float)
 
 
-def report_window(period: float, at: float) -> Window:
-    """At most TARGET_POINTS steps of whole minutes covering `period` up to `at`."""
-    step = max(MIN_STEP, math.ceil(period / TARGET_POINTS / 60.0) * 60.0)
-    return Window(end=float(math.floor(at)), step=step, points=int(period // step))
+# A step holds at least this many of the data's sample spacings.
+MIN_STEP_SPACINGS = 3
+
+
+def report_window(period: float, at: float, spacing: float = math.nan) -> Window:
+    """At most TARGET_POINTS steps of whole minutes covering `period` up to `at`.
+
+    With the data's `spacing` known (`at` is then a sample's time), a step is also a multiple
+    of the spacing at least MIN_STEP_SPACINGS spacings wide, so every step's window starts and
+    ends on a sample."""
+    unit = MIN_STEP
+    least = MIN_STEP
+    if math.isfinite(spacing) and spacing >= 1:
+        unit = float(math.lcm(int(MIN_STEP), round(spacing)))
+        least = max(least, MIN_STEP_SPACINGS * spacing)
+    step = max(least, period / TARGET_POINTS)
+    step = math.ceil(step / unit - 1e-9) * unit
+    end = at if math.isfinite(spacing) else float(math.floor(at))
+    return Window(end=end, step=step, points=max(1, int(period // step)))
 
 
 @dataclass
@@ -71,6 +86,20 @@ class History:
     @property
     def nodes(self) -> list[str]:
         return list(self.active.columns)
+
+    @property
+    def covered(self) -> float:
+        """Seconds of the window the data covers: from the first sample to the end. The first
+        step with data counts by the share of a full step's samples it holds."""
+        data = np.flatnonzero(self.has_data.to_numpy(dtype=bool))
+        if not len(data):
+            return 0.0
+        first = int(data[0])
+        share = 1.0
+        samples = self.presence.groupby("step")["samples"].max()
+        if len(samples) and first in samples.index and samples.max() > 0:
+            share = float(samples[first] / samples.max())
+        return float(self.window.end - self.window.times[first] + share * self.window.step)
 
     def utilisation(self, resource: str) -> pd.DataFrame:
         return utilisation(self.load[resource], self.capacity[resource])

@@ -79,6 +79,9 @@ class Plan:
     method: PlanMethod
     taken_at: datetime | None = None
     resources: tuple[str, ...] = field(default=())
+    # How the loads were estimated: the snapshot's window and estimator.
+    window: str | None = None
+    estimator: str | None = None
 
     @property
     def memory_bytes(self) -> float:
@@ -140,6 +143,8 @@ def build_plan(snapshot: Snapshot, config: Config, result: EngineResult | None =
         method=result.method,
         taken_at=snapshot.taken_at,
         resources=problem.resources,
+        window=snapshot.window,
+        estimator=snapshot.estimator,
     )
 
 
@@ -297,4 +302,10 @@ def _settings(config: Config, rule_types: Sequence[type[Constraint]]) -> dict[st
     for rule in rule_types:
         if rule.settings is not None:
             rules.update(rule.settings.summarise(config.rules))
-    return {"balance": config.balance.model_dump(), "rules": rules}
+    # The rules themselves (names are data: every output escapes them), the counts beside them.
+    return {
+        "balance": config.balance.model_dump(),
+        "rules": config.rules.model_dump(mode="json"),
+        "rule_counts": rules,
+        "query": config.query.model_dump(mode="json"),
+    }

@@ -139,7 +139,9 @@ def test_every_command_prints_only_its_document(stack: Stack, tmp_path: Path) ->
     assert "Imbalance per resource" in markdown_headings(markdown)
 
     table = ok(vmbalance("plan", *stack.args()))
-    assert table.lstrip().startswith("Imbalance") and "HiGHS" not in table
+    # The table first says when and how the loads were read, then the imbalance.
+    assert table.lstrip().startswith("Loads taken at ") and "HiGHS" not in table
+    assert table.splitlines()[1].strip() == "Imbalance"
 
     snapshot = ok(vmbalance("snapshot", *stack.args("-o", "-")))
     assert json.loads(snapshot)["format"] == "vmbalance-snapshot"

@@ -63,8 +63,10 @@ def test_query_plan_is_fixed_and_follows_the_config() -> None:
     # History shorter than the window: VMs that moved are still looked for over the window.
     assert "[2h:1m]" in plan.queries["vm_first_seen"] and plan.history == 1800
     assert "[2h]" in plan.queries["vm_moved"]
-    assert plan.queries["load_cpu"].startswith("quantile_over_time(0.9, (")
-    assert plan.queries["load_cpu"].endswith(") / 600)[2h:10m])")
+    # The twelve 10-minute rates of the 2 h window, whose quantile the source takes.
+    assert plan.queries["load_cpu"].startswith("((sum by (vm) (increase(")
+    assert plan.queries["load_cpu"].endswith(") / 600)[6600000ms:10m]")
+    assert {"load_cpu", "load_memory"} <= plan.quantiles and "mean_cpu" not in plan.quantiles
 
 
 def test_credentials_in_the_url_are_not_shown() -> None:

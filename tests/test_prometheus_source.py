@@ -27,6 +27,7 @@ from devkit.simulate import (
 )
 from recommender.config import Config
 from recommender.model import NODE_COLUMNS, VM_COLUMNS
+from recommender.source.grid import GRID_QUERIES
 from recommender.source.host import VM_LOAD_ONLY
 from recommender.source.http import SourceError
 from recommender.source.prometheus import PrometheusSource
@@ -113,8 +114,10 @@ def test_snapshot_matches_the_simulated_truth(cluster: Cluster, server: str) -> 
     snapshot = source.build_snapshot(config, at=at_time(history.end))
     truth = history.truth_snapshot()
 
-    # The fixed queries, and one for when the VMs that moved were last seen where.
-    assert source.queries_issued == len(SnapshotQueries.for_config(config).queries) + 1
+    # The grid's queries, the fixed ones, and one for when the VMs that moved were last
+    # seen where.
+    expected = len(SnapshotQueries.for_config(config).queries) + GRID_QUERIES + 1
+    assert source.queries_issued == expected
     assert snapshot.taken_at == at_time(history.end)
     assert snapshot.source == url and snapshot.window == "1h" and snapshot.estimator == "mean"
     assert tuple(snapshot.vms.columns) == VM_COLUMNS
@@ -179,8 +182,10 @@ def test_quantile_estimator(cluster: Cluster, server: str) -> None:
     config = config_for(url, history, estimator="quantile", quantile=0.9)
     source = PrometheusSource(config.prometheus)
     snapshot = source.build_snapshot(config, at=at_time(history.end))
-    # The fixed queries, and one for when the VMs that moved were last seen where.
-    assert source.queries_issued == len(SnapshotQueries.for_config(config).queries) + 1
+    # The grid's queries, the fixed ones, and one for when the VMs that moved were last
+    # seen where.
+    expected = len(SnapshotQueries.for_config(config).queries) + GRID_QUERIES + 1
+    assert source.queries_issued == expected
     assert snapshot.estimator == "quantile(0.9)"
     (burst,) = history.bursts
     moved = history.migrations[1].vm
@@ -333,7 +338,8 @@ def test_credentials_and_time_are_sent(fake_server: _FakeServer, tmp_path: Path)
     at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     with pytest.raises(SourceError, match="no VM has data"):
         PrometheusSource(config.prometheus).build_snapshot(config, at=at)
-    assert len(fake_server.requests) == len(SnapshotQueries.for_config(config).queries)
+    # An empty answer to the latest-sample query: the spacing is not asked for.
+    assert len(fake_server.requests) == len(SnapshotQueries.for_config(config).queries) + 1
     for path, headers in fake_server.requests:
         assert path.startswith("/api/v1/query?")
         assert f"time={at.timestamp():.3f}" in path

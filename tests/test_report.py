@@ -39,6 +39,7 @@ from recommender.outputs.report.migrations import (
     migration_effects,
 )
 from recommender.quoting import display
+from recommender.source.grid import GRID_QUERIES
 from recommender.source.history import ReportError
 from recommender.source.http import SourceError
 from recommender.source.prometheus import PrometheusSource
@@ -392,10 +393,10 @@ def test_sections_tables_and_images(reported: Reported) -> None:
     assert sorted(i.attrs["src"] for i in images) == sorted(CHARTS.values())
     for image in images:
         assert image.content and (reported.path.parent / str(image.attrs["src"])).is_file()
-    window = report_window(3 * 86400, reported.history.end)
+    window = report_window(3 * 86400, reported.history.end, reported.history.step)
     cost = len(ReportQueries.for_config(reported.config, window))
     snapshot_queries = SnapshotQueries.for_config(reported.config)
-    cost += len(snapshot_queries.queries)
+    cost += len(snapshot_queries.queries) + GRID_QUERIES
     # And when the VMs that moved within the snapshot's history were last seen where.
     end, history = reported.history.end, snapshot_queries.history_range
     moved = [m.vm for m in reported.history.migrations if m.time > end - history]
@@ -494,7 +495,7 @@ def true_imbalance(history: ClusterHistory, window: Window, config: Config) -> p
 def test_imbalance_over_time_agrees_with_the_truth(reported: Reported) -> None:
     history, config = reported.history, reported.config
     source = PrometheusSource(config.prometheus)
-    window = report_window(3 * 86400, history.end)
+    window = report_window(3 * 86400, history.end, history.step)
     found = imbalance_series(source.history(config, window), config)
     # A fixed number of queries, whatever the number of VMs.
     assert source.queries_issued == len(ReportQueries.for_config(config, window))

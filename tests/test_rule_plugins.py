@@ -98,7 +98,8 @@ def test_the_engine_honours_a_registered_rule(registered: type[RulesPart], exact
     assert any(isinstance(c, KeepOff) for c in rules.prepare_constraints(result.problem))
     plan = build_plan(snap, closed, result)
     assert [(m.vm, m.target) for m in plan.migrations] == [(m.vm, m.target) for m in result.moves]
-    assert plan.settings["rules"]["keep_off"] == 1  # type: ignore[index]
+    assert plan.settings["rules"]["keep_off"] == ["pve2"]  # type: ignore[index]
+    assert plan.settings["rule_counts"]["keep_off"] == 1  # type: ignore[index]
 
 
 @pytest.mark.skipif(not exact_available(), reason="highspy not installed")

@@ -151,3 +151,13 @@ def test_serve_process_against_real_prometheus(tmp_path: Path) -> None:
             process.terminate()
             process.wait(timeout=10)
     assert process.returncode == 0
+
+
+def test_runs_keep_a_fixed_period_whatever_each_takes() -> None:
+    from recommender.faces.serve import next_run
+
+    # Every 20 s from t=100: a run of 3.5 s still starts the next at 120, not at 123.5.
+    assert next_run(100.0, 103.5, 20.0) == 120.0
+    assert next_run(100.0, 120.0, 20.0) == 140.0
+    # A run longer than the interval skips the slots it ran over.
+    assert next_run(100.0, 147.0, 20.0) == 160.0

@@ -8,6 +8,8 @@ hysteresis filter stopped — what the operator could allow to get further.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -76,7 +78,8 @@ def _drop_weak(
         if worst is None:
             break
         move = plan.moves[worst]
-        held.extend(_held(problem, move, float(gains[worst]), ("min_gain",)))
+        needed = float(hysteresis.gain_threshold(copies, problem.balance)[worst])
+        held.extend(_held(problem, move, float(gains[worst]), ("min_gain",), needed))
         dropped.add(move.unit)
         plan, lost = ctx.replay_dropping(start, plan.moves[:worst] + plan.moves[worst + 1 :])
         for other in lost:
@@ -85,12 +88,31 @@ def _drop_weak(
     return plan, dropped
 
 
-def _held(problem: Problem, move: UnitMove, gain: float, why: tuple[str, ...]) -> list[HeldBack]:
+def _held(
+    problem: Problem, move: UnitMove, gain: float, why: tuple[str, ...], needed: float = math.nan
+) -> list[HeldBack]:
     members = problem.units.members(move.unit)
-    return [
-        HeldBack(problem.vms[v], problem.nodes[move.source], problem.nodes[move.target], gain, why)
-        for v in members
-    ]
+    source, target = problem.nodes[move.source], problem.nodes[move.target]
+    return [HeldBack(problem.vms[v], source, target, gain, why, needed) for v in members]
+
+
+def merge_held_back(held: Sequence[HeldBack]) -> list[HeldBack]:
+    """One entry per (vm, target) with a positive gain: its largest gain, the gain it needed,
+    and every reason it was held back for; the largest gains first."""
+    merged: dict[tuple[str, str], HeldBack] = {}
+    for h in held:
+        if not h.gain > EPSILON:
+            continue
+        key = (h.vm, h.target)
+        seen = merged.get(key)
+        if seen is None:
+            merged[key] = h
+            continue
+        best = h if h.gain > seen.gain else seen
+        reasons = tuple(dict.fromkeys((*best.blocked_by, *seen.blocked_by, *h.blocked_by)))
+        needed = max((x.needed for x in (h, seen) if math.isfinite(x.needed)), default=math.nan)
+        merged[key] = replace(best, blocked_by=reasons, needed=needed)
+    return sorted(merged.values(), key=lambda h: (-h.gain, h.vm, h.target))
 
 
 def blocked_moves(ctx: SearchContext, plan: Candidate, held_units: np.ndarray) -> list[HeldBack]:
@@ -136,5 +158,5 @@ def blocked_moves(ctx: SearchContext, plan: Candidate, held_units: np.ndarray) -
         if below[i]:
             why.append("min_gain")
         move = UnitMove(int(units[r]), int(movers.source[r]), t)
-        out.extend(_held(problem, move, float(gain[i]), tuple(why)))
+        out.extend(_held(problem, move, float(gain[i]), tuple(why), float(threshold[i])))
     return out

@@ -35,6 +35,7 @@ from recommender.engine.held_back import (
     apply_gain_threshold,
     blocked_moves,
     leave_one_out_gains,
+    merge_held_back,
 )
 from recommender.engine.measure import EPSILON, reaches
 from recommender.engine.problem import SPLIT, Problem, State, UnitMove
@@ -106,7 +107,7 @@ def plan_moves(snapshot: Snapshot, config: Config, *, exact: bool | None = None)
     return EngineResult(
         moves=moves,
         unplaceable=forced.unplaceable,
-        held_back=held,
+        held_back=merge_held_back(held),
         imbalance_before=before.per_resource,
         imbalance_after=after.per_resource,
         overall_before=before.overall,

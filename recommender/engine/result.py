@@ -3,6 +3,7 @@ imbalance before and after."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,6 +38,10 @@ class Unplaceable:
     reason: str
 
 
+# What hysteresis (not a rule) holds a move back for.
+HYSTERESIS_REASONS = frozenset({"min_gain", "cooldown", "burst"})
+
+
 @dataclass(frozen=True)
 class HeldBack:
     """A move that would have lowered the imbalance, and what stopped it."""
@@ -46,6 +51,13 @@ class HeldBack:
     target: str
     gain: float
     blocked_by: tuple[str, ...]
+    # The gain the move needed to pass hysteresis (`min_gain` + `min_gain_per_gib` x GiB).
+    needed: float = math.nan
+
+    @property
+    def by_rule(self) -> bool:
+        """Stopped by a rule or a node's room, not only by hysteresis."""
+        return any(reason not in HYSTERESIS_REASONS for reason in self.blocked_by)
 
 
 @dataclass

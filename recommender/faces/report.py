@@ -32,6 +32,7 @@ from recommender.outputs.report.document import (
 )
 from recommender.plan import Plan, build_plan
 from recommender.preflight import SnapshotUnusable, check_snapshot
+from recommender.source.grid import SampleGrid
 from recommender.source.history import ReportError
 from recommender.source.http import SourceError
 from recommender.source.prometheus import PrometheusSource
@@ -51,12 +52,13 @@ def parse_period(period: str) -> float:
 
 
 def plan_now(
-    source: PrometheusSource, config: Config, window: Window
+    source: PrometheusSource, config: Config, window: Window, grid: SampleGrid | None = None
 ) -> tuple[Snapshot | None, Plan | None, str | None]:
     """The snapshot and plan at the end of the period, or why there is none."""
     snapshot: Snapshot | None = None
     try:
-        snapshot = source.build_snapshot(config, at=datetime.fromtimestamp(window.end, UTC))
+        at = datetime.fromtimestamp(window.end, UTC)
+        snapshot = source.build_snapshot(config, at=at, grid=grid)
         check_snapshot(snapshot)
         return snapshot, build_plan(snapshot, config), None
     except (SourceError, SnapshotUnusable) as exc:
@@ -81,7 +83,8 @@ def draw_charts(
             analysis.cluster, analysis.forecasts, end, out_dir / CHARTS["forecast"]
         ),
     }
-    if plan is not None:
+    # An empty plan has no before and after to compare.
+    if plan is not None and plan.migrations:
         paths["plan"] = chart_plan(plan, out_dir / CHARTS["plan"])
     for key, name in CHARTS.items():
         stale = out_dir / name
@@ -99,10 +102,13 @@ def build_report(
 ) -> ReportData:
     """Query, plan, analyse and draw the charts into `out_dir`; the Markdown is rendered from
     the result."""
-    window = report_window(parse_period(period), at.timestamp())
+    period_s = parse_period(period)
     source = source if source is not None else PrometheusSource(config.prometheus)
-    history = source.history(config, window)
-    snapshot, plan, plan_error = plan_now(source, config, window)
+    # The period ends at the latest sample at or before `at`, its steps on the data's grid.
+    grid = source.sample_grid(at.timestamp())
+    window = report_window(period_s, grid.at, grid.spacing)
+    history = source.history(config, window, grid)
+    snapshot, plan, plan_error = plan_now(source, config, window, grid)
     now = None if plan is None else {**plan.imbalance_before, "overall": plan.overall_before}
     analysis = analyse(history, config, now)
     return ReportData(
@@ -118,6 +124,7 @@ def build_report(
         charts=draw_charts(out_dir, history, analysis, plan, config),
         warnings=report_warnings(history.warnings, snapshot, plan),
         generated_at=datetime.now(UTC).timestamp(),
+        covered=history.covered,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -324,6 +325,13 @@ class _QuietHandler(WSGIRequestHandler):
         return
 
 
+def next_run(first: float, now: float, interval: float) -> float:
+    """When the next run starts: the next of `first + k * interval` after `now`. Runs keep a
+    fixed period whatever each takes; a run longer than the interval skips the slots it ran
+    over instead of starting the next ones back to back."""
+    return first + (math.floor((now - first) / interval) + 1) * interval
+
+
 def _run_once(recommender: Recommender, registry: CollectorRegistry, out: TextIO) -> int:
     """One planning run, its metrics written to `out`; a failed run is a one-line error."""
     from prometheus_client import generate_latest
@@ -394,9 +402,11 @@ def serve(
         config.serve.listen,
         config.serve.interval_seconds,
     )
+    interval = config.serve.interval_seconds
+    first = time.monotonic()
     while not stop.is_set():
         recommender.run_once()
-        stop.wait(config.serve.interval_seconds)
+        stop.wait(max(0.0, next_run(first, time.monotonic(), interval) - time.monotonic()))
     httpd.shutdown()
     httpd.server_close()
     return 0

@@ -14,6 +14,7 @@ from recommender import __version__
 from recommender.config import Config
 from recommender.model import finite_or_none
 from recommender.outputs.commands import PlanCommands, plan_commands
+from recommender.outputs.explain import held_kind, no_migration_reason
 from recommender.plan import Plan
 from recommender.quoting import json_text
 
@@ -75,6 +76,8 @@ def plan_document(
         "generator": f"vmbalance {__version__}",
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "taken_at": plan.taken_at.isoformat(timespec="seconds") if plan.taken_at else None,
+        "window": plan.window,
+        "estimator": plan.estimator,
         "method": plan.method,
         "triggered": plan.triggered,
         "target_reached": plan.target_reached,
@@ -104,6 +107,8 @@ def plan_document(
                 "source": h.source,
                 "target": h.target,
                 "gain": finite_or_none(h.gain),
+                "needed_gain": finite_or_none(h.needed),
+                "held_by": held_kind(h),
                 "blocked_by": list(h.blocked_by),
             }
             for h in plan.held_back
@@ -113,6 +118,7 @@ def plan_document(
             for m in plan.unsequenced
         ],
         "warnings": list(plan.warnings),
+        "explanation": None if plan.migrations or not plan.triggered else no_migration_reason(plan),
         "settings": plan.settings,
     }
 

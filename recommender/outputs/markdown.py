@@ -20,6 +20,7 @@ from recommender.config import Config
 from recommender.model import RESOURCE_UNITS, finite_or_none
 from recommender.outputs.commands import commands_refusal, plan_commands, render_commands
 from recommender.outputs.document import plan_document
+from recommender.outputs.explain import SHOWN_HELD_BACK, basis
 from recommender.plan import Plan
 from recommender.quoting import display
 
@@ -89,6 +90,8 @@ def render_markdown(plan: Plan, config: Config) -> str:
         commands=render_commands(plan, config, commands) if refusal is None else "",
         commands_refusal=str(refusal) if refusal is not None else None,
         units=RESOURCE_UNITS,
+        basis=basis(plan),
+        shown_held_back=SHOWN_HELD_BACK,
     )
 
 

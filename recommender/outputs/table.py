@@ -12,6 +12,13 @@ from rich.text import Text
 
 from recommender.config import Config
 from recommender.model import finite_or_none
+from recommender.outputs.explain import (
+    SHOWN_HELD_BACK,
+    basis,
+    held_kind,
+    needed_text,
+    no_migration_reason,
+)
 from recommender.plan import Plan
 from recommender.quoting import display
 from recommender.resources import GIB
@@ -83,8 +90,30 @@ def _moves_table(plan: Plan) -> Table:
     return moves
 
 
+def _held_back_table(plan: Plan) -> Table:
+    shown = plan.held_back[:SHOWN_HELD_BACK]
+    title = f"{len(plan.held_back)} move(s) held back"
+    if len(plan.held_back) > len(shown):
+        title += f", the best {len(shown)}"
+    held = Table(title=title)
+    for column in ("vm", "from", "to", "gain", "needed", "held back by"):
+        held.add_column(column, justify="right" if column in ("gain", "needed") else "left")
+    for h in shown:
+        held.add_row(
+            _text(h.vm),
+            _text(h.source),
+            _text(h.target),
+            f"{h.gain:.4f}",
+            needed_text(h),
+            _text(f"{held_kind(h)}: {', '.join(h.blocked_by)}"),
+        )
+    return held
+
+
 def render_table(plan: Plan, config: Config, console: Console) -> None:
-    """Node utilisation before → after per resource, then each move with reason and gain."""
+    """Node utilisation before → after per resource, then each move with reason and gain,
+    and the best moves held back with the gain they needed."""
+    console.print(_text(f"Loads {basis(plan)}."))
     console.print(_imbalance_table(plan))
     console.print(_node_table(plan))
     if plan.migrations:
@@ -95,7 +124,9 @@ def render_table(plan: Plan, config: Config, console: Console) -> None:
             f"{config.balance.trigger:.3f}; nothing to do."
         )
     else:
-        console.print("No migration improves the balance within the rules.")
+        console.print(_text(no_migration_reason(plan)))
+    if plan.held_back:
+        console.print(_held_back_table(plan))
     for item in plan.unplaceable:
         console.print(
             Text("cannot place ", style="bold red")

@@ -7,7 +7,7 @@ An instant answer is `[{"metric": {...}, "value": [t, "v"]}, ...]`, a range answ
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,7 +56,36 @@ def pair_values(answer: Answer) -> pd.Series:
     return pd.Series(list(data.values()), index=index, dtype=float)
 
 
-def node_matrix(answer: Answer, times: np.ndarray) -> pd.DataFrame:
+def quantiles(answer: Answer, q: float) -> Answer:
+    """A subquery's answer (`values` per series) as an instant answer holding each series'
+    q-quantile, interpolated linearly between the closest ranks as Prometheus'
+    `quantile_over_time` does; a series without a number is left out."""
+    out: Answer = []
+    for item in answer:
+        values = np.array([number(v[1]) for v in item.get("values", [])], dtype=float)
+        values = values[np.isfinite(values)]
+        if len(values):
+            stamp = item["values"][-1][0]
+            out.append(
+                {"metric": item["metric"], "value": [stamp, repr(float(np.quantile(values, q)))]}
+            )
+    return out
+
+
+def step_positions(stamps: Sequence[float], times: np.ndarray, shift: float = 0.0) -> np.ndarray:
+    """The index into `times` of each answered timestamp less `shift`, -1 where it is not
+    within a hundredth of a step of one: a server that rounds or shifts the times of a range
+    answer still lands each value on its step."""
+    if len(times) == 0:
+        return np.full(len(stamps), -1, dtype=int)
+    step = float(times[1] - times[0]) if len(times) > 1 else 1.0
+    offsets = (np.asarray(stamps, dtype=float) - shift - float(times[0])) / step
+    nearest = np.rint(offsets)
+    ok = (np.abs(offsets - nearest) < 0.01) & (nearest >= 0) & (nearest < len(times))
+    return np.where(ok, nearest, -1).astype(int)
+
+
+def node_matrix(answer: Answer, times: np.ndarray, shift: float = 0.0) -> pd.DataFrame:
     """A range answer aggregated by node as a (time x node) frame; NaN where absent."""
     index = pd.Index(np.round(times, 3), name="time")
     columns: dict[str, pd.Series] = {}
@@ -64,28 +93,28 @@ def node_matrix(answer: Answer, times: np.ndarray) -> pd.DataFrame:
         node = item["metric"].get("node")
         if node is None or not item["values"]:
             continue
-        stamps = np.round([number(v[0]) for v in item["values"]], 3)
-        values = [number(v[1]) for v in item["values"]]
-        series = pd.Series(values, index=stamps, dtype=float)
+        at = step_positions([number(v[0]) for v in item["values"]], times, shift)
+        values = np.array([number(v[1]) for v in item["values"]], dtype=float)
+        keep = at >= 0
+        series = pd.Series(values[keep], index=index[at[keep]], dtype=float)
         series = series[~series.index.duplicated()].reindex(index)
         columns[node] = series if node not in columns else columns[node].fillna(series)
     return pd.DataFrame(columns, index=index, dtype=float)
 
 
-def presence_frame(answer: Answer, times: np.ndarray) -> pd.DataFrame:
+def presence_frame(answer: Answer, times: np.ndarray, shift: float = 0.0) -> pd.DataFrame:
     """Rows (vm, node, step, time, samples, name) from the presence range answer: `step`
     indexes `times`, `time` is its value, `samples` the VM's samples on the node in that step
     (a rename inside a step adds up; the name is the latest seen)."""
-    position = {t: i for i, t in enumerate(np.round(times, 3).tolist())}
     rows = []
     for item in answer:
         labels = item["metric"]
         if "vm" not in labels or "node" not in labels:
             continue
-        for stamp, value in item["values"]:
-            k = position.get(round(number(stamp), 3))
+        at = step_positions([number(v[0]) for v in item["values"]], times, shift)
+        for k, (_stamp, value) in zip(at.tolist(), item["values"], strict=True):
             samples = number(value)
-            if k is not None and math.isfinite(samples) and samples > 0:
+            if k >= 0 and math.isfinite(samples) and samples > 0:
                 rows.append((labels["vm"], labels["node"], k, samples, labels.get("name", "")))
     columns = ["vm", "node", "step", "samples", "name"]
     frame = pd.DataFrame(rows, columns=columns).astype(
@@ -106,5 +135,7 @@ __all__ = [
     "number",
     "pair_values",
     "presence_frame",
+    "quantiles",
     "sample",
+    "step_positions",
 ]

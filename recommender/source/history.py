@@ -75,13 +75,15 @@ def assemble_history(
     window: Window,
     ranges: Mapping[str, Answer],
     instants: Mapping[str, Answer],
+    shift: float = 0.0,
 ) -> History:
-    """Frames from the answers of `ReportQueries`."""
+    """Frames from the answers of `ReportQueries` (whose range answers are `shift` seconds
+    later than the window's times, `ReportQueries.shift`)."""
     times = window.times
-    presence = presence_frame(ranges["presence"], times)
-    raw_load = {r: node_matrix(ranges[f"load_{r}"], times) for r in RESOURCES}
-    measured = {r: node_matrix(ranges[f"capacity_{r}"], times) for r in MEASURED_CAPACITY}
-    up = node_matrix(ranges["up"], times)
+    presence = presence_frame(ranges["presence"], times, shift)
+    raw_load = {r: node_matrix(ranges[f"load_{r}"], times, shift) for r in RESOURCES}
+    measured = {r: node_matrix(ranges[f"capacity_{r}"], times, shift) for r in MEASURED_CAPACITY}
+    up = node_matrix(ranges["up"], times, shift)
     nodes = sorted(
         set(presence["node"]).union(*(f.columns for f in (*raw_load.values(), up)))
         | set(measured["cpu"].columns)

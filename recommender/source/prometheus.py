@@ -11,8 +11,16 @@ from recommender import __version__
 from recommender.config import Config, PrometheusSettings
 from recommender.history import History, Window
 from recommender.model import Snapshot
-from recommender.source.answers import Answer
+from recommender.source.answers import Answer, quantiles
 from recommender.source.cluster import assemble_snapshot
+from recommender.source.grid import (
+    LATEST_QUERY,
+    SPACING_QUERY,
+    SampleGrid,
+    adapted_query,
+    latest_sample,
+    spacing_of,
+)
 from recommender.source.history import ReportError, assemble_history
 from recommender.source.http import ClientSettings, PromQLClient, SourceError
 from recommender.source.queries import ReportQueries, SnapshotQueries, seconds_text
@@ -77,26 +85,57 @@ class PrometheusSource:
         result = self._client.query_range(promql, start, end, seconds_text(step))
         return self._checked(result, promql, "values")
 
-    def build_snapshot(self, config: Config, at: datetime | None = None) -> Snapshot:
-        """The cluster at `at` (default now), every query evaluated at that time."""
+    def sample_grid(self, at: float) -> SampleGrid:
+        """The latest sample at or before `at` and the samples' spacing (two queries)."""
+        answer = self.query(LATEST_QUERY, at)
+        if not answer:
+            return SampleGrid(at=at, requested=at)
+        latest = latest_sample(answer, at)
+        spacing = spacing_of(self.query(SPACING_QUERY, latest))
+        return SampleGrid(at=latest, spacing=spacing, requested=at)
+
+    def _snapshot_answer(
+        self, plan: SnapshotQueries, name: str, promql: str, at: float, q: float
+    ) -> Answer:
+        if name not in plan.quantiles:
+            return self.query(promql, at)
+        self.queries_issued += 1
+        return quantiles(self._checked(self._client.query(promql, at), promql, "values"), q)
+
+    def build_snapshot(
+        self, config: Config, at: datetime | None = None, grid: SampleGrid | None = None
+    ) -> Snapshot:
+        """The cluster at the latest sample at or before `at` (default now), every query
+        evaluated at that time and laid on the data's spacing (`recommender.source.grid`)."""
         when = at if at is not None else datetime.now(UTC)
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        t = when.timestamp()
-        plan = SnapshotQueries.for_config(config)
-        answers = {name: self.query(promql, t) for name, promql in plan.queries.items()}
+        grid = grid if grid is not None else self.sample_grid(when.timestamp())
+        query, notes = adapted_query(config.query, grid)
+        config = config.model_copy(update={"query": query})
+        plan = SnapshotQueries.for_config(config, grid)
+        t = grid.at
+        answers = {
+            name: self._snapshot_answer(plan, name, promql, t, query.quantile)
+            for name, promql in plan.queries.items()
+        }
         moved = [item["metric"]["vm"] for item in answers["vm_moved"] if "vm" in item["metric"]]
         answers["vm_departed"] = [
             item for promql in plan.departures(moved) for item in self.query(promql, t)
         ]
-        return assemble_snapshot(config, plan, answers, when, self.display_url)
+        taken = datetime.fromtimestamp(t, UTC)
+        snapshot = assemble_snapshot(config, plan, answers, taken, self.display_url)
+        snapshot.warnings[:0] = notes
+        return snapshot
 
-    def history(self, config: Config, window: Window) -> History:
+    def history(self, config: Config, window: Window, grid: SampleGrid | None = None) -> History:
         """The report's queries over `window`; ReportError when it holds no vmbalance data."""
-        queries = ReportQueries.for_config(config, window)
+        queries = ReportQueries.for_config(config, window, grid)
+        start = round(window.start + queries.shift)
+        end = round(window.end + queries.shift)
         ranges: dict[str, Answer] = {}
         for name, promql in queries.ranges.items():
-            ranges[name] = self.query_range(promql, window.start, window.end, window.step)
+            ranges[name] = self.query_range(promql, start, end, window.step)
             if name == "presence" and not ranges[name]:
                 raise ReportError(
                     f"no vmbalance data between {format_time(window.begin)} and "
@@ -106,7 +145,7 @@ class PrometheusSource:
         instants = {
             name: self.query(promql, window.end) for name, promql in queries.instants.items()
         }
-        return assemble_history(config, window, ranges, instants)
+        return assemble_history(config, window, ranges, instants, queries.shift)
 
 
 def build_snapshot(config: Config, at: datetime | None = None) -> Snapshot:

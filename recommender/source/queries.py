@@ -18,8 +18,13 @@ window, wherever it ran, on either server. The work between the last sample on t
 and the first on the new one (under one scrape interval) is not seen by VictoriaMetrics, and
 Prometheus extrapolates half an interval for it: under 0.5 % of a 1 h window at 15 s scrapes.
 
-The `quantile` estimator takes `quantile_over_time` of the short-window rates, summed
-`by (vm)` inside the subquery so that a VM that moved is one series, not two halves.
+The `quantile` estimator takes the quantile of the short-window rates, summed `by (vm)`
+inside the subquery so that a VM that moved is one series, not two halves.
+
+Every query is laid on the data's own grid (`recommender.source.grid`): evaluated at the
+latest sample, counters over windows that start on a sample, levels without the window's edge
+sample, sub-windows and steps at least three scrape intervals wide. That is where Prometheus
+and VictoriaMetrics (default flags) give the same numbers.
 
 Where each VM runs and when it last moved is read without stepping through the whole
 history: a subquery evaluates its expression at every step for every series, so
@@ -56,6 +61,7 @@ from dataclasses import dataclass
 from recommender.config import Config, HostSettings, QuerySettings, duration_seconds
 from recommender.history import Window
 from recommender.quoting import promql_regex_alternatives
+from recommender.source.grid import SampleGrid
 
 # Counters behind each rate resource (summed).
 RATE_COUNTERS: dict[str, tuple[str, ...]] = {
@@ -84,6 +90,7 @@ MEMORY_FAMILIES: dict[str, str] = {
     "memory_max_bytes": "vmbalance_vm_memory_max_bytes",
 }
 INFO = "vmbalance_vm_info"
+_LOADS = tuple(f"load_{resource}" for resource in RATE_COUNTERS)
 
 # The longest list of VM ids one departures query carries (its regex, in characters).
 DEPARTURE_QUERY_CHARS = 12_000
@@ -93,14 +100,20 @@ def seconds_text(seconds: float) -> str:
     return f"{seconds:g}"
 
 
-def counter_sum(counters: Sequence[str], range_: str, by: str) -> str:
+def offset_text(seconds: float) -> str:
+    """A selector's ` offset Ns` (nothing for 0)."""
+    return f" offset {round(seconds * 1000):d}ms" if seconds > 0 else ""
+
+
+def counter_sum(counters: Sequence[str], range_: str, by: str, offset: float = 0.0) -> str:
     """PromQL summing `increase()` of several counters per `by` labels.
 
     Each counter is aggregated on its own and the results are added; `(a + b) or a or b`
     keeps a VM that has only one of them. A `{__name__=~"a|b"}` selector would be shorter but
     Prometheus refuses it: `increase()` drops the name and two series would share labels.
     """
-    parts = [f"sum by ({by}) (increase({c}[{range_}]))" for c in counters]
+    shift = offset_text(offset)
+    parts = [f"sum by ({by}) (increase({c}[{range_}]{shift}))" for c in counters]
     if len(parts) == 1:
         return parts[0]
     return f"({' + '.join(parts)}) or " + " or ".join(parts)
@@ -132,18 +145,28 @@ def _presence_queries(window: str, presence: str, history_range: str) -> dict[st
     }
 
 
-def _rate_queries(q: QuerySettings, window_s: float, short_s: float) -> dict[str, str]:
-    """Per-VM rates: the load estimate, the window mean and the short-window rate."""
+def _rate_queries(
+    q: QuerySettings, window_s: float, short_s: float, grid: SampleGrid
+) -> dict[str, str]:
+    """Per-VM rates: the load estimate, the window mean and the short-window rate.
+
+    The quantile estimator's queries are subqueries whose points (the short-window rates) the
+    source takes as they are and whose quantile it computes itself (`answers.quantiles`): the
+    two servers interpolate `quantile_over_time` differently. The subquery's steps are
+    multiples of the short window on both servers; an offset moves each step's window back
+    onto the data's grid (`SampleGrid.phase_offset`) and the subquery's range starts on its
+    first step (`SampleGrid.subquery_range`)."""
     queries: dict[str, str] = {}
     window, short = q.window, q.short_window
+    phase = grid.phase_offset(short_s)
     for resource, counters in RATE_COUNTERS.items():
         mean = f"({counter_sum(counters, window, 'node, vm')}) / {seconds_text(window_s)}"
         if q.estimator == "mean":
             queries[f"load_{resource}"] = mean
             continue
-        short_rate = f"({counter_sum(counters, short, 'vm')}) / {seconds_text(short_s)}"
+        short_rate = f"({counter_sum(counters, short, 'vm', phase)}) / {seconds_text(short_s)}"
         queries[f"load_{resource}"] = (
-            f"quantile_over_time({q.quantile:g}, ({short_rate})[{window}:{short}])"
+            f"({short_rate})[{grid.subquery_range(window_s, short_s)}:{short}]"
         )
         if resource in BURST_RESOURCES:
             queries[f"mean_{resource}"] = mean
@@ -155,19 +178,24 @@ def _rate_queries(q: QuerySettings, window_s: float, short_s: float) -> dict[str
     return queries
 
 
-def _level_queries(q: QuerySettings) -> dict[str, str]:
-    """Per-VM memory and per-node capacities and exporter health."""
-    window, used = q.window, MEMORY_FAMILIES["memory"]
+def _level_queries(q: QuerySettings, window_s: float, grid: SampleGrid) -> dict[str, str]:
+    """Per-VM memory and per-node capacities and exporter health; the memory over a range
+    without the sample on the window's edge (`SampleGrid.level_range`)."""
+    window, used = grid.level_range(window_s), MEMORY_FAMILIES["memory"]
     if q.estimator == "mean":
         memory = f"max by (node, vm) (avg_over_time({used}[{window}]))"
     else:
-        memory = f"max by (node, vm) (quantile_over_time({q.quantile:g}, {used}[{window}]))"
+        # Sampled at the short window's steps, on the data's grid (see `_rate_queries`).
+        short_s = duration_seconds(q.short_window)
+        phase = offset_text(grid.phase_offset(short_s))
+        points = grid.subquery_range(window_s, short_s)
+        memory = f"(max by (node, vm) ({used}{phase}))[{points}:{q.short_window}]"
     assigned = MEMORY_FAMILIES["memory_max_bytes"]
     return {
         "load_memory": memory,
-        "memory_max": f"max by (node, vm) (last_over_time({assigned}[{window}]))",
-        "node_cpus": f"max by (node) (last_over_time(vmbalance_node_cpus[{window}]))",
-        "node_memory": f"max by (node) (last_over_time(vmbalance_node_memory_bytes[{window}]))",
+        "memory_max": f"max by (node, vm) (last_over_time({assigned}[{q.window}]))",
+        "node_cpus": f"max by (node) (last_over_time(vmbalance_node_cpus[{q.window}]))",
+        "node_memory": (f"max by (node) (last_over_time(vmbalance_node_memory_bytes[{q.window}]))"),
         "node_up": f"min by (node) (last_over_time(vmbalance_up[{q.short_window}]))",
     }
 
@@ -212,10 +240,14 @@ class SnapshotQueries:
     short: float
     history: float
     history_range: float
+    # Queries answered with the points of a subquery, of which the source takes the quantile.
+    quantiles: frozenset[str] = frozenset()
 
     @classmethod
-    def for_config(cls, config: Config) -> SnapshotQueries:
+    def for_config(cls, config: Config, grid: SampleGrid | None = None) -> SnapshotQueries:
+        """The queries of `config`, laid on `grid` (the data's own time grid) when known."""
         q = config.query
+        grid = grid if grid is not None else SampleGrid(at=0.0)
         window_s, short_s = duration_seconds(q.window), duration_seconds(q.short_window)
         history_s = duration_seconds(q.history)
         # The history subquery also finds each VM's first sample inside the window.
@@ -223,8 +255,8 @@ class SnapshotQueries:
         presence = f"{max(short_s, 2 * duration_seconds(HISTORY_STEP)):.0f}s"
         queries = {
             **_presence_queries(q.window, presence, history_range),
-            **_rate_queries(q, window_s, short_s),
-            **_level_queries(q),
+            **_rate_queries(q, window_s, short_s, grid),
+            **_level_queries(q, window_s, grid),
             **_host_queries(config.host, q.window, window_s),
         }
         return cls(
@@ -233,6 +265,11 @@ class SnapshotQueries:
             short=short_s,
             history=history_s,
             history_range=max(history_s, window_s),
+            quantiles=frozenset(
+                name
+                for name in queries
+                if q.estimator == "quantile" and name in (*_LOADS, "load_memory")
+            ),
         )
 
     def departures(self, moved: Sequence[str]) -> list[str]:
@@ -264,34 +301,51 @@ class ReportQueries:
 
     ranges: Mapping[str, str]
     instants: Mapping[str, str]
+    # Seconds every range query is sent later than the window's times, its selectors offset
+    # back by as much: the sent times are multiples of the step, which VictoriaMetrics would
+    # otherwise round them to, and the windows still end on the data's samples.
+    shift: float = 0.0
 
     @classmethod
-    def for_config(cls, config: Config, window: Window) -> ReportQueries:
+    def for_config(
+        cls, config: Config, window: Window, grid: SampleGrid | None = None
+    ) -> ReportQueries:
+        grid = grid if grid is not None else SampleGrid(at=window.end)
+        shift = SampleGrid(at=window.end).shift(window.step)
+        back = offset_text(shift)
         step = f"{window.step:.0f}s"
+        counted = grid.level_range(window.step)
         ranges: dict[str, str] = {
             # Samples of each (node, vm) in each step: where a VM was, and (from how many
             # samples it has in its first step on a node) when it arrived there.
-            "presence": f"max by (node, vm, name) (count_over_time({INFO}[{step}]))",
+            "presence": f"max by (node, vm, name) (count_over_time({INFO}[{counted}]{back}))",
         }
         for resource, counters in RATE_COUNTERS.items():
             ranges[f"load_{resource}"] = (
-                f"({counter_sum(counters, step, 'node')}) / {window.step:.0f}"
+                f"({counter_sum(counters, step, 'node', shift)}) / {window.step:.0f}"
             )
         memory_column = config.balance.memory_column
-        ranges["load_memory"] = f"sum by (node) ({MEMORY_FAMILIES[memory_column]})"
-        ranges["capacity_cpu"] = f"max by (node) (max_over_time(vmbalance_node_cpus[{step}]))"
-        ranges["capacity_memory"] = (
-            f"max by (node) (max_over_time(vmbalance_node_memory_bytes[{step}]))"
+        # The sample at each step's time only: a series that ended (a VM that left) is not
+        # carried on by either server's lookback.
+        memory = MEMORY_FAMILIES[memory_column]
+        ranges["load_memory"] = (
+            f"sum by (node) (last_over_time({memory}[{grid.level_range(grid.spacing)}]{back}))"
+            if grid.known
+            else f"sum by (node) ({memory}{back})"
         )
-        ranges["up"] = f"min by (node) (last_over_time(vmbalance_up[{step}]))"
+        ranges["capacity_cpu"] = f"max by (node) (max_over_time(vmbalance_node_cpus[{step}]{back}))"
+        ranges["capacity_memory"] = (
+            f"max by (node) (max_over_time(vmbalance_node_memory_bytes[{step}]{back}))"
+        )
+        ranges["up"] = f"min by (node) (last_over_time(vmbalance_up[{step}]{back}))"
         # Per-VM loads over the whole span: the snapshot's own queries with the span as window.
         span_query = QuerySettings(window=f"{window.span:.0f}s", estimator="mean")
-        span = SnapshotQueries.for_config(config.model_copy(update={"query": span_query}))
+        span = SnapshotQueries.for_config(config.model_copy(update={"query": span_query}), grid)
         instants = {f"vm_{r}": span.queries[f"load_{r}"] for r in RATE_COUNTERS}
         instants["vm_memory"] = span.queries[
             "memory_max" if memory_column == "memory_max_bytes" else "load_memory"
         ]
-        return cls(ranges=ranges, instants=instants)
+        return cls(ranges=ranges, instants=instants, shift=shift)
 
     def __len__(self) -> int:
         return len(self.ranges) + len(self.instants)

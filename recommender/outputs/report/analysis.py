@@ -121,6 +121,10 @@ class NodeStats:
     trend_per_day: float  # utilisation points (as a fraction) per day, least squares
 
 
+# A trend per day is shown only from this much data: one day's line is its daily cycle.
+MIN_TREND_SECONDS = 3 * DAY
+
+
 def edge_seconds(window: Window) -> float:
     """How much of each end of the period "first/last day" compares: a day, or half of a
     shorter period."""
@@ -140,7 +144,7 @@ def node_statistics(history: History, resource: str) -> list[NodeStats]:
     for node in history.nodes:
         capacity = history.capacity[resource][node].dropna()
         series = util[node].to_numpy(dtype=float)
-        fit = fit_line(times, series)
+        fit = fit_line(times, series) if history.covered >= MIN_TREND_SECONDS else None
         out.append(
             NodeStats(
                 node=node,
@@ -155,6 +159,38 @@ def node_statistics(history: History, resource: str) -> list[NodeStats]:
             )
         )
     return out
+
+
+# Nodes each per-resource table lists one by one; the others are summarised in one row.
+TABLE_NODES = 20
+
+
+def busiest_nodes(stats: list[NodeStats], count: int = TABLE_NODES) -> list[NodeStats]:
+    """The `count` nodes with the highest peak utilisation, then one row for the others
+    (the mean of each column, capacity and loads summed): a table of 400 nodes is unread."""
+    if len(stats) <= count:
+        return stats
+    ranked = sorted(stats, key=lambda n: (-np.nan_to_num(n.peak_util, nan=-1.0), n.node))
+    shown, rest = ranked[:count], ranked[count:]
+
+    def mean(field: str) -> float:
+        return _nanmean(np.array([getattr(n, field) for n in rest], dtype=float))
+
+    def total(field: str) -> float:
+        return float(np.nansum([getattr(n, field) for n in rest]))
+
+    summary = NodeStats(
+        node=f"{len(rest)} other nodes (mean per node)",
+        capacity=total("capacity") / len(rest),
+        mean_load=mean("mean_load"),
+        peak_load=mean("peak_load"),
+        mean_util=mean("mean_util"),
+        peak_util=mean("peak_util"),
+        first_util=mean("first_util"),
+        last_util=mean("last_util"),
+        trend_per_day=mean("trend_per_day"),
+    )
+    return [*shown, summary]
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -196,13 +232,21 @@ def vm_homes(presence: pd.DataFrame) -> pd.DataFrame:
 
 
 def vm_contributions(history: History) -> pd.DataFrame:
-    """(node, vm) x resource: each VM's mean load over the period on each node. Rates are
-    already that; memory (a level) is weighted by the share of the period spent there."""
+    """(node, vm) x resource: each VM's mean load over the time the data covers, on each node.
+    The queries divide the rates by the whole period; a period only partly covered by data
+    (a 7-day report over 1 day) divides by the covered time instead. Memory (a level) is
+    weighted by the share of the covered steps spent there."""
     pairs = history.pairs.copy()
     presence = history.presence
     if presence.empty or pairs.empty:
         return pairs
-    steps = presence.groupby(["node", "vm"])["step"].nunique() / history.window.points
+    window, covered = history.window, history.covered
+    if 0 < covered < window.span:
+        rates = [r for r in pairs.columns if r != "memory"]
+        pairs[rates] = pairs[rates] * (window.span / covered)
+    data = np.flatnonzero(history.has_data.to_numpy(dtype=bool))
+    covered_steps = window.points - int(data[0]) if len(data) else window.points
+    steps = presence.groupby(["node", "vm"])["step"].nunique() / covered_steps
     fraction = steps.reindex(pairs.index).fillna(0.0)
     pairs["memory"] = pairs["memory"] * fraction
     return pairs
@@ -268,7 +312,7 @@ def analyse(history: History, config: Config, now: Mapping[str, float] | None) -
         series=series,
         cluster=cluster,
         summary=summarise_imbalance(series, config.balance.trigger, window.step, now),
-        nodes={r: node_statistics(history, r) for r in RESOURCES},
+        nodes={r: busiest_nodes(node_statistics(history, r)) for r in RESOURCES},
         edge_label="day" if edge_seconds(window) >= DAY else "half",
         top={r: top_vms(history, r) for r in TOP_ORDER},
         migrations=migration_effects(observed, series["overall"], window.step),
@@ -283,6 +327,7 @@ __all__ = [
     "NodeStats",
     "TopVM",
     "analyse",
+    "busiest_nodes",
     "cluster_utilisation",
     "edge_seconds",
     "imbalance_series",

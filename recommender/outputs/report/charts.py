@@ -29,6 +29,8 @@ from recommender.quoting import display
 
 CHART_SIZE = (10.0, 6.0)  # inches; at CHART_DPI: 1000 x 600 px
 CHART_DPI = 100
+# Nodes drawn one by one in the utilisation and plan charts; the rest as one band.
+CHART_NODES = 12
 
 RESOURCE_LABELS: dict[str, str] = {
     "cpu": "CPU",
@@ -62,11 +64,18 @@ def _dates(index: pd.Index) -> pd.DatetimeIndex:
     return pd.to_datetime(index.to_numpy(dtype=float), unit="s", utc=True).tz_localize(None)
 
 
-def _time_axis(ax: Any) -> None:
+def _time_axis(ax: Any, x: pd.DatetimeIndex, values: Sequence[Any] = ()) -> None:
+    """Dates in UTC over the period itself (not matplotlib's 1970 default when nothing was
+    drawn), with "no data" written on a panel whose series hold no number."""
     locator = mdates.AutoDateLocator(minticks=3, maxticks=8)
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
     ax.tick_params(labelsize=7)
+    ax.set_xlabel("time (UTC)", fontsize=7)
+    if len(x) > 1:
+        ax.set_xlim(x[0], x[-1])
+    if values and not any(np.isfinite(np.asarray(v, dtype=float)).any() for v in values):
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center")
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -104,26 +113,47 @@ def chart_imbalance(
     ax.set_title("Imbalance over the period")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=7, ncols=4, loc="upper left")
-    _time_axis(ax)
+    _time_axis(ax, x, [series["overall"].to_numpy(dtype=float)])
     return _save(fig, path)
 
 
+def chart_nodes(history: History, count: int) -> list[str]:
+    """The `count` nodes drawn one line each: the highest mean utilisation over every
+    resource; the others are drawn as one band."""
+    if len(history.nodes) <= count:
+        return list(history.nodes)
+    means = pd.concat(
+        [history.utilisation(r).where(history.has_data, axis=0).mean() for r in RESOURCES],
+        axis=1,
+    ).mean(axis=1)
+    return list(means.sort_values(ascending=False, kind="stable").index[:count])
+
+
 def chart_utilisation(history: History, cluster: pd.DataFrame, path: Path) -> Path:
-    """One panel per resource: each node's utilisation and the cluster mean."""
+    """One panel per resource: the busiest nodes' utilisation one line each, the range of
+    the others as a band, and the cluster mean; readable at hundreds of nodes."""
     fig = _figure()
     axes = fig.subplots(2, 3, sharex=True)
     x = _dates(cluster.index)
     handles: dict[str, Any] = {}
+    shown = chart_nodes(history, CHART_NODES)
+    rest = [n for n in history.nodes if n not in shown]
     for ax, resource in zip(axes.flat, RESOURCES, strict=False):
         util = history.utilisation(resource).where(history.has_data, axis=0)
-        for node in history.nodes:
+        for node in shown:
             (line,) = ax.plot(x, 100 * util[node], linewidth=0.9)
             handles.setdefault(chart_label(node), line)
+        if rest:
+            others = 100 * util[rest]
+            band = ax.fill_between(
+                x, others.min(axis=1), others.max(axis=1), color="lightgrey", alpha=0.7
+            )
+            handles.setdefault(f"{len(rest)} other nodes (range)", band)
         (mean,) = ax.plot(x, 100 * cluster[resource], color="black", linestyle="--")
         handles.setdefault("cluster mean", mean)
         ax.set_title(f"{RESOURCE_LABELS[resource]} (% of capacity)", fontsize=9)
         ax.set_ylim(bottom=0)
-        _time_axis(ax)
+        _time_axis(ax, x, [cluster[resource].to_numpy(dtype=float)])
     legend = axes.flat[-1]
     legend.axis("off")
     legend.legend(list(handles.values()), list(handles), fontsize=8, loc="center", ncols=2)
@@ -136,11 +166,21 @@ def chart_plan(plan: Plan, path: Path) -> Path:
     imbalance per resource before and after."""
     fig = _figure()
     axes = fig.subplots(2, 3)
-    nodes = [chart_label(n) for n in plan.nodes_before.index]
+    # At fleet size, the nodes the plan changes most (the table lists them all).
+    change = pd.concat(
+        [
+            (plan.nodes_after[f"{r}_util"] - plan.nodes_before[f"{r}_util"]).abs().fillna(0.0)
+            for r in RESOURCES
+        ],
+        axis=1,
+    ).sum(axis=1)
+    picked = change.sort_values(ascending=False, kind="stable").index[:CHART_NODES]
+    order = [n for n in plan.nodes_before.index if n in set(picked)]
+    nodes = [chart_label(n) for n in order]
     x = np.arange(len(nodes))
     for ax, resource in zip(axes.flat, RESOURCES, strict=False):
-        before = 100 * plan.nodes_before[f"{resource}_util"].to_numpy(dtype=float)
-        after = 100 * plan.nodes_after[f"{resource}_util"].to_numpy(dtype=float)
+        before = 100 * plan.nodes_before.loc[order, f"{resource}_util"].to_numpy(dtype=float)
+        after = 100 * plan.nodes_after.loc[order, f"{resource}_util"].to_numpy(dtype=float)
         ax.bar(x - 0.2, np.nan_to_num(before), 0.4, label="before", color="tab:orange")
         ax.bar(x + 0.2, np.nan_to_num(after), 0.4, label="after", color="tab:blue")
         ax.set_xticks(x, nodes, fontsize=7, rotation=30 if len(nodes) > 6 else 0)
@@ -171,8 +211,10 @@ def chart_forecast(
     fig = _figure()
     axes = fig.subplots(2, 3)
     x = _dates(cluster.index)
+    drawn: set[str] = set()
     for ax, item in zip(axes.flat, forecasts, strict=False):
         result = item.forecast
+        drawn.add("utilisation")
         ax.plot(x, 100 * cluster[item.resource], color="lightgrey", linewidth=0.7)
         if len(result.day_times):
             ax.plot(
@@ -182,7 +224,9 @@ def chart_forecast(
                 color="tab:blue",
                 markersize=4,
             )
+            drawn.add("daily")
         if result.fit is not None:
+            drawn.add("trend" if result.fit.significant else "flat")
             horizon = end + item.to_limit.horizon
             line_t = np.array([float(result.day_times[0]), horizon])
             ax.plot(
@@ -195,13 +239,16 @@ def chart_forecast(
         ax.axhline(100, color="tab:red", linestyle="-", linewidth=1)
         ax.set_ylim(0, 110)
         ax.set_title(f"{RESOURCE_LABELS[item.resource]} (% of cluster)", fontsize=9)
-        _time_axis(ax)
+        _time_axis(ax, x, [cluster[item.resource].to_numpy(dtype=float)])
     key = axes.flat[-1]
     key.axis("off")
     key.plot([], [], color="lightgrey", label="cluster utilisation")
-    key.plot([], [], "o", color="tab:blue", label="daily mean")
-    key.plot([], [], color="tab:blue", linestyle="--", label="linear fit, extrapolated")
-    key.plot([], [], color="grey", linestyle="--", label="linear fit, no clear trend")
+    if "daily" in drawn:
+        key.plot([], [], "o", color="tab:blue", label="daily mean")
+    if "trend" in drawn:
+        key.plot([], [], color="tab:blue", linestyle="--", label="linear fit, extrapolated")
+    if "flat" in drawn:
+        key.plot([], [], color="grey", linestyle="--", label="linear fit, no clear trend")
     key.plot([], [], color="tab:orange", linestyle=":", label="planning limit")
     key.plot([], [], color="tab:red", label="capacity (100 %)")
     key.legend(fontsize=8, loc="center")
@@ -215,6 +262,7 @@ __all__ = [
     "chart_forecast",
     "chart_imbalance",
     "chart_label",
+    "chart_nodes",
     "chart_plan",
     "chart_utilisation",
 ]

@@ -7,6 +7,7 @@ Names are untrusted: everything a tenant can choose goes through the escaping fi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -15,6 +16,7 @@ from recommender.history import Window
 from recommender.model import RESOURCES, Snapshot, finite_or_none
 from recommender.outputs.commands import commands_refusal, plan_commands, render_commands
 from recommender.outputs.document import plan_document
+from recommender.outputs.explain import basis, held_kind, needed_text, no_migration_reason
 from recommender.outputs.markdown import environment
 from recommender.outputs.report.analysis import TOP_ORDER, Analysis
 from recommender.outputs.report.charts import RESOURCE_LABELS
@@ -37,6 +39,8 @@ class HeldBackRow:
     target: str
     gain: float
     blocked_by: str
+    needed: str = "n/a"  # the gain hysteresis asked for
+    kind: str = "rule"  # "rule" or "hysteresis"
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,23 @@ class ReportData:
     charts: dict[str, str]  # chart key -> file name next to report.md
     warnings: list[str]
     generated_at: float
+    covered: float = math.nan  # seconds of the period the data covers
+
+    @property
+    def coverage(self) -> str:
+        """`Data covers 1.0 day(s) of the 7 requested.` when it covers less than the period."""
+        span = self.window.span
+        if not math.isfinite(self.covered) or self.covered >= span - self.window.step:
+            return ""
+        return (
+            f"Data covers {self.covered / 86400:.1f} day(s) of the {span / 86400:g} requested: "
+            "rates are over the covered time, no trend is drawn from less than 3 days."
+        )
+
+    @property
+    def basis(self) -> str:
+        """When and how the plan's loads were estimated."""
+        return f"Plan loads {basis(self.plan)}." if self.plan is not None else ""
 
     @property
     def recommendation(self) -> str:
@@ -74,8 +95,7 @@ def recommendation(plan: Plan | None, plan_error: str | None, trigger: float) ->
     if plan.triggered:
         return (
             f"The overall imbalance {plan.overall_before:.3f} is above the trigger "
-            f"{trigger:.3f}, but no migration lowers it within the rules; see what blocked "
-            "better balance."
+            f"{trigger:.3f}. {no_migration_reason(plan)} See what blocked better balance."
         )
     return (
         f"No action needed: the overall imbalance {plan.overall_before:.3f} is under the "
@@ -96,6 +116,8 @@ def held_back_rows(plan: Plan | None, snapshot: Snapshot | None) -> list[HeldBac
             target=h.target,
             gain=h.gain,
             blocked_by=", ".join(h.blocked_by),
+            needed=needed_text(h),
+            kind=held_kind(h),
         )
         for h in plan.held_back
     ]

@@ -1,0 +1,61 @@
+"""What every plan output says about itself: what the loads were read from, and why moves
+that would lower the imbalance are not in the plan.
+
+Hysteresis (a gain below `balance.min_gain` plus `balance.min_gain_per_gib` per GiB copied, a
+VM moved recently, a VM bursting) is told apart from a rule (pin, affinity, maintenance, a
+node's room, the migration budget): the first is a setting that keeps small moves out, the
+second a constraint the operator wrote.
+"""
+
+from __future__ import annotations
+
+import math
+
+from recommender.engine.result import HeldBack
+from recommender.plan import Plan
+
+# Held-back moves the table and the Markdown list (the JSON holds them all).
+SHOWN_HELD_BACK = 5
+
+
+def basis(plan: Plan) -> str:
+    """`taken at …, window …, estimator …`: when and how the loads were estimated."""
+    taken = plan.taken_at.isoformat(timespec="seconds") if plan.taken_at else "unknown"
+    return (
+        f"taken at {taken}, window {plan.window or 'unknown'}, "
+        f"estimator {plan.estimator or 'unknown'}"
+    )
+
+
+def held_kind(held: HeldBack) -> str:
+    return "rule" if held.by_rule else "hysteresis"
+
+
+def needed_text(held: HeldBack) -> str:
+    return f"{held.needed:.4f}" if math.isfinite(held.needed) else "n/a"
+
+
+def no_migration_reason(plan: Plan) -> str:
+    """Why a plan above the trigger has no migration, in one sentence."""
+    by_hysteresis = [h for h in plan.held_back if not h.by_rule]
+    by_rule = [h for h in plan.held_back if h.by_rule]
+    if by_hysteresis:
+        best = max(h.gain for h in by_hysteresis)
+        text = (
+            f"No migration recommended: {len(by_hysteresis)} move(s) that would lower the "
+            "imbalance were held back by hysteresis (balance.min_gain + "
+            f"balance.min_gain_per_gib per GiB copied, cooldown, burst); the best gains "
+            f"{best:.4f}"
+        )
+        if by_rule:
+            text += f", and {len(by_rule)} more are blocked by a rule"
+        return text + "."
+    if by_rule:
+        return (
+            f"No migration recommended: the {len(by_rule)} move(s) that would lower the "
+            "imbalance are blocked by a rule."
+        )
+    return "No migration lowers the imbalance."
+
+
+__all__ = ["SHOWN_HELD_BACK", "basis", "held_kind", "needed_text", "no_migration_reason"]

@@ -1,0 +1,295 @@
+"""Scrape intervals, evaluation times and the two servers: the same simulated history at a
+5-minute and at a 15-second spacing, backfilled into Prometheus (promtool) and imported into
+VictoriaMetrics run with its default flags, read by every estimator and by the report."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from devkit.servers import PrometheusServer, VictoriaMetricsServer, backfill
+from devkit.simulate import (
+    ClusterHistory,
+    simulate_cluster,
+    to_openmetrics_blocks,
+    to_victoriametrics,
+)
+from recommender.config import Config
+from recommender.faces.report import write_report
+from recommender.history import History, report_window
+from recommender.model import RESOURCES, Snapshot
+from recommender.outputs.report.analysis import imbalance_series, node_statistics, vm_contributions
+from recommender.source.answers import quantiles, step_positions
+from recommender.source.grid import (
+    SampleGrid,
+    adapted_query,
+    latest_sample,
+    spacing_of,
+    wide_enough,
+)
+from recommender.source.prometheus import PrometheusSource
+from recommender.source.queries import SnapshotQueries
+
+RATES = ("cpu", "disk_bytes", "disk_ops", "network")
+
+# --- pure parts ------------------------------------------------------------------------------
+
+
+def test_the_spacing_is_counted_over_one_second_short_of_an_hour() -> None:
+    answer = [{"metric": {}, "value": [0, "12"]}]
+    assert spacing_of(answer) == 300.0
+    assert spacing_of([{"metric": {}, "value": [0, "240"]}]) == 15.0
+    assert math.isnan(spacing_of([]))
+    latest = [{"metric": {}, "value": [1000, "950.5"]}]
+    assert latest_sample(latest, 1000.0) == 950.5
+    assert latest_sample([], 1000.0) == 1000.0
+
+
+def test_sub_windows_hold_at_least_three_samples() -> None:
+    five_minutes = SampleGrid(at=1_800_000_150.0, spacing=300.0)
+    assert wide_enough(300.0, five_minutes) == 900.0
+    assert wide_enough(1800.0, five_minutes) == 1800.0
+    query, warnings = adapted_query(Config().query, five_minutes)
+    assert query.short_window == "900s"
+    (warning,) = warnings
+    assert "short_window 5m" in warning and "300s spacing" in warning and "900s" in warning
+    fifteen = SampleGrid(at=1_800_000_150.0, spacing=15.0)
+    assert adapted_query(Config().query, fifteen) == (Config().query, [])
+    # Unknown spacing (no data): the config as it is.
+    assert adapted_query(Config().query, SampleGrid(at=0.0)) == (Config().query, [])
+
+
+def test_levels_leave_out_the_window_edge_and_subqueries_land_on_samples() -> None:
+    grid = SampleGrid(at=1_800_000_150.0, spacing=300.0)
+    config = Config.model_validate({"query": {"estimator": "quantile", "short_window": "15m"}})
+    queries = SnapshotQueries.for_config(config, grid).queries
+    # Subquery steps are multiples of 900 s; 150 s back puts each on the data's grid, and the
+    # range starts on the earliest of the four steps at or before `at` (150 s + 3 x 900 s).
+    assert (1_800_000_150 - 1_800_000_150 % 900 - 150) % 300 == 1_800_000_150 % 300
+    for name in ("load_cpu", "load_memory"):
+        assert "offset 150000ms" in queries[name] and queries[name].endswith("[2850000ms:15m]")
+    # The mean: counters over the whole window, which starts on a sample; the used memory
+    # over half a spacing less, without the edge sample only Prometheus would count.
+    mean = SnapshotQueries.for_config(Config(), grid).queries
+    assert "[1h])" in mean["load_cpu"] and "offset" not in mean["load_cpu"]
+    assert "[3450000ms]" in mean["load_memory"]
+
+
+def test_report_steps_are_multiples_of_the_spacing() -> None:
+    at = 1_800_000_150.0
+    assert report_window(86400, at, 300.0).step == 900.0
+    assert report_window(7 * 86400, at, 300.0).step == 1800.0
+    assert report_window(86400, at, 15.0).step == 300.0
+    assert report_window(86400, at, 45.0).step == 360.0
+    assert report_window(86400, at, 300.0).end == at
+
+
+# --- both servers ------------------------------------------------------------------------------
+
+
+@dataclass
+class Servers:
+    history: ClusterHistory
+    prometheus: PrometheusServer
+    victoria: VictoriaMetricsServer
+
+    def urls(self) -> dict[str, str]:
+        return {"prometheus": self.prometheus.url, "victoriametrics": self.victoria.url}
+
+
+def _serve(tmp: Path, history: ClusterHistory) -> Iterator[Servers]:
+    to_openmetrics_blocks(history, tmp / "blocks")
+    backfill(tmp / "blocks", tmp / "prom-data")
+    with (
+        PrometheusServer(tmp, data_dir=tmp / "prom-data") as prometheus,
+        VictoriaMetricsServer(tmp) as victoria,
+    ):
+        victoria.import_prometheus(Path(to_victoriametrics(history, tmp / "history.txt")))
+        yield Servers(history, prometheus, victoria)
+
+
+@pytest.fixture(scope="module")
+def five_minutes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    # Eight days at 5 min; the last sample 150 s off the 5 min and the 15 min grids.
+    end = math.floor(time.time() / 900) * 900 - 900 - 150.0
+    history = simulate_cluster(
+        21, nodes=3, vms=12, duration=8 * 86400, step=300, end=end, migrations=2
+    )
+    yield from _serve(tmp_path_factory.mktemp("five-minutes"), history)
+
+
+@pytest.fixture(scope="module")
+def fifteen_seconds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    end = math.floor(time.time() / 300) * 300 - 300 - 105.0
+    history = simulate_cluster(
+        22, nodes=3, vms=8, duration=25 * 3600, step=15, end=end, migrations=2
+    )
+    yield from _serve(tmp_path_factory.mktemp("fifteen-seconds"), history)
+
+
+def _config(url: str, history: ClusterHistory, estimator: str) -> Config:
+    return Config.model_validate(
+        {
+            "prometheus": {"url": url},
+            "capacity": history.capacity_settings(),
+            "query": {"estimator": estimator, "quantile": 0.9},
+        }
+    )
+
+
+def _snapshot(url: str, history: ClusterHistory, estimator: str, at: float) -> Snapshot:
+    config = _config(url, history, estimator)
+    return PrometheusSource(config.prometheus).build_snapshot(
+        config, at=datetime.fromtimestamp(at, UTC)
+    )
+
+
+def _assert_same_vms(a: Snapshot, b: Snapshot, rtol: float) -> None:
+    assert sorted(a.vms.index) == sorted(b.vms.index)
+    left, right = a.vms.sort_index(), b.vms.loc[sorted(a.vms.index)]
+    assert list(left["node"]) == list(right["node"])
+    for column in (*RATES, "memory", "memory_max_bytes"):
+        np.testing.assert_allclose(left[column], right[column], rtol=rtol, err_msg=column)
+    np.testing.assert_allclose(left["burst_ratio"], right["burst_ratio"], rtol=rtol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spacing", ["five_minutes", "fifteen_seconds"])
+@pytest.mark.parametrize("estimator", ["mean", "quantile"])
+def test_every_estimator_agrees_on_both_servers_at_any_time_between_samples(
+    spacing: str, estimator: str, request: pytest.FixtureRequest
+) -> None:
+    servers: Servers = request.getfixturevalue(spacing)
+    history = servers.history
+    found: dict[str, Snapshot] = {}
+    for server, url in servers.urls().items():
+        on_grid = _snapshot(url, history, estimator, history.end)
+        # Between two samples: the same answers as at the sample before.
+        for between in (history.end + history.step / 2, history.end + history.step - 1):
+            off_grid = _snapshot(url, history, estimator, between)
+            assert off_grid.taken_at == on_grid.taken_at
+            _assert_same_vms(on_grid, off_grid, rtol=1e-9)
+        found[server] = on_grid
+        vms = on_grid.vms
+        # Nothing unknown, nothing silently zero: every VM has disk and network load.
+        assert vms[list(RATES)].notna().all().all() and (vms[list(RATES)] > 0).all().all()
+        assert vms["burst_ratio"].notna().all()
+        if estimator == "mean":
+            truth = history.truth_snapshot().vms.loc[vms.index]
+            for resource in RATES:
+                np.testing.assert_allclose(vms[resource], truth[resource], rtol=0.01)
+            np.testing.assert_allclose(vms["memory"], truth["memory"], rtol=1e-6)
+            # The burst (the last 10 minutes) is seen, even by a 15-minute short window.
+            (burst,) = history.bursts
+            assert vms["burst_ratio"].idxmax() == burst.vm
+            assert vms.loc[burst.vm, "burst_ratio"] > 2
+    _assert_same_vms(found["prometheus"], found["victoriametrics"], rtol=0.01)
+    warned = [w for w in found["prometheus"].warnings if "short_window" in w]
+    assert len(warned) == (1 if history.step == 300 else 0)
+
+
+def _history(url: str, servers: Servers, period: float, at: float) -> History:
+    config = _config(url, servers.history, "mean")
+    source = PrometheusSource(config.prometheus)
+    grid = source.sample_grid(at)
+    window = report_window(period, grid.at, grid.spacing)
+    return source.history(config, window, grid)
+
+
+REPORTS = [("five_minutes", 86400.0), ("five_minutes", 7 * 86400.0)]
+REPORTS += [("fifteen_seconds", 86400.0)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("spacing", "period"), REPORTS)
+def test_reports_agree_on_both_servers_at_any_time_between_samples(
+    spacing: str, period: float, request: pytest.FixtureRequest
+) -> None:
+    servers: Servers = request.getfixturevalue(spacing)
+    history = servers.history
+    config = _config(servers.prometheus.url, history, "mean")
+    found: dict[str, History] = {}
+    for server, url in servers.urls().items():
+        on_grid = _history(url, servers, period, history.end)
+        off_grid = _history(url, servers, period, history.end + history.step / 2)
+        assert on_grid.window == off_grid.window
+        assert on_grid.has_data.all(), f"{server}: steps without data"
+        for resource in RESOURCES:
+            pd.testing.assert_frame_equal(on_grid.load[resource], off_grid.load[resource])
+        found[server] = on_grid
+    prometheus, victoria = found["prometheus"], found["victoriametrics"]
+    assert len(prometheus.presence) == len(victoria.presence) > 0
+    assert (prometheus.presence["samples"] == victoria.presence["samples"]).all()
+    # A step in which a VM moved holds a series that starts and one that ends inside it:
+    # Prometheus extrapolates them, VictoriaMetrics counts the new one from zero. Those steps
+    # agree to within one scrape interval of the moving VM's load (a sixth of a 30-minute step
+    # at 5-minute scrapes); every other step to 1 %, the period's totals to 1 %.
+    times = prometheus.load["cpu"].index.to_numpy()
+    step = prometheus.window.step
+    moving = np.zeros(len(times), dtype=bool)
+    for move in history.migrations:
+        moving |= (times - step < move.time + history.step) & (times >= move.time)
+    assert moving.sum() <= 2 * len(history.migrations)
+    for resource in RESOURCES:
+        load, other = prometheus.load[resource], victoria.load[resource]
+        assert (load.sum(axis=1) > 0).all()
+        np.testing.assert_allclose(load[~moving], other[~moving], rtol=0.01, err_msg=resource)
+        np.testing.assert_allclose(load[moving], other[moving], rtol=0.2, err_msg=resource)
+        np.testing.assert_allclose(load.sum(), other.sum(), rtol=0.01, err_msg=resource)
+    pairs = prometheus.pairs.sort_index()
+    np.testing.assert_allclose(pairs, victoria.pairs.loc[pairs.index], rtol=0.01)
+    imbalance = imbalance_series(prometheus, config)[~moving]
+    np.testing.assert_allclose(imbalance, imbalance_series(victoria, config)[~moving], rtol=0.01)
+
+
+def test_quantiles_interpolate_as_prometheus_does() -> None:
+    answer = [
+        {
+            "metric": {"vm": "a"},
+            "values": [[1, "0.5176"], [2, "0.8748"], [3, "0.5772"], [4, "0.659"]],
+        },
+        {"metric": {"vm": "b"}, "values": [[1, "NaN"]]},
+    ]
+    (only,) = quantiles(answer, 0.9)
+    assert only["metric"] == {"vm": "a"}
+    # Rank 0.9 * 3 = 2.7 of the sorted values: 0.659 + 0.7 * (0.8748 - 0.659).
+    assert float(only["value"][1]) == pytest.approx(0.659 + 0.7 * (0.8748 - 0.659))
+
+
+def test_range_answers_land_on_their_step_whatever_the_server_rounds() -> None:
+    times = 1000.0 + 300.0 * np.arange(4)
+    stamps = [1150.0, 1450.0, 1750.0, 2050.0, 2400.0, 999.0]
+    assert step_positions(stamps, times, shift=150.0).tolist() == [0, 1, 2, 3, -1, -1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["prometheus", "victoriametrics"])
+def test_a_week_report_over_one_day_of_data(
+    fifteen_seconds: Servers, server: str, tmp_path: Path
+) -> None:
+    """25 hours of data, a 7-day report: the rates are over the covered time (not diluted
+    over seven days), the summary names the covered span, and no trend is drawn."""
+    history = fifteen_seconds.history
+    url = fifteen_seconds.urls()[server]
+    config = _config(url, history, "mean")
+    found = _history(url, fifteen_seconds, 7 * 86400, history.end)
+    assert found.covered == pytest.approx(history.end - history.start, abs=60)
+    per_vm = vm_contributions(found).groupby(level="vm").sum()
+    for sim in history.vms:
+        truth = history.true_load(sim.vm, history.end, history.end - history.start)
+        for resource in RATES:
+            assert per_vm.loc[sim.vm, resource] == pytest.approx(truth[resource], rel=0.02)
+    assert all(math.isnan(n.trend_per_day) for n in node_statistics(found, "cpu"))
+
+    at = datetime.fromtimestamp(history.end, UTC)
+    markdown = write_report(config, "7d", tmp_path / "out", at).read_text(encoding="utf-8")
+    assert "Data covers 1.0 day(s) of the 7 requested" in markdown
+    assert "steps have no load data" in markdown
