@@ -120,7 +120,7 @@ def random_cluster(seed: int, shape: Shape | None = None) -> Instance:
     vms = frame.copy()
     nodes = empty_nodes()
     for i, name in enumerate(names):
-        nodes.loc[name] = [*capacity[i], False]
+        nodes.loc[name] = [*capacity[i], False, ""]
     nodes["maintenance"] = nodes["maintenance"].astype(bool)
 
     notes: dict[str, int] = {}

@@ -9,6 +9,7 @@ are written as null.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -29,7 +30,14 @@ from pydantic import (
 )
 
 from recommender.config import MAX_QUANTITY, Config, validation_problems
-from recommender.model import RESOURCES, Snapshot, finite_or_none, make_nodes, make_vms
+from recommender.model import (
+    RESOURCES,
+    Disk,
+    Snapshot,
+    finite_or_none,
+    make_nodes,
+    make_vms,
+)
 from recommender.output_file import write_output
 from recommender.text import one_line, redact_url
 
@@ -69,8 +77,16 @@ class NodeEntry(_Model):
     name: str = Field(min_length=1)
     capacity: dict[str, StrictFloat | None] = Field(default_factory=dict)
     maintenance: StrictBool = False
+    cluster: str = ""
 
     _resources = field_validator("capacity")(_check_resources)
+
+
+class DiskEntry(_Model):
+    disk: str = Field(min_length=1)
+    storage: str = ""
+    shared: StrictBool
+    size_bytes: Quantity | None = None
 
 
 class VMEntry(_Model):
@@ -81,6 +97,10 @@ class VMEntry(_Model):
     memory_max_bytes: Quantity | None = None
     burst_ratio: Quantity | None = None
     last_migration: AwareDatetime | None = None
+    blockers: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    disks: list[DiskEntry] = Field(default_factory=list)
+    ha_managed: StrictBool = False
+    dirty_rate_bytes_per_second: Quantity | None = None
 
     _resources = field_validator("load")(_check_resources)
 
@@ -121,12 +141,32 @@ def _timestamp(value: float | None) -> datetime | None:
     return None if number is None else datetime.fromtimestamp(number, UTC)
 
 
+def _migration_fields(row: Any) -> dict[str, Any]:
+    """What decides whether and how a VM moves, as the file writes it."""
+    disks: tuple[Disk, ...] = tuple(row.get("disks", ()) or ())
+    return {
+        "blockers": list(row.get("blockers", ()) or ()),
+        "disks": [
+            {
+                "disk": d.name,
+                "storage": d.storage,
+                "shared": d.shared,
+                "size_bytes": finite_or_none(d.size_bytes),
+            }
+            for d in disks
+        ],
+        "ha_managed": bool(row.get("ha_managed", False)),
+        "dirty_rate_bytes_per_second": finite_or_none(row.get("dirty_rate")),
+    }
+
+
 def _document(snapshot: Snapshot, config: Config | None) -> dict[str, Any]:
     nodes = [
         {
             "name": str(node),
             "capacity": {r: finite_or_none(row[r]) for r in RESOURCES},
             "maintenance": bool(row["maintenance"]),
+            "cluster": str(row.get("cluster", "") or ""),
         }
         for node, row in snapshot.nodes.iterrows()
     ]
@@ -142,6 +182,7 @@ def _document(snapshot: Snapshot, config: Config | None) -> dict[str, Any]:
                 "memory_max_bytes": finite_or_none(row["memory_max_bytes"]),
                 "burst_ratio": finite_or_none(row["burst_ratio"]),
                 "last_migration": migrated.isoformat() if migrated else None,
+                **_migration_fields(row),
             }
         )
     taken_at = snapshot.taken_at
@@ -214,6 +255,7 @@ def parse_snapshot(document: Any, name: str = "snapshot") -> tuple[Snapshot, Con
             entry.name: {
                 **{r: np.nan if v is None else v for r, v in entry.capacity.items()},
                 "maintenance": entry.maintenance,
+                "cluster": entry.cluster,
             }
             for entry in parsed.nodes
         }
@@ -229,6 +271,18 @@ def parse_snapshot(document: Any, name: str = "snapshot") -> tuple[Snapshot, Con
                 "last_migration": (
                     entry.last_migration.timestamp() if entry.last_migration else None
                 ),
+                "blockers": entry.blockers,
+                "disks": [
+                    Disk(
+                        d.disk,
+                        d.storage,
+                        d.shared,
+                        math.nan if d.size_bytes is None else d.size_bytes,
+                    )
+                    for d in entry.disks
+                ],
+                "ha_managed": entry.ha_managed,
+                "dirty_rate": entry.dirty_rate_bytes_per_second,
             }
             for entry in parsed.vms
         }

@@ -37,7 +37,8 @@ def test_query_plan_is_fixed_and_follows_the_config() -> None:
     mean = SnapshotQueries.for_config(Config())
     assert mean == SnapshotQueries.for_config(Config())
     for promql in mean.queries.values():
-        assert re.search(r"\bby \((node|vm|node, vm|node, vm, name)\)", promql), promql
+        grouped = r"\bby \((cluster, )?(node|vm|node, vm|node, vm, name)(, [a-z]+)*\)"
+        assert re.search(grouped, promql), promql
     assert "[1h]" in mean.queries["load_cpu"] and mean.window == 3600
     assert "[24h:1m]" in mean.queries["vm_last_seen"]
     config = Config.model_validate(

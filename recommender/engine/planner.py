@@ -37,6 +37,7 @@ from recommender.engine.held_back import (
     leave_one_out_gains,
 )
 from recommender.engine.measure import EPSILON, reaches
+from recommender.engine.migration_cost import move_cost
 from recommender.engine.problem import SPLIT, Problem, State, UnitMove
 from recommender.engine.result import EngineResult, HeldBack, Method, Move, MoveKind
 from recommender.engine.rules import Constraint, prepare_constraints
@@ -192,9 +193,9 @@ def _expand(
                 target=problem.nodes[target],
                 gain=gain,
                 reason=reason,
-                memory_bytes=float(problem.copy_bytes[vm]),
                 kind=kind,
                 group=units.names.get(unit),
+                **move_cost(problem, vm),
             )
         )
 

@@ -66,6 +66,10 @@ def plan_document(
                 "reason": m.reason,
                 "gain": finite_or_none(m.gain),
                 "memory_bytes": finite_or_none(m.memory_bytes),
+                "copy_bytes": finite_or_none(m.copy_bytes),
+                "duration_seconds": finite_or_none(m.duration_seconds),
+                "local_disk_bytes": finite_or_none(m.local_disk_bytes),
+                "ha_managed": m.ha_managed,
                 "command": command if isinstance(command, str) else None,
             }
         )
@@ -94,6 +98,12 @@ def plan_document(
         "migrations": migrations,
         "waves": [[m.step for m in wave] for wave in plan.waves],
         "memory_to_copy_bytes": finite_or_none(plan.memory_bytes),
+        "copy_bytes": finite_or_none(plan.copy_bytes),
+        "wave_durations_seconds": [finite_or_none(d) for d in plan.wave_durations],
+        "duration_seconds": finite_or_none(plan.duration_seconds),
+        "immovable": [
+            {"vm": u.vm, "name": u.name, "node": u.node, "reason": u.reason} for u in plan.immovable
+        ],
         "unplaceable": [
             {"vm": u.vm, "name": u.name, "node": u.node, "reason": u.reason}
             for u in plan.unplaceable

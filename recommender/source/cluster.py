@@ -20,6 +20,7 @@ from recommender.engine.rules.maintenance import MaintenanceSettings
 from recommender.model import Snapshot, make_nodes, make_vms
 from recommender.source.answers import Answer, by_label, by_node_vm, sample
 from recommender.source.http import SourceError
+from recommender.source.migration import apply_migration_facts
 from recommender.source.queries import (
     BURST_RESOURCES,
     HISTORY_STEP,
@@ -294,6 +295,7 @@ def assemble_snapshot(
     short = frame({r: pd.Series(rates.shorts[r], dtype=float) for r in BURST_RESOURCES})
     short = short.reindex(vms.index)
     vms["burst_ratio"] = burst_ratios(mean, short, nodes, config.balance.weights).to_numpy()
+    apply_migration_facts(vms, nodes, answers, warnings)
     return Snapshot(
         nodes=nodes,
         vms=vms,

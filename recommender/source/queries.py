@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 from recommender.config import Config, QuerySettings, duration_seconds
 from recommender.history import Window
+from recommender.source.migration import migration_queries
 
 # Counters behind each rate resource (summed).
 RATE_COUNTERS: dict[str, tuple[str, ...]] = {
@@ -167,6 +168,7 @@ class SnapshotQueries:
             **_presence_queries(history_range),
             **_rate_queries(q, window_s, short_s),
             **_level_queries(q),
+            **migration_queries(q),
         }
         return cls(
             queries=queries,
