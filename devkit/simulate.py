@@ -387,8 +387,10 @@ class ClusterHistory:
         self, vm: str, base: tuple[tuple[str, str], ...], t: np.ndarray
     ) -> Iterator[Series]:
         """The migration facts of one VM on one node (`base`) at times `t`."""
+        if vm not in self.facts:
+            return
         ones = np.ones(len(t))
-        facts = self.facts.get(vm, SimFacts())
+        facts = self.facts[vm]
         for reason in facts.blockers:
             labels = (*base, ("reason", reason))
             yield Series("vmbalance_vm_migration_blocker", labels, t, ones, True)

@@ -18,10 +18,12 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from devkit.servers import PrometheusServer, backfill
 from devkit.simulate import ClusterHistory, SimDisk, SimFacts, simulate_cluster, to_openmetrics
 from recommender.config import Config
+from recommender.faces.serve import Recommender
 from recommender.model import GIB, Disk
 from recommender.source.prometheus import PrometheusSource
 from recommender.source.queries import SnapshotQueries
@@ -140,3 +142,40 @@ def test_an_unknown_cluster_is_one_line(fleet: Fleet) -> None:
     assert done.returncode == 2
     expected = "vmbalance: no cluster north in the data (clusters: east, west)"
     assert done.stderr.strip() == expected
+
+
+def test_serve_plans_every_cluster_with_one_snapshot_and_labels_its_metrics(fleet: Fleet) -> None:
+    done = vmbalance(fleet, "serve", "--once")
+    assert done.returncode == 0, done.stderr
+    families = {
+        (family.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(done.stdout)
+        for s in family.samples
+    }
+    for cluster in ("west", "east"):
+        key = ("vmbalance_recommender_planned_migrations", (("cluster", cluster),))
+        assert key in families
+        overall = (("cluster", cluster), ("resource", "overall"))
+        assert ("vmbalance_recommender_imbalance_ratio", overall) in families
+        assert ("vmbalance_recommender_plan_duration_seconds", (("cluster", cluster),)) in families
+    nodes = {
+        (dict(labels)["cluster"], dict(labels)["node"])
+        for (name, labels) in families
+        if name == "vmbalance_recommender_node_maintenance"
+    }
+    assert nodes == {("west", f"w{i}") for i in (1, 2, 3)} | {("east", f"e{i}") for i in (1, 2, 3)}
+
+
+def test_serve_issues_the_same_queries_for_one_cluster_or_two(fleet: Fleet) -> None:
+    config = Config.model_validate(yaml.safe_load(fleet.config.read_text()))
+    at = datetime.fromtimestamp(fleet.end, UTC)
+    source = PrometheusSource(config.prometheus)
+    recommender = Recommender(config, lambda c: source.build_snapshot(c, at))
+    assert recommender.run_once()
+    latest = recommender.latest()
+    assert sorted(latest.plans) == ["east", "west"]
+    assert source.queries_issued == len(SnapshotQueries.for_config(config).queries)
+    for cluster, plan in latest.plans.items():
+        prefix = cluster[0]
+        assert all(m.source[0] == prefix == m.target[0] for m in plan.migrations)
+        assert {str(n)[0] for n in plan.nodes_before.index} == {prefix}
