@@ -25,6 +25,10 @@ class SnapshotUnusable(CommandError):
     """The snapshot cannot be planned from; the message is one line."""
 
 
+class ClusterChoice(CommandError):
+    """The data holds several clusters and none was chosen, or not the one chosen."""
+
+
 def select_cluster(snapshot: Snapshot, cluster: str | None) -> Snapshot:
     """The snapshot of one cluster: `cluster` when given (refused when the data has no such
     cluster), else the only one; data of several clusters without `--cluster` is refused,
@@ -33,12 +37,12 @@ def select_cluster(snapshot: Snapshot, cluster: str | None) -> Snapshot:
     named = ", ".join(display(c) if c else '"" (no cluster label)' for c in clusters)
     if cluster is None:
         if len(clusters) > 1:
-            raise SnapshotUnusable(
+            raise ClusterChoice(
                 f"the data holds {len(clusters)} clusters ({named}); choose one with --cluster NAME"
             )
         return snapshot
     if cluster not in clusters:
-        raise SnapshotUnusable(f"no cluster {display(cluster)} in the data (clusters: {named})")
+        raise ClusterChoice(f"no cluster {display(cluster)} in the data (clusters: {named})")
     return cluster_snapshot(snapshot, cluster)
 
 
@@ -77,4 +81,4 @@ def check_snapshot(snapshot: Snapshot) -> None:
                 )
 
 
-__all__ = ["SnapshotUnusable", "check_snapshot", "select_cluster"]
+__all__ = ["ClusterChoice", "SnapshotUnusable", "check_snapshot", "select_cluster"]

@@ -179,3 +179,14 @@ def test_serve_issues_the_same_queries_for_one_cluster_or_two(fleet: Fleet) -> N
         prefix = cluster[0]
         assert all(m.source[0] == prefix == m.target[0] for m in plan.migrations)
         assert {str(n)[0] for n in plan.nodes_before.index} == {prefix}
+
+
+def test_the_report_is_for_one_cluster(fleet: Fleet, tmp_path: Path) -> None:
+    refused = vmbalance(fleet, "report", "--period", "1h", "--out", str(tmp_path / "all"))
+    assert refused.returncode == 2
+    assert refused.stderr.strip().endswith("choose one with --cluster NAME")
+    out = tmp_path / "west"
+    done = vmbalance(fleet, "report", "--period", "1h", "--cluster", "west", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    text = (out / "report.md").read_text()
+    assert "| w1 " in text and "| e1 " not in text

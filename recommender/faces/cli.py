@@ -192,6 +192,7 @@ def _add_report_command(commands: Subcommands) -> None:
     _add_config_option(report)
     _add_source_options(report)
     report.add_argument("--period", default="7d", help="period to report on (default 7d)")
+    _add_cluster_option(report)
     report.add_argument(
         "--out", required=True, metavar="DIR", help="directory for report.md and the charts"
     )
@@ -404,7 +405,7 @@ def cmd_report(args: argparse.Namespace, out: TextIO) -> int:
 
     config = effective_config(args)
     path = write_report(config, period=args.period, out_dir=Path(args.out),
-                        at=evaluation_time(args))  # fmt: skip
+                        at=evaluation_time(args), cluster=args.cluster)  # fmt: skip
     out.write(f"wrote {display(path)}\n")
     return EXIT_OK
 
