@@ -162,14 +162,15 @@ def clusters_of(nodes: pd.DataFrame) -> list[str]:
     """The distinct cluster names of a nodes frame ("" for nodes of no named cluster)."""
     if "cluster" not in nodes.columns:
         return [""] if len(nodes) else []
-    return sorted({str(c) for c in nodes["cluster"].fillna("")})
+    return sorted({c if isinstance(c, str) else "" for c in nodes["cluster"]})
 
 
 def cluster_snapshot(snapshot: Snapshot, cluster: str) -> Snapshot:
     """The part of `snapshot` in one cluster: its nodes and the VMs on them."""
     nodes = snapshot.nodes
     column = nodes["cluster"] if "cluster" in nodes.columns else pd.Series("", index=nodes.index)
-    kept = nodes[column.fillna("").astype(str) == cluster]
+    names = [c if isinstance(c, str) else "" for c in column]
+    kept = nodes[[name == cluster for name in names]]
     vms = snapshot.vms[snapshot.vms["node"].astype(str).isin(set(map(str, kept.index)))]
     return Snapshot(
         nodes=kept.copy(),

@@ -141,6 +141,10 @@ def _timestamp(value: float | None) -> datetime | None:
     return None if number is None else datetime.fromtimestamp(number, UTC)
 
 
+def _cluster_name(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
 def _migration_fields(row: Any) -> dict[str, Any]:
     """What decides whether and how a VM moves, as the file writes it."""
     disks: tuple[Disk, ...] = tuple(row.get("disks", ()) or ())
@@ -166,7 +170,7 @@ def _document(snapshot: Snapshot, config: Config | None) -> dict[str, Any]:
             "name": str(node),
             "capacity": {r: finite_or_none(row[r]) for r in RESOURCES},
             "maintenance": bool(row["maintenance"]),
-            "cluster": str(row.get("cluster", "") or ""),
+            "cluster": _cluster_name(row.get("cluster", "")),
         }
         for node, row in snapshot.nodes.iterrows()
     ]

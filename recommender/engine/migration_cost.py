@@ -101,7 +101,7 @@ def migration_facts(
     estimate = precopy(memory_bytes, dirty, settings)
     copy = estimate.memory_bytes + np.where(np.isfinite(local), local, 0.0)
     bandwidth = float(settings.bandwidth_bytes_per_second)
-    clusters = tuple(str(c or "") for c in _column(nodes, "cluster", ""))
+    clusters = tuple(c if isinstance(c, str) else "" for c in _column(nodes, "cluster", ""))
     return MigrationFacts(
         memory_bytes=np.asarray(memory_bytes, dtype=float),
         local_disk_bytes=local,

@@ -25,8 +25,10 @@ def immovable_vms(problem: Problem) -> dict[int, str]:
     facts = problem.migration
     if facts is None:
         return {}
+    blocked = np.fromiter((bool(b) for b in facts.blockers), dtype=bool, count=problem.n_vms)
+    suspect = blocked | (facts.local_disk_bytes != 0) | ~facts.converges
     out: dict[int, str] = {}
-    for vm in range(problem.n_vms):
+    for vm in np.flatnonzero(suspect).tolist():
         reason = immovable_reason(facts, vm)
         if reason is not None:
             out[vm] = reason
