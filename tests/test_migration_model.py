@@ -19,7 +19,7 @@ from recommender.config import Config, MigrationSettings
 from recommender.engine.migration_cost import precopy
 from recommender.engine.planner import plan_moves
 from recommender.model import GIB, Disk, Snapshot, make_nodes, make_vms
-from recommender.outputs.commands import render_commands
+from recommender.outputs.commands import UnsafeCommandError, proxmox_migrate, render_commands
 from recommender.outputs.document import plan_document
 from recommender.outputs.markdown import render_markdown
 from recommender.plan import build_plan
@@ -305,3 +305,12 @@ def test_no_move_crosses_clusters() -> None:
     assert any(m.target.startswith("e") for m in crossing.migrations)
     plan = build_plan(snapshot(nodes, vms), Config())
     assert all(m.source[0] == m.target[0] for m in plan.migrations)
+
+
+@pytest.mark.parametrize("target", ["$(touch pwned)", "-rf", "pve2;reboot", "new\nline"])
+def test_ha_and_local_disk_commands_refuse_a_hostile_target(target: str) -> None:
+    for options in ({"ha_managed": True}, {"local_disks": True}):
+        with pytest.raises(UnsafeCommandError, match="is not a Proxmox node name"):
+            proxmox_migrate("101", target, **options)
+    with pytest.raises(UnsafeCommandError, match="Proxmox VMID"):
+        proxmox_migrate("$(id)", "pve2", ha_managed=True)
