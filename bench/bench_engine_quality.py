@@ -25,21 +25,31 @@ import multiprocessing
 import os
 import platform
 import statistics
+import sys
 import time
+from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 from baseline import greedy_repack
 from docs_section import replace_section
 
 from devkit.instances import Shape, random_cluster
+from recommender.config import Config
 from recommender.engine.build import build_problem
-from recommender.engine.exact import Hint, available, solve_exact
+from recommender.engine.exact import ExactResult, Hint, available, solve_exact
 from recommender.engine.ordering import Request, order_moves
 from recommender.engine.planner import balance_movable, plan_moves
 from recommender.engine.problem import Problem, State, UnitMove
+from recommender.engine.result import EngineResult
 from recommender.engine.rules import prepare_constraints
+from recommender.engine.rules.base import Constraint
 from recommender.engine.scorer import Scorer
+from recommender.model import Snapshot
 
 COMPARE = {"min_gain": 0.0, "min_gain_per_gib": 0.0, "max_migrations": 40}
 
@@ -54,13 +64,59 @@ def plan_hint(problem: Problem, start: State, moves: tuple[UnitMove, ...]) -> Hi
     return Hint(moves, view.per_resource)
 
 
+@dataclass(frozen=True)
+class ExactProgram:
+    """The exact program for one instance: its start and the units it may move."""
+
+    problem: Problem
+    constraints: tuple[Constraint, ...]
+    start: State
+    units: np.ndarray
+
+    @classmethod
+    def of(cls, problem: Problem) -> ExactProgram:
+        constraints = prepare_constraints(problem)
+        start = State.initial(problem)
+        movable = balance_movable(problem, constraints) & (start.unit_node >= 0)
+        units = np.flatnonzero(movable)
+        units = units[problem.active[start.unit_node[units]]]
+        return cls(problem, constraints, start, units)
+
+    def hint(self, moves: tuple[UnitMove, ...]) -> Hint:
+        return plan_hint(self.problem, self.start, moves)
+
+    def solve(self, target: float, hint: Hint) -> ExactResult:
+        return solve_exact(
+            self.problem, self.constraints, self.start, self.units, target, hint=hint
+        )
+
+    def orderable(self, result: ExactResult) -> bool:
+        """Whether the program's plan has an order in which every step is feasible."""
+        requests = [Request(self.problem.units.members(m.unit), m.target) for m in result.moves]
+        return not order_moves(self.problem, self.constraints, self.start, requests).stuck
+
+
 def evaluate(seed: int) -> dict[str, object]:
     inst = random_cluster(seed, Shape(balance=COMPARE))
     snapshot, config = inst.snapshot, inst.config
     problem = build_problem(snapshot, config)
     row: dict[str, object] = {"seed": seed, "vms": problem.n_vms, "nodes": problem.n_nodes}
     _, row["greedy_moves"], row["greedy_imbalance"] = greedy_repack(problem)
+    heuristic = _run_heuristic(row, snapshot, config)
+    if not heuristic.triggered:
+        return row
+    program = ExactProgram.of(problem)
+    _run_exact(row, program, heuristic, config.balance.target)
+    _run_auto(row, snapshot, config)
+    # The engine asked for the balance the re-pack reaches: the product path (exact mode on
+    # these sizes) and the heuristic alone, and the exact minimum that reaches it.
+    level = num(row, "greedy_imbalance")
+    if level < heuristic.overall_before:
+        _run_at_level(row, program, snapshot, config, level)
+    return row
 
+
+def _run_heuristic(row: dict[str, object], snapshot: Snapshot, config: Config) -> EngineResult:
     started = time.perf_counter()
     heuristic = plan_moves(snapshot, config, exact=False)
     row["time"] = time.perf_counter() - started
@@ -70,34 +126,32 @@ def evaluate(seed: int) -> dict[str, object]:
     row["memory"] = heuristic.memory_bytes
     row["after"] = heuristic.overall_after
     row["reached"] = heuristic.target_reached
-    if not heuristic.triggered:
-        return row
+    return heuristic
 
-    constraints = prepare_constraints(problem)
-    start = State.initial(problem)
-    movable = balance_movable(problem, constraints) & (start.unit_node >= 0)
-    units = np.flatnonzero(movable)
-    units = units[problem.active[start.unit_node[units]]]
-    hint = plan_hint(problem, start, heuristic.unit_moves)
-    same = config.balance.target if heuristic.target_reached else heuristic.overall_after + 1e-9
+
+def _run_exact(
+    row: dict[str, object], program: ExactProgram, heuristic: EngineResult, target: float
+) -> None:
+    """The exact minimum for the imbalance the heuristic reached, and for the target."""
+    hint = program.hint(heuristic.unit_moves)
+    same = target if heuristic.target_reached else heuristic.overall_after + 1e-9
     started = time.perf_counter()
-    exact = solve_exact(problem, constraints, start, units, same, hint=hint)
+    exact = program.solve(same, hint)
     row["exact_time"] = time.perf_counter() - started
     row["exact_status"] = exact.status
     row["exact_moves"] = exact.migrations if exact.reached else None
     # What the program makes of the target itself: the fewest migrations reaching it, else
     # the lowest imbalance within the budget with the fewest migrations.
-    best = exact
-    if not heuristic.target_reached:
-        best = solve_exact(problem, constraints, start, units, config.balance.target, hint=hint)
+    best = exact if heuristic.target_reached else program.solve(target, hint)
     row["best_status"] = best.status
     row["best_reached"] = best.reached
     row["best_moves"] = best.migrations
     row["best_imbalance"] = best.imbalance
     # The product keeps only plans with an order in which every step is feasible.
-    requests = [Request(problem.units.members(m.unit), m.target) for m in best.moves]
-    row["best_orderable"] = not order_moves(problem, constraints, start, requests).stuck
+    row["best_orderable"] = program.orderable(best)
 
+
+def _run_auto(row: dict[str, object], snapshot: Snapshot, config: Config) -> None:
     started = time.perf_counter()
     auto = plan_moves(snapshot, config, exact=True)
     row["auto_time"] = time.perf_counter() - started
@@ -105,23 +159,25 @@ def evaluate(seed: int) -> dict[str, object]:
     row["auto_reached"] = auto.target_reached
     row["auto_after"] = auto.overall_after
 
-    # The engine asked for the balance the re-pack reaches: the product path (exact mode on
-    # these sizes) and the heuristic alone, and the exact minimum that reaches it.
-    level = float(row["greedy_imbalance"])  # type: ignore[arg-type]
-    if level < heuristic.overall_before:
-        balance = config.balance.model_copy(update={"target": level, "trigger": level})
-        level_config = config.model_copy(update={"balance": balance})
-        level_heuristic = plan_moves(snapshot, level_config, exact=False)
-        row["level_moves"] = level_heuristic.migrations
-        row["level_after"] = level_heuristic.overall_after
-        level_auto = plan_moves(snapshot, level_config, exact=True)
-        row["level_auto_moves"] = level_auto.migrations
-        row["level_auto_after"] = level_auto.overall_after
-        hint = plan_hint(problem, start, level_heuristic.unit_moves)
-        floor = solve_exact(problem, constraints, start, units, level + 1e-9, hint=hint)
-        row["level_exact"] = floor.migrations if floor.reached else None
-        row["level_exact_status"] = floor.status
-    return row
+
+def _run_at_level(
+    row: dict[str, object],
+    program: ExactProgram,
+    snapshot: Snapshot,
+    config: Config,
+    level: float,
+) -> None:
+    balance = config.balance.model_copy(update={"target": level, "trigger": level})
+    level_config = config.model_copy(update={"balance": balance})
+    level_heuristic = plan_moves(snapshot, level_config, exact=False)
+    row["level_moves"] = level_heuristic.migrations
+    row["level_after"] = level_heuristic.overall_after
+    level_auto = plan_moves(snapshot, level_config, exact=True)
+    row["level_auto_moves"] = level_auto.migrations
+    row["level_auto_after"] = level_auto.overall_after
+    floor = program.solve(level + 1e-9, program.hint(level_heuristic.unit_moves))
+    row["level_exact"] = floor.migrations if floor.reached else None
+    row["level_exact_status"] = floor.status
 
 
 def pct(part: int, whole: int) -> str:

@@ -15,8 +15,13 @@ import itertools
 import math
 import platform
 import statistics
+import sys
 import time
 from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from docs_section import replace_section
 

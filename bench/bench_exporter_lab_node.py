@@ -19,8 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,6 +32,9 @@ from docs_section import replace_section
 
 from lab.guest import GuestLoad, ensure_guest
 from lab.libvirt_node import DomainSpec, PrivateLibvirtd
+
+if TYPE_CHECKING:
+    from libvirt import virConnect
 
 HEADING = "Exporter: small real node (lab libvirtd, 5 TCG guests), vs prometheus-libvirt-exporter"
 # The lab's heavy libvirt node (lab/run.py): (name, write KiB/s, read KiB/s).
@@ -47,60 +51,67 @@ def call_costs(uri: str, rounds: int) -> dict[str, float]:
     """Median ms of each way to read what the metric contract needs, over one connection."""
     import libvirt
 
-    from exporter.libvirt import BULK_STATS, PER_DOMAIN_STATS
-
     conn = libvirt.openReadOnly(uri)
     try:
-        flags = (
-            libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
-            | libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
-        )
-        names = ("STATE", "CPU_TOTAL", "BALLOON", "VCPU", "INTERFACE", "BLOCK")
-        groups = {name: getattr(libvirt, f"VIR_DOMAIN_STATS_{name}") for name in names}
-        everything = 0
-        for value in groups.values():
-            everything |= value
-        domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-
-        def mask(names: tuple[str, ...]) -> int:
-            value = 0
-            for name in names:
-                value |= groups[name]
-            return value
-
-        def per_domain() -> None:
-            for domain in domains:
-                domain.info()
-                domain.blockStats("vda")
-
-        def chosen() -> None:
-            conn.getAllDomainStats(mask(BULK_STATS), flags)
-            for domain in domains:
-                if "info" in PER_DOMAIN_STATS:
-                    domain.info()
-                domain.blockStats("vda")
-
-        calls: dict[str, Callable[[], object]] = {
-            "bulk, every group": lambda: conn.getAllDomainStats(everything, flags),
-            **{
-                f"bulk:{name}": (lambda value=value: conn.getAllDomainStats(value, flags))
-                for name, value in groups.items()
-            },
-            "per domain: info + blockStats (the peer's counters)": per_domain,
-            f"chosen: bulk {'|'.join(BULK_STATS)}, then per domain "
-            f"{' + '.join(PER_DOMAIN_STATS)}": chosen,
-        }
-        costs: dict[str, float] = {}
-        for name, call in calls.items():
-            times = []
-            for _ in range(rounds):
-                began = time.perf_counter()
-                call()
-                times.append((time.perf_counter() - began) * 1000)
-            costs[name] = statistics.median(times)
-        return costs
+        return {name: median_ms(call, rounds) for name, call in libvirt_calls(conn).items()}
     finally:
         conn.close()
+
+
+def median_ms(call: Callable[[], object], rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        began = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - began) * 1000)
+    return statistics.median(times)
+
+
+def libvirt_calls(conn: virConnect) -> dict[str, Callable[[], object]]:
+    """The ways to read it: the bulk call with every stat group and with each alone, the
+    peer's per-domain calls, and the split the libvirt backend uses."""
+    import libvirt
+
+    from exporter.libvirt import BULK_STATS, PER_DOMAIN_STATS
+
+    flags = (
+        libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
+        | libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+    )
+    names = ("STATE", "CPU_TOTAL", "BALLOON", "VCPU", "INTERFACE", "BLOCK")
+    groups = {name: getattr(libvirt, f"VIR_DOMAIN_STATS_{name}") for name in names}
+    everything = stats_mask(groups, names)
+    domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+
+    def per_domain() -> None:
+        for domain in domains:
+            domain.info()
+            domain.blockStats("vda")
+
+    def chosen() -> None:
+        conn.getAllDomainStats(stats_mask(groups, BULK_STATS), flags)
+        for domain in domains:
+            if "info" in PER_DOMAIN_STATS:
+                domain.info()
+            domain.blockStats("vda")
+
+    return {
+        "bulk, every group": lambda: conn.getAllDomainStats(everything, flags),
+        **{
+            f"bulk:{name}": (lambda value=value: conn.getAllDomainStats(value, flags))
+            for name, value in groups.items()
+        },
+        "per domain: info + blockStats (the peer's counters)": per_domain,
+        f"chosen: bulk {'|'.join(BULK_STATS)}, then per domain "
+        f"{' + '.join(PER_DOMAIN_STATS)}": chosen,
+    }
+
+
+def stats_mask(groups: dict[str, int], names: Iterable[str]) -> int:
+    value = 0
+    for name in names:
+        value |= groups[name]
+    return value
 
 
 def compare(uri: str, work: Path, rounds: int, tag: str) -> tuple[list[float], list[float]]:

@@ -64,19 +64,54 @@ def random_cluster(seed: int, shape: Shape | None = None) -> Instance:
     n_vms = int(rng.integers(shape.vms[0], shape.vms[1] + 1))
     balance = BalanceSettings(**shape.balance)  # type: ignore[arg-type]
 
-    # Nodes: uneven sizes.
+    names, capacity = _node_capacities(rng, n_nodes)
+    # VMs: memory first (what must fit), then loads, rescaled to a random cluster utilisation.
+    usable = capacity[:, 1] * (1 - balance.memory_reserve_fraction) - balance.memory_reserve_bytes
+    assigned, used = _vm_memory(rng, n_vms, usable, shape.memory_fill)
+    loads = _vm_loads(rng, n_vms, capacity)
+
+    # Placement: skewed by a Dirichlet draw, within memory and CPU limits.
+    share = rng.dirichlet(np.full(n_nodes, shape.skew)) * capacity[:, 1]
+    share = share / share.sum()
+    node_of = _place(rng, share, assigned, loads["cpu"], usable, capacity[:, 0] * 0.85)
+    loads = _fit_rates(rng, loads, node_of, capacity)
+    vms = _vm_frame(rng, names, node_of, loads, used, assigned)
+    nodes = _node_frame(names, capacity)
+
+    notes = _perturb(rng, vms, shape, balance)
+    rules = _rules(rng, names, vms) if shape.rules else RuleSettings()
+    if shape.maintenance > 0 and rng.random() < shape.maintenance and n_nodes > 2:
+        down = names[int(rng.integers(n_nodes))]
+        nodes.loc[down, "maintenance"] = True
+        notes["maintenance"] = 1
+    config = Config(balance=balance, rules=rules)
+    snapshot = Snapshot(nodes=nodes, vms=vms, taken_at=TAKEN_AT, source="instances")
+    return Instance(snapshot, config, seed, notes)
+
+
+def _node_capacities(rng: np.random.Generator, n_nodes: int) -> tuple[list[str], np.ndarray]:
+    """Node names and their capacities (one column per resource): uneven sizes."""
     kinds = rng.integers(0, len(NODE_TYPES), size=n_nodes)
     spec = np.array([NODE_TYPES[k] for k in kinds], dtype=float)
     names = [f"pve{i + 1}" for i in range(n_nodes)]
     capacity = np.column_stack([spec[:, 0], spec[:, 1] * GIB, spec[:, 2], spec[:, 3], spec[:, 2]])
+    return names, capacity
 
-    # VMs: memory first (what must fit), then loads, rescaled to a random cluster utilisation.
-    usable = capacity[:, 1] * (1 - balance.memory_reserve_fraction) - balance.memory_reserve_bytes
+
+def _vm_memory(
+    rng: np.random.Generator, n_vms: int, usable: np.ndarray, memory_fill: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Assigned and used memory of each VM, the assigned total near `memory_fill` of `usable`."""
     assigned = rng.choice(VM_MEMORY_GIB, size=n_vms, p=VM_MEMORY_P) * float(GIB)
-    scale = shape.memory_fill * usable.sum() / assigned.sum()
+    scale = memory_fill * usable.sum() / assigned.sum()
     if scale < 1:  # too many VMs for the memory: shrink them (keeps the count)
         assigned = np.maximum(np.round(assigned * scale / GIB), 1) * GIB
     used = assigned * rng.uniform(0.3, 0.95, size=n_vms)
+    return assigned, used
+
+
+def _vm_loads(rng: np.random.Generator, n_vms: int, capacity: np.ndarray) -> dict[str, np.ndarray]:
+    """CPU, disk and network load of each VM, rescaled to a random cluster utilisation."""
     vcpus = rng.choice([1, 2, 4, 8], size=n_vms, p=[0.3, 0.35, 0.25, 0.1])
     cpu = vcpus * rng.uniform(0.05, 0.6, size=n_vms)
     disk_bytes = 2e6 * (rng.pareto(2.0, size=n_vms) + 0.3)
@@ -87,20 +122,38 @@ def random_cluster(seed: int, shape: Shape | None = None) -> Instance:
         if r in loads:
             target = rng.uniform(0.2, 0.55) if r != "cpu" else rng.uniform(0.15, 0.4)
             loads[r] = loads[r] * target * capacity[:, j].sum() / loads[r].sum()
+    return loads
 
-    # Placement: skewed by a Dirichlet draw, within memory and CPU limits.
-    share = rng.dirichlet(np.full(n_nodes, shape.skew)) * capacity[:, 1]
-    share = share / share.sum()
-    node_of = _place(rng, share, assigned, loads["cpu"], usable, capacity[:, 0] * 0.85)
+
+def _fit_rates(
+    rng: np.random.Generator,
+    loads: dict[str, np.ndarray],
+    node_of: np.ndarray,
+    capacity: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Measured rates cannot exceed what a node moves: scale each rate so the busiest node
+    runs at 60-97% of it (the cluster mean follows from the placement)."""
     keep = node_of >= 0
-    # Measured rates cannot exceed what a node moves: scale each rate so the busiest node
-    # runs at 60-97% of it (the cluster mean follows from the placement).
+    fitted = dict(loads)
     for j, r in enumerate(RESOURCES):
-        if r in loads and r != "cpu":
-            per_node = np.bincount(node_of[keep], weights=loads[r][keep], minlength=n_nodes)
+        if r in fitted and r != "cpu":
+            per_node = np.bincount(node_of[keep], weights=fitted[r][keep], minlength=len(capacity))
             peak = (per_node / capacity[:, j]).max()
             if peak > 0:
-                loads[r] = loads[r] * rng.uniform(0.6, 0.97) / peak
+                fitted[r] = fitted[r] * rng.uniform(0.6, 0.97) / peak
+    return fitted
+
+
+def _vm_frame(
+    rng: np.random.Generator,
+    names: list[str],
+    node_of: np.ndarray,
+    loads: dict[str, np.ndarray],
+    used: np.ndarray,
+    assigned: np.ndarray,
+) -> pd.DataFrame:
+    """The VM frame of the placed VMs (those `_place` found no node for are left out)."""
+    n_vms = len(node_of)
     vm_names = [str(100 + i) for i in range(n_vms)]
     frame = pd.DataFrame(
         {
@@ -116,41 +169,64 @@ def random_cluster(seed: int, shape: Shape | None = None) -> Instance:
             "last_migration": np.nan,
         },
         index=pd.Index(vm_names, name="vm"),
-    )[keep]
-    vms = frame.copy()
+    )[node_of >= 0]
+    return frame.copy()
+
+
+def _node_frame(names: list[str], capacity: np.ndarray) -> pd.DataFrame:
     nodes = empty_nodes()
     for i, name in enumerate(names):
         nodes.loc[name] = [*capacity[i], False, ""]
     nodes["maintenance"] = nodes["maintenance"].astype(bool)
+    return nodes
 
+
+def _perturb(
+    rng: np.random.Generator, vms: pd.DataFrame, shape: Shape, balance: BalanceSettings
+) -> dict[str, int]:
+    """Marks VMs in cooldown, bursting or without data, in place; how many of each."""
+    marks = (
+        ("cooldown", shape.cooldown, _mark_cooldown),
+        ("burst", shape.burst, _mark_burst),
+        ("missing", shape.missing, _mark_missing),
+    )
     notes: dict[str, int] = {}
-    taken = TAKEN_AT.timestamp()
-    if shape.cooldown > 0:
-        hit = rng.random(len(vms)) < shape.cooldown
-        vms.loc[hit, "last_migration"] = taken - rng.uniform(0, balance.cooldown_seconds, hit.sum())
-        old = ~hit & (rng.random(len(vms)) < 0.3)
-        vms.loc[old, "last_migration"] = taken - balance.cooldown_seconds * rng.uniform(
-            1.5, 4, old.sum()
-        )
-        notes["cooldown"] = int(hit.sum())
-    if shape.burst > 0:
-        hit = rng.random(len(vms)) < shape.burst
-        vms.loc[hit, "burst_ratio"] = rng.uniform(balance.burst_ratio, 8.0, hit.sum())
-        notes["burst"] = int(hit.sum())
-    if shape.missing > 0:
-        hit = rng.random(len(vms)) < shape.missing
-        column = rng.choice(["disk_bytes", "network", "memory_max_bytes"])
-        vms.loc[hit, column] = np.nan
-        notes["missing"] = int(hit.sum())
+    for note, fraction, mark in marks:
+        if fraction > 0:
+            notes[note] = mark(rng, vms, fraction, balance)
+    return notes
 
-    rules = _rules(rng, names, vms, shape) if shape.rules else RuleSettings()
-    if shape.maintenance > 0 and rng.random() < shape.maintenance and n_nodes > 2:
-        down = names[int(rng.integers(n_nodes))]
-        nodes.loc[down, "maintenance"] = True
-        notes["maintenance"] = 1
-    config = Config(balance=balance, rules=rules)
-    snapshot = Snapshot(nodes=nodes, vms=vms, taken_at=TAKEN_AT, source="instances")
-    return Instance(snapshot, config, seed, notes)
+
+def _mark_cooldown(
+    rng: np.random.Generator, vms: pd.DataFrame, fraction: float, balance: BalanceSettings
+) -> int:
+    """Some VMs migrated within the cooldown, some others longer ago."""
+    taken = TAKEN_AT.timestamp()
+    hit = rng.random(len(vms)) < fraction
+    vms.loc[hit, "last_migration"] = taken - rng.uniform(0, balance.cooldown_seconds, hit.sum())
+    old = ~hit & (rng.random(len(vms)) < 0.3)
+    vms.loc[old, "last_migration"] = taken - balance.cooldown_seconds * rng.uniform(
+        1.5, 4, old.sum()
+    )
+    return int(hit.sum())
+
+
+def _mark_burst(
+    rng: np.random.Generator, vms: pd.DataFrame, fraction: float, balance: BalanceSettings
+) -> int:
+    hit = rng.random(len(vms)) < fraction
+    vms.loc[hit, "burst_ratio"] = rng.uniform(balance.burst_ratio, 8.0, hit.sum())
+    return int(hit.sum())
+
+
+def _mark_missing(
+    rng: np.random.Generator, vms: pd.DataFrame, fraction: float, balance: BalanceSettings
+) -> int:
+    """One column unknown for some VMs."""
+    hit = rng.random(len(vms)) < fraction
+    column = rng.choice(["disk_bytes", "network", "memory_max_bytes"])
+    vms.loc[hit, column] = np.nan
+    return int(hit.sum())
 
 
 def _place(
@@ -193,60 +269,83 @@ def _place(
     return out
 
 
-def _rules(
-    rng: np.random.Generator, names: list[str], vms: pd.DataFrame, shape: Shape
-) -> RuleSettings:
-    """Random rules the placement already satisfies."""
-    n = len(vms)
-    ids = list(vms.index)
-    node_of = vms["node"].to_numpy()
-    half = max(1, len(names) // 2)
-    groups = {"rack-a": names[:half], "rack-b": names[half:] or names[:1]}
-    rack = {node: ("rack-a" if node in groups["rack-a"] else "rack-b") for node in names}
-    scale = max(1, min(n // 40, 25))
-    where = dict(zip(ids, node_of, strict=True))
-    taken: set[str] = set()
+@dataclass
+class _Draw:
+    """Draws VMs for random rules, each VM for one rule at most."""
 
-    def pick(count: int) -> list[str]:
-        free = [v for v in ids if v not in taken]
+    rng: np.random.Generator
+    ids: list[str]
+    where: dict[str, str]
+    taken: set[str] = field(default_factory=set)
+
+    def free(self) -> list[str]:
+        return [v for v in self.ids if v not in self.taken]
+
+    def pick(self, count: int) -> list[str]:
+        """Up to `count` free VMs, anywhere."""
+        free = self.free()
         if not free or count <= 0:
             return []
-        chosen = [free[i] for i in rng.choice(len(free), size=min(count, len(free)), replace=False)]
-        taken.update(chosen)
-        return chosen
+        chosen = self.rng.choice(len(free), size=min(count, len(free)), replace=False)
+        members = [free[i] for i in chosen]
+        self.taken.update(members)
+        return members
 
-    pin: dict[str, str] = {}
-    for vm in pick(int(rng.integers(0, 2 * scale + 1))):
-        node = where[vm]
-        pin[vm] = node if rng.random() < 0.4 else rack[node]
-    exclude = pick(int(rng.integers(0, scale + 1)))
-    anti: list[GroupRule] = []
-    for g in range(int(rng.integers(0, scale + 2))):
-        size = int(rng.integers(2, 4))
-        free = [v for v in ids if v not in taken]
-        rng.shuffle(free)
-        members, used_nodes = [], set()
+    def apart(self, size: int) -> list[str]:
+        """Up to `size` free VMs on distinct nodes; taken only if there are two or more."""
+        free = self.free()
+        self.rng.shuffle(free)
+        members: list[str] = []
+        used_nodes: set[str] = set()
         for vm in free:
-            node = where[vm]
+            node = self.where[vm]
             if node not in used_nodes:
                 members.append(vm)
                 used_nodes.add(node)
             if len(members) == size:
                 break
-        if len(members) >= 2:
-            taken.update(members)
+        if len(members) < 2:
+            return []
+        self.taken.update(members)
+        return members
+
+    def together(self) -> list[str]:
+        """Two free VMs on one node, or none when no node has two."""
+        by_node: dict[str, list[str]] = {}
+        for vm in self.free():
+            by_node.setdefault(self.where[vm], []).append(vm)
+        pairs = [members for members in by_node.values() if len(members) >= 2]
+        if not pairs:
+            return []
+        members = pairs[int(self.rng.integers(len(pairs)))][:2]
+        self.taken.update(members)
+        return members
+
+
+def _rules(rng: np.random.Generator, names: list[str], vms: pd.DataFrame) -> RuleSettings:
+    """Random rules the placement already satisfies."""
+    ids = list(vms.index)
+    half = max(1, len(names) // 2)
+    groups = {"rack-a": names[:half], "rack-b": names[half:] or names[:1]}
+    rack = {node: ("rack-a" if node in groups["rack-a"] else "rack-b") for node in names}
+    scale = max(1, min(len(ids) // 40, 25))
+    draw = _Draw(rng, ids, dict(zip(ids, vms["node"].to_numpy(), strict=True)))
+
+    pin: dict[str, str] = {}
+    for vm in draw.pick(int(rng.integers(0, 2 * scale + 1))):
+        node = draw.where[vm]
+        pin[vm] = node if rng.random() < 0.4 else rack[node]
+    exclude = draw.pick(int(rng.integers(0, scale + 1)))
+    anti: list[GroupRule] = []
+    for g in range(int(rng.integers(0, scale + 2))):
+        members = draw.apart(int(rng.integers(2, 4)))
+        if members:
             anti.append(GroupRule(name=f"anti{g}", vms=members))
     affinity: list[GroupRule] = []
     for g in range(int(rng.integers(0, scale + 1))):
-        by_node: dict[str, list[str]] = {}
-        for vm in ids:
-            if vm not in taken:
-                by_node.setdefault(where[vm], []).append(vm)
-        pairs = [members for members in by_node.values() if len(members) >= 2]
-        if not pairs:
+        members = draw.together()
+        if not members:
             break
-        members = pairs[int(rng.integers(len(pairs)))][:2]
-        taken.update(members)
         affinity.append(GroupRule(name=f"aff{g}", vms=members))
     return RuleSettings(
         node_groups=groups, pin=pin, exclude=exclude, affinity=affinity, anti_affinity=anti

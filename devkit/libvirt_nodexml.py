@@ -10,6 +10,7 @@ time, so two scrapes see counters move. The tests and the benchmark share this g
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
@@ -54,6 +55,7 @@ def _domain_xml(
     running: bool,
     memory_kib: int,
     vcpus: int,
+    extra_devices: str = "",
 ) -> str:
     devices = [
         f"<disk type='file' device='disk'>"
@@ -68,6 +70,7 @@ def _domain_xml(
             f"<interface type='bridge'><mac address='{mac}'/><source bridge='br0'/>"
             f"<target dev='{nic_target(index, n)}'/><model type='virtio'/></interface>"
         )
+    devices.append(extra_devices)
     devices.append("<memballoon model='virtio'/>")
     runstate = "" if running else f"<test:runstate>{SHUTOFF}</test:runstate>"
     return (
@@ -92,12 +95,15 @@ def write_node_xml(
     node_memory_bytes: int = 256 * _GIB,
     vm_memory_bytes: int = 4 * _GIB,
     vcpus: int = 2,
+    extra_devices: Mapping[str, str] | None = None,
 ) -> str:
     """Write a node of `n_vms` domains (running unless `running=False`) plus `shutoff_vms`
     shut-off ones to `path`; return the `test:///…` URI that opens it.
 
-    Domain `i` is named `vm_name(i)`, has disks `vda`… and NICs `nic_target(i, n)`.
+    Domain `i` is named `vm_name(i)`, has disks `vda`… and NICs `nic_target(i, n)`;
+    `extra_devices` adds device XML (a network disk, a hostdev, …) to the domains it names.
     """
+    extras = extra_devices or {}
     path = Path(path).resolve()
 
     def domain(name: str, index: int, is_running: bool) -> str:
@@ -109,6 +115,7 @@ def write_node_xml(
             running=is_running,
             memory_kib=vm_memory_bytes // 1024,
             vcpus=vcpus,
+            extra_devices=extras.get(name, ""),
         )
 
     parts = [

@@ -50,6 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--pve-conf-dir", default=PVE_CONF_DIR, help="directory of <vmid>.conf VM configs"
     )
     parser.add_argument(
+        "--pve-dir",
+        help="Proxmox cluster files: storage.cfg, ha/resources.cfg, corosync.conf "
+        "(default: the parent of --pve-conf-dir)",
+    )
+    parser.add_argument(
+        "--shared-path",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="libvirt: file disks under PATH are on storage every node reaches (repeatable)",
+    )
+    parser.add_argument(
+        "--shared-pool",
+        action="append",
+        default=[],
+        metavar="POOL",
+        help="libvirt: volumes of storage pool POOL are shared between the nodes (repeatable)",
+    )
+    parser.add_argument(
         "--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT to serve on (default {DEFAULT_LISTEN})"
     )
     parser.add_argument(
@@ -57,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--node-name", help="node label (default: Proxmox node name, else short hostname)"
+    )
+    parser.add_argument(
+        "--cluster-name",
+        help="cluster label (default: Proxmox's cluster_name in corosync.conf, else empty)",
     )
     parser.add_argument(
         "--timeout", type=float, default=5.0, help="seconds one scrape may take (default 5)"
@@ -113,11 +136,16 @@ def make_backend(kind: str, args: argparse.Namespace) -> Backend:
         from exporter.qmp import QmpBackend
 
         return QmpBackend(
-            run_dir=args.qmp_run_dir, conf_dir=args.pve_conf_dir, concurrency=args.concurrency
+            run_dir=args.qmp_run_dir,
+            conf_dir=args.pve_conf_dir,
+            concurrency=args.concurrency,
+            pve_dir=args.pve_dir,
         )
     from exporter.libvirt import LibvirtBackend
+    from exporter.libvirt_stats import SharedStorage
 
-    return LibvirtBackend(uri=args.libvirt_uri, concurrency=args.concurrency)
+    shared = SharedStorage.of(tuple(args.shared_path), tuple(args.shared_pool))
+    return LibvirtBackend(uri=args.libvirt_uri, concurrency=args.concurrency, shared=shared)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     if args.timeout <= 0 or args.concurrency < 1 or args.max_connections < 1:
         return fail("--timeout must be > 0, --concurrency and --max-connections >= 1")
+    relative = [path for path in args.shared_path if not os.path.isabs(path)]
+    if relative:
+        return fail(f"--shared-path must be an absolute path, not {relative[0]!r}")
     try:
         web = load_web_config(args.web_config) if args.web_config else WebConfig()
         kind = choose_backend(args)
@@ -139,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
 
     node = args.node_name or default_node_name()
     registry = CollectorRegistry(auto_describe=True)
-    collector = VMCollector(backend, node=node, timeout=args.timeout)
+    collector = VMCollector(backend, node=node, timeout=args.timeout, cluster=args.cluster_name)
     registry.register(collector)
     details = {"node": node, "backend": kind, "version": __version__}
+    if args.cluster_name is not None:
+        details["cluster"] = args.cluster_name
     details["source"] = args.libvirt_uri if kind == "libvirt" else args.qmp_run_dir
     landing = landing_page("vmbalance-exporter", details)
     app = MetricsApp(registry, landing, web, collector.exposition)

@@ -25,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from exporter.labels import sanitise, valid_utf8
-from exporter.samples import Backend, ScrapeResult
+from exporter.samples import Backend, ScrapeResult, VMSample
 from exporter.scrapelog import ScrapeLog
 
 
@@ -43,16 +43,17 @@ class Family:
         return self.name + "_total" if self.kind == "counter" else self.name
 
 
-VM = ("node", "vm")
-DISK = ("node", "vm", "disk")
-NIC = ("node", "vm", "interface")
-NODE = ("node",)
+# Every series carries the node's cluster first: one store holds many clusters.
+VM = ("cluster", "node", "vm")
+DISK = ("cluster", "node", "vm", "disk")
+NIC = ("cluster", "node", "vm", "interface")
+NODE = ("cluster", "node")
 
 VM_INFO = Family(
     "vmbalance_vm_info",
     "gauge",
     "A running VM; a change of node between samples is a migration.",
-    ("node", "vm", "name", "uuid", "backend"),
+    ("cluster", "node", "vm", "name", "uuid", "backend"),
 )
 # Per-VM gauges and counters: (family, VMSample attribute).
 VM_VALUES = (
@@ -92,6 +93,24 @@ VM_VALUES = (
             VM,
         ),
         "memory_rss_bytes",
+    ),
+    (
+        Family(
+            "vmbalance_vm_ha_managed",
+            "gauge",
+            "1 when the Proxmox HA stack manages the VM (migrated with ha-manager), else 0.",
+            VM,
+        ),
+        "ha_managed",
+    ),
+    (
+        Family(
+            "vmbalance_vm_memory_dirty_rate_bytes_per_second",
+            "gauge",
+            "Guest memory dirtied per second, as the hypervisor last measured it.",
+            VM,
+        ),
+        "dirty_rate_bytes_per_second",
     ),
 )
 DISK_VALUES = (
@@ -138,11 +157,26 @@ NIC_VALUES = (
         "transmit_bytes",
     ),
 )
+DISK_INFO = Family(
+    "vmbalance_vm_disk_info",
+    "gauge",
+    "A virtual disk's storage and whether that storage is shared between the nodes.",
+    ("cluster", "node", "vm", "disk", "storage", "shared"),
+)
+DISK_SIZE = Family(
+    "vmbalance_vm_disk_size_bytes", "gauge", "Size of the virtual disk (its capacity).", DISK
+)
+BLOCKER = Family(
+    "vmbalance_vm_migration_blocker",
+    "gauge",
+    "A reason the VM cannot be live-migrated; one series per reason present.",
+    ("cluster", "node", "vm", "reason"),
+)
 NODE_INFO = Family(
     "vmbalance_node_info",
     "gauge",
     "The hypervisor node this exporter runs on.",
-    ("node", "backend", "version"),
+    ("cluster", "node", "backend", "version"),
 )
 NODE_CPUS = Family("vmbalance_node_cpus", "gauge", "Logical CPUs of the host.", NODE)
 NODE_MEMORY = Family("vmbalance_node_memory_bytes", "gauge", "Physical memory of the host.", NODE)
@@ -160,7 +194,7 @@ READ_TIMEOUTS = Family(
     "vmbalance_read_timeouts",
     "counter",
     "Reads of the host that did not answer by the scrape deadline, by source.",
-    ("node", "source"),
+    ("cluster", "node", "source"),
 )
 
 FAMILIES: tuple[Family, ...] = (
@@ -168,6 +202,9 @@ FAMILIES: tuple[Family, ...] = (
     *(family for family, _ in VM_VALUES),
     *(family for family, _ in DISK_VALUES),
     *(family for family, _ in NIC_VALUES),
+    DISK_INFO,
+    DISK_SIZE,
+    BLOCKER,
     NODE_INFO,
     NODE_CPUS,
     NODE_MEMORY,
@@ -189,40 +226,65 @@ class Totals:
     read_timeouts: tuple[tuple[str, int], ...] = ()  # (source, count), every source listed
 
 
-def series(
-    result: ScrapeResult, node: str, backend: str, totals: Totals, duration: float
-) -> Iterator[Series]:
+@dataclass(frozen=True, slots=True)
+class Where:
+    """The identity labels every series starts with, and the backend's name."""
+
+    cluster: str
+    node: str
+    backend: str
+
+
+def series(result: ScrapeResult, where: Where, totals: Totals, duration: float) -> Iterator[Series]:
     """Every sample of one scrape, family by family in FAMILIES order."""
     vms = result.vms
+    cluster, node = where.cluster, where.node
     for vm in vms:
-        yield VM_INFO, (node, vm.vm, vm.name, vm.uuid, backend), 1
+        yield VM_INFO, (cluster, node, vm.vm, vm.name, vm.uuid, where.backend), 1
     for family, attr in VM_VALUES:
         for vm in vms:
             value = getattr(vm, attr)
             if value is not None:
-                yield family, (node, vm.vm), value
-    disks = [((node, vm.vm, disk.disk), disk) for vm in vms for disk in vm.disks]
-    nics = [((node, vm.vm, nic.interface), nic) for vm in vms for nic in vm.interfaces]
+                yield family, (cluster, node, vm.vm), value
+    disks = [((cluster, node, vm.vm, disk.disk), disk) for vm in vms for disk in vm.disks]
+    nics = [((cluster, node, vm.vm, nic.interface), nic) for vm in vms for nic in vm.interfaces]
     for values, devices in ((DISK_VALUES, disks), (NIC_VALUES, nics)):
         for family, attr in values:
             for labels, device in devices:
                 yield family, labels, getattr(device, attr)
-    yield from node_series(result, node, backend, totals, duration)
+    yield from migration_series(vms, where)
+    yield from node_series(result, where, totals, duration)
+
+
+def migration_series(vms: list[VMSample], where: Where) -> Iterator[Series]:
+    """Disk info, disk sizes and blockers: what decides whether and how each VM can move."""
+    cluster, node = where.cluster, where.node
+    infos = [(vm.vm, info) for vm in vms for info in vm.disk_infos]
+    for vm_id, info in infos:
+        shared = "1" if info.shared else "0"
+        yield DISK_INFO, (cluster, node, vm_id, info.disk, info.storage, shared), 1
+    for vm_id, info in infos:
+        if info.size_bytes is not None:
+            yield DISK_SIZE, (cluster, node, vm_id, info.disk), info.size_bytes
+    for vm in vms:
+        for reason in vm.blockers:
+            yield BLOCKER, (cluster, node, vm.vm, reason), 1
 
 
 def node_series(
-    result: ScrapeResult, node: str, backend: str, totals: Totals, duration: float
+    result: ScrapeResult, where: Where, totals: Totals, duration: float
 ) -> Iterator[Series]:
     """The node's own samples and the exporter's health, which follow the per-VM ones."""
+    ids = (where.cluster, where.node)
     if result.node is not None:
-        yield NODE_INFO, (node, backend, result.node.version), 1
-        yield NODE_CPUS, (node,), result.node.cpus
-        yield NODE_MEMORY, (node,), result.node.memory_bytes
-    yield UP, (node,), 1 if result.up else 0
-    yield DURATION, (node,), duration
-    yield ERRORS, (node,), totals.vm_errors
+        yield NODE_INFO, (*ids, where.backend, result.node.version), 1
+        yield NODE_CPUS, ids, result.node.cpus
+        yield NODE_MEMORY, ids, result.node.memory_bytes
+    yield UP, ids, 1 if result.up else 0
+    yield DURATION, ids, duration
+    yield ERRORS, ids, totals.vm_errors
     for source, count in totals.read_timeouts:
-        yield READ_TIMEOUTS, (node, source), count
+        yield READ_TIMEOUTS, (*ids, source), count
 
 
 def escape_label(value: str) -> str:
@@ -243,9 +305,7 @@ def format_value(value: float) -> str:
     return repr(value)
 
 
-def render_text(
-    result: ScrapeResult, node: str, backend: str, totals: Totals, duration: float
-) -> bytes:
+def render_text(result: ScrapeResult, where: Where, totals: Totals, duration: float) -> bytes:
     """Text exposition 0.0.4 of the same series `series()` yields, written directly.
 
     A VM's label set recurs in every per-VM family and a disk's in four, so each is escaped
@@ -253,11 +313,11 @@ def render_text(
     """
     vms = result.vms
     out: list[str] = []
-    node_label = f'node="{escape_label(node)}"'
+    node_label = f'cluster="{escape_label(where.cluster)}",node="{escape_label(where.node)}"'
     vm_labels = [f'{node_label},vm="{escape_label(vm.vm)}"' for vm in vms]
 
     out.append(_header(VM_INFO))
-    backend_label = escape_label(backend)
+    backend_label = escape_label(where.backend)
     for vm, labels in zip(vms, vm_labels, strict=True):
         out.append(
             f'{VM_INFO.name}{{{labels},name="{escape_label(vm.name)}",'
@@ -276,8 +336,9 @@ def render_text(
         for family, attr in values:
             out.append(_header(family))
             _append_samples(out, family.sample_name, attrgetter(attr), device_sets)
+    _append_migration_facts(out, vms, vm_labels)
     current: Family | None = None
-    for family, label_values, value in node_series(result, node, backend, totals, duration):
+    for family, label_values, value in node_series(result, where, totals, duration):
         if family is not current:
             current = family
             out.append(_header(family))
@@ -291,6 +352,31 @@ def render_text(
     if not totals.read_timeouts:
         out.append(_header(READ_TIMEOUTS))
     return "".join(out).encode("utf-8")
+
+
+def _append_migration_facts(out: list[str], vms: list[VMSample], vm_labels: list[str]) -> None:
+    """Disk info and sizes, then blockers: what decides whether and how each VM can move."""
+    infos = [
+        (info, f'{labels},disk="{escape_label(info.disk)}"')
+        for vm, labels in zip(vms, vm_labels, strict=True)
+        for info in vm.disk_infos
+    ]
+    out.append(_header(DISK_INFO))
+    out.extend([
+        f'{DISK_INFO.name}{{{labels},storage="{escape_label(info.storage)}",'
+        f'shared="{"1" if info.shared else "0"}"}} 1.0\n'
+        for info, labels in infos
+    ])  # fmt: skip
+    out.append(_header(DISK_SIZE))
+    _append_samples(
+        out, DISK_SIZE.name, attrgetter("size_bytes"), [(i, f"{{{lb}}} ") for i, lb in infos]
+    )
+    out.append(_header(BLOCKER))
+    out.extend([
+        f'{BLOCKER.name}{{{labels},reason="{escape_label(reason)}"}} 1.0\n'
+        for vm, labels in zip(vms, vm_labels, strict=True)
+        for reason in vm.blockers
+    ])  # fmt: skip
 
 
 # Integers below this print exactly as "<int>.0"; larger ones go through float like Go's.
@@ -331,9 +417,15 @@ class VMCollector(Collector):
     overlapping scrapes would only fight over the same sockets.
     """
 
-    def __init__(self, backend: Backend, node: str, timeout: float) -> None:
+    def __init__(
+        self, backend: Backend, node: str, timeout: float, cluster: str | None = None
+    ) -> None:
+        """`cluster` fixes the cluster label; None takes what the backend finds (Proxmox's
+        corosync name), kept while a scrape does not say, and empty before any does."""
         self._backend = backend
         self._node = valid_utf8(node)
+        self._fixed_cluster = None if cluster is None else valid_utf8(cluster)
+        self._cluster = self._fixed_cluster or ""
         self._timeout = timeout
         self._lock = threading.Lock()
         self._vm_errors_total = 0
@@ -356,7 +448,7 @@ class VMCollector(Collector):
     def _scrape_series(self) -> Iterator[Series]:
         return series(*self._scrape_once())
 
-    def _scrape_once(self) -> tuple[ScrapeResult, str, str, Totals, float]:
+    def _scrape_once(self) -> tuple[ScrapeResult, Where, Totals, float]:
         with self._lock:
             started = time.monotonic()
             result = sanitise(self._scrape())
@@ -366,7 +458,10 @@ class VMCollector(Collector):
             for source, count in result.read_timeouts.items():
                 self._read_timeouts[source] = self._read_timeouts.get(source, 0) + count
             totals = Totals(self._vm_errors_total, tuple(sorted(self._read_timeouts.items())))
-        return result, self._node, self._backend.name, totals, duration
+            if self._fixed_cluster is None and result.cluster is not None:
+                self._cluster = valid_utf8(result.cluster)
+            where = Where(self._cluster, self._node, self._backend.name)
+        return result, where, totals, duration
 
     def _scrape(self) -> ScrapeResult:
         """A backend must not raise; if one does anyway, report it as down, not as HTTP 500."""

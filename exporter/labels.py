@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import re
 
-from exporter.samples import DiskSample, InterfaceSample, NodeSample, ScrapeResult, VMSample
+from exporter.samples import (
+    DiskInfo,
+    DiskSample,
+    InterfaceSample,
+    NodeSample,
+    ScrapeResult,
+    VMSample,
+)
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 REPLACEMENT = "\ufffd"
@@ -27,6 +34,7 @@ def valid_utf8(text: str) -> str:
 def _clean_vm(vm: VMSample) -> VMSample:
     strings = (vm.vm, vm.name, vm.uuid)
     devices = [d.disk for d in vm.disks] + [n.interface for n in vm.interfaces]
+    devices += [s for info in vm.disk_infos for s in (info.disk, info.storage)]
     if all(s.isascii() for s in strings) and all(d.isascii() for d in devices):
         return vm
     return vm._replace(
@@ -40,6 +48,10 @@ def _clean_vm(vm: VMSample) -> VMSample:
             n if n.interface.isascii() else InterfaceSample(valid_utf8(n.interface), *n[1:])
             for n in vm.interfaces
         ),
+        disk_infos=tuple(
+            DiskInfo(valid_utf8(i.disk), valid_utf8(i.storage), i.shared, i.size_bytes)
+            for i in vm.disk_infos
+        ),
     )
 
 
@@ -49,9 +61,12 @@ def sanitise(result: ScrapeResult) -> ScrapeResult:
     strings = [s for vm in result.vms for s in (vm.vm, vm.name, vm.uuid)]
     strings += [d.disk for vm in result.vms for d in vm.disks]
     strings += [n.interface for vm in result.vms for n in vm.interfaces]
+    strings += [s for vm in result.vms for i in vm.disk_infos for s in (i.disk, i.storage)]
     if not "".join(strings).isascii():
         result.vms = [_clean_vm(vm) for vm in result.vms]
     if result.node is not None and not result.node.version.isascii():
         node = result.node
         result.node = NodeSample(node.cpus, node.memory_bytes, valid_utf8(node.version))
+    if result.cluster is not None:
+        result.cluster = valid_utf8(result.cluster)
     return result

@@ -35,16 +35,15 @@ from exporter.libvirt_domain import (
     NOT_RUNNING,
     PAUSED,
     PAUSED_ELSEWHERE,
+    XML_REFRESH,
     DeadlineExceeded,
     DeviceCache,
     DomainJob,
     NotRunning,
     RunsElsewhere,
-    bulk_complete,
-    sample_from_bulk,
     sample_per_domain,
 )
-from exporter.libvirt_stats import bulk_balloon
+from exporter.libvirt_stats import SharedStorage, bulk_balloon
 from exporter.libvirt_workers import NOT_REACHED, DomainWorkers, Outcome
 from exporter.samples import BackendError, NodeSample, ScrapeResult, VMSample
 
@@ -111,9 +110,13 @@ class LibvirtBackend:
         *,
         opener: Callable[[str], Connection] | None = None,
         connect_timeout: float = 5.0,
+        shared: SharedStorage | None = None,
+        xml_refresh: float = XML_REFRESH,
     ) -> None:
         """Try `uri` now; BackendError (one line) when libvirt-python is missing or the URI
-        cannot work (malformed, a driver file that does not parse).
+        cannot work (malformed, a driver file that does not parse). `shared` lists the file
+        paths and pools whose disks every node reaches; `xml_refresh` how long a domain's parsed
+        XML is trusted without a change signal (`DeviceCache`).
 
         A daemon that is not running or does not answer yet is not an error: the exporter
         serves `vmbalance_up 0` and each scrape connects again until it answers.
@@ -129,7 +132,7 @@ class LibvirtBackend:
         )
         self._bounded = BoundedCall("libvirt-bulk")
         self._workers = DomainWorkers(concurrency, self._read_domain)
-        self._devices = DeviceCache()
+        self._devices = DeviceCache(shared, xml_refresh)
         self._bulk_flags = (
             lv.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
             | lv.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
@@ -137,6 +140,8 @@ class LibvirtBackend:
         self._bulk_stats = 0
         for group in BULK_STATS:
             self._bulk_stats |= getattr(lv, f"VIR_DOMAIN_STATS_{group}")
+        # The last dirty-rate measurement (libvirt >= 7.2), where someone started one.
+        self._bulk_stats |= getattr(lv, "VIR_DOMAIN_STATS_DIRTYRATE", 0)
         # Whether the bulk call is worth making on this connection: None until the first
         # scrape tells, False when it carries only `state.*` or is not supported at all.
         self._bulk_useful: bool | None = None
@@ -341,10 +346,8 @@ class LibvirtBackend:
                 continue  # runs on the other node, which reports it
             elif uuid in busy:  # still hung from an earlier scrape: do not pile on
                 domains.skipped[domain.name()] = _STILL_BUSY
-            elif bulk_complete(stats, balloon := bulk_balloon(stats)):
-                domains.vms.append(sample_from_bulk(domain, uuid, stats, balloon))
-            else:
-                domains.jobs.append(DomainJob(domain, stats, balloon, uuid))
+            else:  # even a complete record needs the domain's XML (DeviceCache)
+                domains.jobs.append(DomainJob(domain, stats, bulk_balloon(stats), uuid))
         for job in found.listed:
             domains.seen.add(job.uuid)
             if job.uuid in busy:

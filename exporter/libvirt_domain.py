@@ -1,15 +1,18 @@
 """One libvirt domain as a VMSample: from its bulk stats, completed by per-domain calls.
 
-`sample_from_bulk` is for a domain whose bulk record holds every field; `sample_per_domain`
-reads what the record lacks (everything, for a domain the backend listed by ID) with the
-domain's own calls. Which thread runs them, and until when, is `exporter.libvirt_workers`'.
+`sample_per_domain` takes what the domain's bulk record holds and reads what it lacks
+(everything, for a domain the backend listed by ID) with the domain's own calls; its XML
+(devices, disk storages, migration blockers) comes from the `DeviceCache`. Which thread
+runs them, and until when, is `exporter.libvirt_workers`'.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 import time
+import zlib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +20,8 @@ from typing import Any
 from exporter.libvirt_connection import Domain
 from exporter.libvirt_stats import (
     Devices,
-    block_stats_skipped,
+    SharedStorage,
+    bulk_dirty_rate,
     bulk_disks,
     bulk_interfaces,
     memory_bytes,
@@ -26,6 +30,8 @@ from exporter.libvirt_stats import (
 from exporter.samples import DiskSample, InterfaceSample, VMSample
 
 _KIB = 1024
+#: Seconds a domain's parsed XML is trusted without a change signal (see DeviceCache).
+XML_REFRESH = 300.0
 
 # Domain states (virDomainState) and pause reasons (virDomainPausedReason); fixed by libvirt's ABI.
 SHUTOFF, CRASHED, PAUSED = 5, 6, 3
@@ -66,24 +72,43 @@ class DeadlineExceeded(Exception):
 
 
 class DeviceCache:
-    """Disk and NIC targets per domain UUID, parsed again only when the domain ID changed.
+    """Each domain's `Devices` by UUID, so its XML is not read at every scrape.
 
-    Shared by a scrape's worker threads; see `Devices` for when an entry is trusted.
+    libvirt has no cheap counter of changes to a domain's live XML, so an entry is read
+    again when a signal that costs nothing says the domain changed: its ID (a new one at
+    every start), its NIC count in the bulk stats (a NIC hot-plugged or unplugged), a failed
+    call of the domain (`forget`) or a new connection; and otherwise once it is older than
+    `refresh` seconds (spread over 0.75-1.25 times that per domain, so a node's domains do not
+    all come due in one scrape), which catches a CD-ROM change, a disk hot-plug or a resize.
+    Disk sizes (`blockInfo` capacity) are read with the XML. Shared by a scrape's workers.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, shared: SharedStorage | None = None, refresh: float = XML_REFRESH) -> None:
         self._lock = threading.Lock()
-        self._devices: dict[str, Devices] = {}
+        self._shared = shared or SharedStorage()
+        self._refresh = refresh
+        # UUID: (devices, NIC count in the bulk stats, monotonic time it is due again)
+        self._devices: dict[str, tuple[Devices, int | None, float]] = {}
 
     def of(self, job: DomainJob) -> Devices:
         domain_id = job.domain.ID() if job.domain_id is None else job.domain_id
+        nic_count = job.stats.get("net.count")
+        now = time.monotonic()
         with self._lock:
             cached = self._devices.get(job.uuid)
-        if cached is not None and cached.domain_id == domain_id:
-            return cached
-        devices = Devices.parse(domain_id, job.domain.XMLDesc(0))
+        if (
+            cached is not None
+            and cached[0].domain_id == domain_id
+            and cached[1] == nic_count
+            and now < cached[2]
+        ):
+            return cached[0]
+        devices = _with_sizes(
+            job.domain, Devices.parse(domain_id, job.domain.XMLDesc(0), self._shared)
+        )
+        spread = 0.75 + 0.5 * (zlib.crc32(job.uuid.encode()) / 2**32)
         with self._lock:
-            self._devices[job.uuid] = devices
+            self._devices[job.uuid] = (devices, nic_count, now + self._refresh * spread)
         return devices
 
     def forget(self, uuid: str) -> None:
@@ -102,36 +127,16 @@ class DeviceCache:
             self._devices.clear()
 
 
-def bulk_complete(stats: Mapping[str, Any], balloon: Mapping[str, int]) -> bool:
-    """Whether bulk stats hold every field a VMSample needs."""
-    return (
-        "cpu.time" in stats
-        and "vcpu.current" in stats
-        and "balloon.maximum" in stats
-        and "block.count" in stats
-        and "net.count" in stats
-        and not needs_memory_stats(balloon)
-        and not block_stats_skipped(stats)
-    )
-
-
-def sample_from_bulk(
-    domain: Domain, uuid: str, stats: Mapping[str, Any], balloon: Mapping[str, int]
-) -> VMSample:
-    used, rss = memory_bytes(balloon, balloon.get("actual", balloon["maximum"]))
-    name = domain.name()
-    return VMSample(
-        vm=name,
-        name=name,
-        uuid=uuid,
-        cpu_seconds=stats["cpu.time"] / 1e9,
-        vcpus=stats["vcpu.current"],
-        memory_max_bytes=balloon["maximum"] * _KIB,
-        memory_used_bytes=used,
-        memory_rss_bytes=rss,
-        disks=bulk_disks(stats),
-        interfaces=bulk_interfaces(stats),
-    )
+def _with_sizes(domain: Domain, devices: Devices) -> Devices:
+    """`devices` with each disk's capacity from `blockInfo`; None where libvirt cannot say."""
+    infos = []
+    for info in devices.disk_infos:
+        try:
+            capacity: int | None = int(domain.blockInfo(info.disk)[0])
+        except Exception:  # libvirtError (no such disk, unsupported): the size is unknown
+            capacity = None
+        infos.append(info._replace(size_bytes=capacity))
+    return dataclasses.replace(devices, disk_infos=tuple(infos))
 
 
 def sample_per_domain(
@@ -154,10 +159,10 @@ def sample_per_domain(
     # VM is skipped and counted rather than published without them.
     has_block, has_net = "block.count" in stats, "net.count" in stats
     read_skipped = functools.partial(_read_disk, domain)
+    devices = devices_of(job)
     if has_block and has_net:
         disks, interfaces = bulk_disks(stats, read_skipped), bulk_interfaces(stats)
     else:
-        devices = devices_of(job)
         disks = (
             bulk_disks(stats, read_skipped)
             if has_block
@@ -180,6 +185,9 @@ def sample_per_domain(
         memory_rss_bytes=rss,
         disks=disks,
         interfaces=interfaces,
+        disk_infos=devices.disk_infos,
+        blockers=devices.blockers,
+        dirty_rate_bytes_per_second=bulk_dirty_rate(stats),
     )
 
 

@@ -7,14 +7,16 @@ figures is here, apart from the connection and thread handling of `exporter.libv
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from xml.etree import ElementTree
 
-from exporter.samples import DiskSample, InterfaceSample
+from exporter.samples import DiskInfo, DiskSample, InterfaceSample
 
 _KIB = 1024
+_MIB = 1024 * 1024
 _BALLOON_PREFIX = "balloon."
 
 
@@ -62,17 +64,13 @@ def bulk_balloon(stats: Mapping[str, Any]) -> dict[str, int]:
     return balloon
 
 
-def block_stats_skipped(stats: Mapping[str, Any]) -> bool:
-    """Whether NOWAIT skipped a busy domain's block counters.
-
-    libvirt then lists each disk with its `name` and `path` only. A disk with a source has a
-    path and normally counters; one with a path but no `rd.bytes` had them skipped. (An empty
-    CD-ROM drive has neither path nor counters, and has nothing to read.)
-    """
-    return any(
-        f"block.{i}.path" in stats and f"block.{i}.rd.bytes" not in stats
-        for i in range(stats.get("block.count", 0))
-    )
+def bulk_dirty_rate(stats: Mapping[str, Any]) -> float | None:
+    """Bytes dirtied per second from bulk `dirtyrate.*`: only a finished measurement
+    (`calc_status` 2, VIR_DOMAIN_DIRTYRATE_MEASURED) counts; libvirt gives MiB/s."""
+    rate = stats.get("dirtyrate.megabytes_per_second")
+    if stats.get("dirtyrate.calc_status") != 2 or not isinstance(rate, int) or rate < 0:
+        return None
+    return float(rate * _MIB)
 
 
 class BlockStatsSkipped(Exception):
@@ -130,25 +128,44 @@ def bulk_interfaces(stats: Mapping[str, Any]) -> tuple[InterfaceSample, ...]:
 
 
 @dataclass(frozen=True, slots=True)
-class Devices:
-    """A domain's disk and NIC target names, parsed from its XML.
+class SharedStorage:
+    """What the operator declared shared for libvirt: file paths (and what lies under them)
+    and storage pool names. Network disks are shared by nature."""
 
-    Only drivers whose bulk stats lack `block.*`/`net.*` need this (QEMU's list the devices
-    themselves). Kept per domain UUID and trusted while the domain ID is unchanged: a restart
-    gives the domain a new ID, so the XML is parsed once per boot rather than once per scrape.
-    A hot-unplugged device makes its stats call fail, which drops the entry so the next scrape
-    parses again; a hot-plugged one shows from the domain's next boot.
+    paths: tuple[str, ...] = ()
+    pools: frozenset[str] = frozenset()
+
+    def has_path(self, path: str) -> bool:
+        path = os.path.normpath(path)
+        return any(path == root or path.startswith(root.rstrip("/") + "/") for root in self.paths)
+
+    @classmethod
+    def of(cls, paths: tuple[str, ...] = (), pools: tuple[str, ...] = ()) -> SharedStorage:
+        return cls(tuple(os.path.normpath(p) for p in paths), frozenset(pools))
+
+
+@dataclass(frozen=True, slots=True)
+class Devices:
+    """What the backend reads from a domain's XML: disk and NIC targets, where each disk
+    lives and what keeps the domain from a live migration.
+
+    Kept per domain UUID (see `DeviceCache` for when an entry is read again). A hot-unplugged
+    device makes its stats call fail, which drops the entry so the next scrape parses again.
+    `disk_infos` carry no size: the cache fills it in from `blockInfo`.
     """
 
     domain_id: int
     disks: tuple[str, ...]
     interfaces: tuple[str, ...]
+    disk_infos: tuple[DiskInfo, ...] = ()
+    blockers: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, domain_id: int, xml: str) -> Devices:
+    def parse(cls, domain_id: int, xml: str, shared: SharedStorage | None = None) -> Devices:
         devices = ElementTree.fromstring(xml).find("devices")
         if devices is None:
             return cls(domain_id, (), ())
+        shared = shared or SharedStorage()
         disks = tuple(
             target.get("dev", "")
             for disk in devices.iterfind("disk")
@@ -162,4 +179,54 @@ class Devices:
             for target in devices.iterfind("interface/target")
             if target.get("dev")
         )
-        return cls(domain_id, disks, interfaces)
+        infos, media = _disk_facts(devices, shared)
+        blockers = _device_blockers(devices)
+        if media:
+            blockers.add("local_media")
+        return cls(domain_id, disks, interfaces, infos, tuple(sorted(blockers)))
+
+
+def _disk_facts(
+    devices: ElementTree.Element, shared: SharedStorage
+) -> tuple[tuple[DiskInfo, ...], bool]:
+    """Each disk's storage and sharing, and whether a CD-ROM or floppy holds local media."""
+    infos: list[DiskInfo] = []
+    local_media = False
+    for disk in devices.iterfind("disk"):
+        source, target = disk.find("source"), disk.find("target")
+        if source is None or target is None or not target.get("dev"):
+            continue
+        kind = disk.get("type", "file")
+        path = source.get("file") or source.get("dev") or source.get("dir")
+        if kind == "network":
+            storage, is_shared = f"network:{source.get('protocol', '')}", True
+        elif kind == "volume":
+            storage = source.get("pool", "")
+            is_shared = storage in shared.pools
+        elif path is not None:
+            storage, is_shared = "file", shared.has_path(path)
+        else:
+            storage, is_shared = kind, False
+        if disk.get("device") in ("cdrom", "floppy"):
+            local_media = local_media or not is_shared
+            continue
+        infos.append(DiskInfo(target.get("dev", ""), storage, is_shared, None))
+    return tuple(infos), local_media
+
+
+def _device_blockers(devices: ElementTree.Element) -> set[str]:
+    """Devices libvirt refuses to live-migrate (qemuMigrationSrcIsAllowed): host devices
+    (an SR-IOV `<interface type='hostdev'>` is a PCI one), shared memory and virtiofs."""
+    reasons: set[str] = set()
+    for hostdev in devices.iterfind("hostdev"):
+        kind = hostdev.get("type") if hostdev.get("mode", "subsystem") == "subsystem" else None
+        reasons.add({"pci": "pci_passthrough", "usb": "usb_passthrough"}.get(kind or "", "hostdev"))
+    if any(nic.get("type") == "hostdev" for nic in devices.iterfind("interface")):
+        reasons.add("pci_passthrough")
+    if devices.find("shmem") is not None:
+        reasons.add("local_resources")
+    for filesystem in devices.iterfind("filesystem"):
+        driver = filesystem.find("driver")
+        if driver is not None and driver.get("type") == "virtiofs":
+            reasons.add("local_resources")
+    return reasons

@@ -15,6 +15,25 @@ from typing import Final
 _MIB: Final = 1024 * 1024
 _CONF_LINE = re.compile(r"^([a-z][a-z0-9_-]*)\s*:\s*(.*?)\s*$")
 _NET_KEY = re.compile(r"^net(\d+)$")
+_DRIVE_KEY = re.compile(r"^(?:(?:ide|sata|scsi|virtio)\d+|efidisk0|tpmstate0)$")
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]?)$")
+_SIZE_UNITS: Final = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+# Keys QEMU cannot live-migrate (PVE::QemuServer::check_local_resources): host PCI and USB
+# devices, serial ports other than a socket, parallel ports, virtiofs shares and ivshmem.
+_PCI_KEY = re.compile(r"^hostpci\d+$")
+_USB_KEY = re.compile(r"^usb\d+$")
+_LOCAL_KEY = re.compile(r"^(?:serial|parallel|virtiofs)\d+$")
+
+
+@dataclass(frozen=True, slots=True)
+class Drive:
+    """One drive of the main section: `scsi0: local-lvm:vm-100-disk-0,size=32G`."""
+
+    key: str
+    volume: str  # `storage:volume`, an absolute path, or `cdrom` (the host's drive)
+    size_bytes: int | None
+    cdrom: bool
+    shared: bool  # `shared=1`: a path volume the admin marked as present on every node
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +47,8 @@ class VMConfig:
     cores: int | None = None
     uuid: str | None = None
     nets: tuple[int, ...] = ()
+    drives: tuple[Drive, ...] = ()
+    blockers: tuple[str, ...] = ()  # what the keys alone rule out; local media needs storages
 
     @property
     def cpu_count(self) -> int:
@@ -45,6 +66,7 @@ def parse_config(text: str) -> VMConfig:
     """
     fields: dict[str, str] = {}
     nets: list[int] = []
+    drives: list[Drive] = []
     for raw in text.splitlines():
         line = raw.strip()
         if line.startswith("["):
@@ -59,6 +81,8 @@ def parse_config(text: str) -> VMConfig:
         net = _NET_KEY.match(key)
         if net is not None:
             nets.append(int(net.group(1)))
+        elif _DRIVE_KEY.match(key) and (drive := _drive(key, value)) is not None:
+            drives.append(drive)
     memory_mib = _positive_int(_property_string(fields.get("memory", ""), "current").get("current"))
     return VMConfig(
         name=fields.get("name") or None,
@@ -68,7 +92,51 @@ def parse_config(text: str) -> VMConfig:
         cores=_positive_int(fields.get("cores")),
         uuid=_property_string(fields.get("smbios1", "")).get("uuid") or None,
         nets=tuple(sorted(set(nets))),
+        drives=tuple(drives),
+        blockers=_key_blockers(fields),
     )
+
+
+def _drive(key: str, value: str) -> Drive | None:
+    """The drive of a `<bus><n>:` line; None for an empty CD-ROM drive (`none`)."""
+    options = _property_string(value, "file")
+    volume = options.get("file", "")
+    if not volume or volume == "none":
+        return None
+    return Drive(
+        key=key,
+        volume=volume,
+        size_bytes=_size(options.get("size")),
+        cdrom=options.get("media") == "cdrom",
+        shared=options.get("shared") == "1",
+    )
+
+
+def _size(value: str | None) -> int | None:
+    """Bytes of a Proxmox size (`32G`, `512M`, `4096`: bytes without a unit)."""
+    match = _SIZE.match(value or "")
+    if match is None:
+        return None
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def _key_blockers(fields: dict[str, str]) -> tuple[str, ...]:
+    """Migration blockers the main section's keys alone show (see `_PCI_KEY`...)."""
+    reasons: set[str] = set()
+    if fields.get("lock"):
+        reasons.add("lock")
+    if fields.get("ivshmem"):
+        reasons.add("local_resources")
+    for key, value in fields.items():
+        if _PCI_KEY.match(key):
+            reasons.add("pci_passthrough")
+        elif _USB_KEY.match(key):
+            # SPICE USB redirection follows the client, not the host: it migrates.
+            if _property_string(value, "host").get("host", "").lower() != "spice":
+                reasons.add("usb_passthrough")
+        elif _LOCAL_KEY.match(key) and not (key.startswith("serial") and value == "socket"):
+            reasons.add("local_resources")
+    return tuple(sorted(reasons))
 
 
 def read_config(path: str | os.PathLike[str]) -> VMConfig:

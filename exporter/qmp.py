@@ -26,6 +26,7 @@ from exporter.hostfiles import (
     read_tap_counters,
 )
 from exporter.hostio import HostReader, ReadTimeout
+from exporter.pve_cluster import ClusterFiles, migration_facts, read_cluster_files
 from exporter.pve_conf import VMConfig, read_config
 from exporter.qmp_replies import disks_from_blockstats, qemu_version, vm_sample
 from exporter.qmp_session import read_session
@@ -111,9 +112,12 @@ class QmpBackend:
         node_sample: NodeSample | None = None,
         net_root: str = "/sys/class/net",
         vm_timeout: float = 2.0,
+        pve_dir: str | None = None,
     ) -> None:
         """Check the directories now so a wrong path fails at start, not at every scrape.
 
+        `pve_dir` holds `storage.cfg`, `ha/resources.cfg` and `corosync.conf` (default: the
+        parent of `conf_dir`, as `/etc/pve` is of `/etc/pve/qemu-server`).
         `node_sample` fixes the node facts instead of reading `proc_root` and QEMU's version;
         `vm_timeout` caps one VM's session so a hung VM holds a slot only that long.
         """
@@ -123,6 +127,8 @@ class QmpBackend:
         self.net_root = net_root
         self.concurrency = concurrency
         self.vm_timeout = vm_timeout
+        self.pve_dir = pve_dir if pve_dir is not None else os.path.dirname(conf_dir.rstrip("/"))
+        self._cluster_files = ClusterFiles()  # the last good reading
         self._node_sample = node_sample
         self._last_version: str | None = None
         self._configs: dict[str, VMConfig] = {}  # last good `.conf` per VMID
@@ -180,7 +186,10 @@ class QmpBackend:
             memory = self._memory(min(deadline, time.monotonic() + _CONF_TREE_PROBE))
         except (OSError, ValueError) as exc:
             return ScrapeResult(up=False, error=_one_line(f"cannot read node facts: {exc}"))
+        files_timeouts = self._read_cluster_files(deadline)
         readings, skipped, timeouts = self._read_all(targets, deadline)
+        if files_timeouts:
+            timeouts["conf"] = timeouts.get("conf", 0) + files_timeouts
         skipped = listing_skipped | skipped
         versions = [r.version for r in readings if r.version is not None]
         if versions:
@@ -195,7 +204,24 @@ class QmpBackend:
             vm_errors=len(skipped),
             skipped=skipped,
             read_timeouts=timeouts,
+            cluster=self._cluster_files.cluster,
         )
+
+    def _read_cluster_files(self, deadline: float) -> int:
+        """Storages, HA resources and the cluster name, once per scrape; 1 on a timeout,
+        when the last good reading stands in."""
+        try:
+            self._cluster_files = self._reader.call(
+                "conf",
+                "cluster-files",
+                partial(read_cluster_files, self.pve_dir),
+                min(deadline, time.monotonic() + _CONF_TREE_PROBE),
+            )
+        except ReadTimeout:
+            return 1
+        except OSError as exc:
+            logger.debug("cluster files under %s: %s", self.pve_dir, exc)
+        return 0
 
     def _list_or_fail(self, deadline: float) -> tuple[list[_Target], dict[str, str]] | ScrapeResult:
         """The VMs to read and the broken ones, or the backend down when its trees hang."""
@@ -395,4 +421,8 @@ class QmpBackend:
             vm_deadline,
         )
         sample = vm_sample(target.vmid, conf, session, usage, disks, interfaces)
+        facts = migration_facts(target.vmid, conf, self._cluster_files)
+        sample = sample._replace(
+            disk_infos=facts.disk_infos, blockers=facts.blockers, ha_managed=facts.ha_managed
+        )
         return _Reading(sample=sample, version=version)

@@ -18,6 +18,7 @@ from exporter.samples import DiskSample, InterfaceSample, VMSample
 
 # QEMU reports a guest statistic it has not received as -1 in an unsigned 64-bit field.
 _STAT_UNSET: Final = 2**63
+_MIB: Final = 1024 * 1024
 # Block devices whose qdev path is not the Proxmox drive name (OVMF code and vars).
 _QDEV_ALIASES: Final = {"/machine/system.flash0": "pflash0", "/machine/system.flash1": "efidisk0"}
 
@@ -158,6 +159,17 @@ def _identity(
     return name, conf.uuid or (str(qmp_uuid) if qmp_uuid else "")
 
 
+def dirty_rate(reply: Mapping[str, object] | None) -> float | None:
+    """Bytes dirtied per second from `query-dirty-rate`: only a finished measurement
+    (`status: measured`) counts; QEMU gives MiB/s (`dirty-rate`)."""
+    if reply is None or reply.get("status") != "measured":
+        return None
+    rate = reply.get("dirty-rate")
+    if not isinstance(rate, int) or isinstance(rate, bool) or rate < 0:
+        return None
+    return float(rate * _MIB)
+
+
 def vm_sample(
     vmid: str,
     conf: VMConfig,
@@ -184,4 +196,5 @@ def vm_sample(
         memory_rss_bytes=usage.rss_bytes,
         disks=disks,
         interfaces=interfaces,
+        dirty_rate_bytes_per_second=dirty_rate(session.mapping("query-dirty-rate")),
     )

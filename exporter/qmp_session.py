@@ -32,6 +32,7 @@ ALLOWED_COMMANDS: Final[frozenset[str]] = frozenset(
         "query-status",
         "query-uuid",
         "query-memory-size-summary",
+        "query-dirty-rate",
         "qom-get",
     }
 )
@@ -82,6 +83,9 @@ def queries_for(conf: VMConfig) -> dict[str, Mapping[str, object] | None]:
         "query-balloon": None,
         "query-cpus-fast": None,
         "query-version": None,
+        # The result of the last dirty-rate measurement, if anyone started one; asking
+        # starts nothing (`calc-dirty-rate` would, and is not allowed).
+        "query-dirty-rate": None,
     }
     if conf.name is None:
         queries["query-name"] = None

@@ -31,6 +31,30 @@ class InterfaceSample(NamedTuple):
     transmit_bytes: int
 
 
+class DiskInfo(NamedTuple):
+    """Where one virtual disk lives: what decides whether a live migration copies it.
+
+    `storage` is the Proxmox storage id, or for libvirt the pool name, `network:<protocol>`
+    for a network disk and `file` for a path; `size_bytes` is None when nothing says.
+    """
+
+    disk: str
+    storage: str
+    shared: bool
+    size_bytes: int | None
+
+
+#: Why a VM cannot be live-migrated: the `reason` label of `vmbalance_vm_migration_blocker`.
+BLOCKER_REASONS: tuple[str, ...] = (
+    "pci_passthrough",
+    "usb_passthrough",
+    "hostdev",
+    "local_media",
+    "lock",
+    "local_resources",
+)
+
+
 class VMSample(NamedTuple):
     """One VM at one scrape.
 
@@ -48,6 +72,10 @@ class VMSample(NamedTuple):
     memory_rss_bytes: int | None = None
     disks: tuple[DiskSample, ...] = ()
     interfaces: tuple[InterfaceSample, ...] = ()
+    disk_infos: tuple[DiskInfo, ...] = ()
+    blockers: tuple[str, ...] = ()  # reasons from BLOCKER_REASONS, each once, sorted
+    ha_managed: int = 0  # 1 when the Proxmox HA stack manages the VM
+    dirty_rate_bytes_per_second: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +95,9 @@ class ScrapeResult:
     unreadable); `vm_errors` counts VMs skipped this scrape because they errored, hung or
     vanished while the rest were read. `skipped` names those it can (VM id: reason, worded
     the same from one scrape to the next so the log can say when it changes);
-    `read_timeouts` counts host reads abandoned at their deadline, by source.
+    `read_timeouts` counts host reads abandoned at their deadline, by source; `cluster` is
+    the cluster the backend found the node in (Proxmox's corosync name), None when it does
+    not know.
     """
 
     up: bool
@@ -77,6 +107,7 @@ class ScrapeResult:
     error: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     read_timeouts: dict[str, int] = field(default_factory=dict)
+    cluster: str | None = None
 
 
 class Backend(Protocol):

@@ -27,7 +27,7 @@ import subprocess
 import tarfile
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 #: The smallest Debian kernel that boots a virtio-blk guest: the cloud flavour.
@@ -291,50 +291,8 @@ def extract_kernel(deb: Path, dest: Path, timeout: float = APT_TIMEOUT) -> Kerne
     """Take the kernel image and the guest's modules out of a linux-image .deb into `dest`."""
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
     try:
-        process = subprocess.Popen(
-            ["dpkg-deb", "--fsys-tarfile", str(deb)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        assert process.stdout is not None
-        version = None
-        modules: dict[str, bytes] = {}
-        builtin: set[str] = set()
-        with tarfile.open(fileobj=process.stdout, mode="r|") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                name = member.name
-                match = _VMLINUZ.match(name)
-                handle = None
-                if match is not None:
-                    version = match.group(1)
-                    handle = archive.extractfile(member)
-                    assert handle is not None
-                    (tmp / "vmlinuz").write_bytes(handle.read())
-                elif name.endswith("/modules.builtin"):
-                    handle = archive.extractfile(member)
-                    assert handle is not None
-                    for line in handle.read().decode().splitlines():
-                        builtin.add(Path(line).name.removesuffix(".ko").replace("-", "_"))
-                elif name.endswith(".ko") and any(d in name for d in _MODULE_DIRS):
-                    handle = archive.extractfile(member)
-                    assert handle is not None
-                    modules[Path(name).stem.replace("-", "_")] = handle.read()
-        _, stderr = process.communicate(timeout=timeout)
-        if process.returncode != 0:
-            raise GuestBuildError(f"dpkg-deb cannot read {deb.name}: {stderr.decode().strip()}")
-        if version is None:
-            raise GuestBuildError(f"{deb.name} holds no /boot/vmlinuz-*")
-        depends = {name: module_depends(data) for name, data in modules.items()}
-        order = load_order(GUEST_MODULES, depends, frozenset(builtin))
-        (tmp / "modules").mkdir()
-        for name in order:
-            (tmp / "modules" / f"{name}.ko").write_bytes(modules[name])
-        (tmp / "kernel.json").write_text(
-            json.dumps({"version": version, "package": deb.name, "load_order": order}, indent=1)
-        )
-        tmp.chmod(0o755)
+        contents = _read_deb(deb, tmp, timeout)
+        _write_kernel_dir(tmp, deb.name, contents)
         if (dest / "kernel.json").exists():
             return read_kernel(dest)  # another run extracted the same package meanwhile
         shutil.rmtree(dest, ignore_errors=True)
@@ -343,6 +301,69 @@ def extract_kernel(deb: Path, dest: Path, timeout: float = APT_TIMEOUT) -> Kerne
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return read_kernel(dest)
+
+
+@dataclass
+class _DebContents:
+    """What `extract_kernel` keeps of a linux-image package (the image goes to a file)."""
+
+    version: str | None = None
+    modules: dict[str, bytes] = field(default_factory=dict)  # name (`_` spelled) -> .ko
+    builtin: set[str] = field(default_factory=set)
+
+    def take(self, archive: tarfile.TarFile, member: tarfile.TarInfo, tmp: Path) -> None:
+        """Keeps `member` if it is the kernel image, the built-in module list or a module
+        the guest may need."""
+        name = member.name
+        match = _VMLINUZ.match(name)
+        if match is not None:
+            self.version = match.group(1)
+            (tmp / "vmlinuz").write_bytes(_member_bytes(archive, member))
+        elif name.endswith("/modules.builtin"):
+            for line in _member_bytes(archive, member).decode().splitlines():
+                self.builtin.add(Path(line).name.removesuffix(".ko").replace("-", "_"))
+        elif name.endswith(".ko") and any(d in name for d in _MODULE_DIRS):
+            self.modules[Path(name).stem.replace("-", "_")] = _member_bytes(archive, member)
+
+
+def _member_bytes(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    handle = archive.extractfile(member)
+    assert handle is not None
+    return handle.read()
+
+
+def _read_deb(deb: Path, tmp: Path, timeout: float) -> _DebContents:
+    """Streams the package's files through dpkg-deb, keeping what the guest needs."""
+    process = subprocess.Popen(
+        ["dpkg-deb", "--fsys-tarfile", str(deb)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    contents = _DebContents()
+    with tarfile.open(fileobj=process.stdout, mode="r|") as archive:
+        for member in archive:
+            if member.isfile():
+                contents.take(archive, member, tmp)
+    _, stderr = process.communicate(timeout=timeout)
+    if process.returncode != 0:
+        raise GuestBuildError(f"dpkg-deb cannot read {deb.name}: {stderr.decode().strip()}")
+    if contents.version is None:
+        raise GuestBuildError(f"{deb.name} holds no /boot/vmlinuz-*")
+    return contents
+
+
+def _write_kernel_dir(tmp: Path, package: str, contents: _DebContents) -> None:
+    """The guest's modules in load order and `kernel.json` beside the image in `tmp`."""
+    depends = {name: module_depends(data) for name, data in contents.modules.items()}
+    order = load_order(GUEST_MODULES, depends, frozenset(contents.builtin))
+    (tmp / "modules").mkdir()
+    for name in order:
+        (tmp / "modules" / f"{name}.ko").write_bytes(contents.modules[name])
+    (tmp / "kernel.json").write_text(
+        json.dumps({"version": contents.version, "package": package, "load_order": order}, indent=1)
+    )
+    tmp.chmod(0o755)
 
 
 def read_kernel(directory: Path) -> Kernel:

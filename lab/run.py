@@ -39,7 +39,7 @@ from typing import Any
 
 from bench.docs_section import replace_section
 from lab.cluster import REPO, Lab, LabGuest, LabSpec, RateCheck
-from lab.guest import GuestBuildError, GuestLoad, default_cache_dir, ensure_guest
+from lab.guest import GuestBuildError, GuestImage, GuestLoad, default_cache_dir, ensure_guest
 from lab.scrape import PeerComparison, compare_with_peer, libvirt_call_costs
 
 MIB = 1024 * 1024
@@ -350,6 +350,14 @@ def docs_section(report: Report, peer: PeerComparison, rates: list[RateCheck]) -
     return "\n".join(lines)
 
 
+@dataclass
+class Observed:
+    """What the run has measured so far, for the docs section."""
+
+    peer: PeerComparison | None = None
+    rates: list[RateCheck] = field(default_factory=list)
+
+
 def run(args: argparse.Namespace) -> int:
     report = Report()
     out = Path(args.out).resolve()
@@ -363,6 +371,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"lab: {exc}", file=sys.stderr)
         return 2
     spec = full_spec(args.scrape_interval)
+    describe_lab(report, spec, image)
+    observed = Observed()
+    try:
+        report.log("starting libvirtd, guests, exporters and Prometheus")
+        with Lab(spec, out, image) as lab:
+            run_checks(lab, spec, args.peer_rounds, report, observed)
+    except Exception as exc:
+        report.check("lab ran to the end", False, f"{type(exc).__name__}: {exc}")
+    finally:
+        report.save(out / "results" / "report.json")
+    if args.docs and observed.peer is not None and report.passed:
+        replace_section(DOCS_HEADING, docs_section(report, observed.peer, observed.rates))
+        report.log(f"wrote the '{DOCS_HEADING}' section of docs/benchmarks.md")
+    elif args.docs:
+        report.log("docs/benchmarks.md left alone: not every check passed")
+    passed = sum(1 for c in report.checks if c["ok"])
+    report.log(f"{passed} passed, {len(report.checks) - passed} failed")
+    return 0 if report.passed else 1
+
+
+def describe_lab(report: Report, spec: LabSpec, image: GuestImage) -> None:
     report.data.update(
         kernel=image.kernel_version,
         scrape_interval=spec.scrape_interval,
@@ -373,67 +402,68 @@ def run(args: argparse.Namespace) -> int:
             for g in spec.guests
         ],
     )
-    peer: PeerComparison | None = None
-    rates: list[RateCheck] = []
-    try:
-        report.log("starting libvirtd, guests, exporters and Prometheus")
-        with Lab(spec, out, image) as lab:
-            assert lab.libvirtd is not None and lab.peer_url is not None
-            report.log(f"private libvirtd: {lab.libvirtd.uri}")
-            since = time.time()
-            lab.wait_for_io()
-            report.log("every guest is writing")
-            config = lab.write_config("lab")
-            nocooldown = lab.write_config("no-cooldown", {"balance": {"cooldown_seconds": 0}})
-            window_full = lab.io_seen_at + 120 + 3 * spec.scrape_interval
 
-            report.log(f"comparing the exporters on the libvirtd ({args.peer_rounds} rounds)")
-            peer = compare_with_peer(lab.exporter_url(HEAVY_NODE), lab.peer_url, args.peer_rounds)
-            report.data["peer_comparison"] = peer.as_dict()
-            report.check(
-                "vmbalance-exporter and prometheus-libvirt-exporter report the same counters",
-                peer.agree,
-                f"{peer.checked} sandwich checks, {len(peer.violations)} outside; median scrape "
-                f"ours {peer.as_dict()['ours_median_ms']:.1f} ms, peer "
-                f"{peer.as_dict()['peer_median_ms']:.1f} ms",
-            )
 
-            costs = libvirt_call_costs(lab.libvirtd.uri)
-            report.data["libvirt_call_costs_ms"] = costs
-            report.log(
-                "libvirt calls (median ms): "
-                + ", ".join(f"{name} {value:.1f}" for name, value in costs.items())
-            )
+def run_checks(
+    lab: Lab, spec: LabSpec, peer_rounds: int, report: Report, observed: Observed
+) -> None:
+    """Steps 3 to 5 of the module's description, on a started lab."""
+    assert lab.libvirtd is not None and lab.peer_url is not None
+    report.log(f"private libvirtd: {lab.libvirtd.uri}")
+    since = time.time()
+    lab.wait_for_io()
+    report.log("every guest is writing")
+    config = lab.write_config("lab")
+    nocooldown = lab.write_config("no-cooldown", {"balance": {"cooldown_seconds": 0}})
+    window_full = lab.io_seen_at + 120 + 3 * spec.scrape_interval
 
-            wait(window_full - time.time(), report, "until every guest has run a full window")
-            _, snapshot = lab.snapshot("before", config)
-            rates = lab.rate_checks(snapshot)
-            report.data["rates"] = [c.as_dict() for c in rates]
-            print("\n".join(rate_lines(rates)), flush=True)
-            report.check(
-                "every guest's measured disk rate within 20 % of its configured rate",
-                all(c.within(RATE_TOLERANCE) for c in rates),
-                "ratios " + ", ".join(f"{c.vm} {c.ratio or 0:.3f}" for c in rates),
-            )
-            _, plan = lab.plan("before", config)
-            report.data["plan_before"] = {
-                "migrations": plan.get("migrations", []),
-                "imbalance": plan.get("imbalance"),
-            }
-            first_plan_checks(plan, report)
-            migration_checks(lab, report, config, nocooldown, since)
-    except Exception as exc:
-        report.check("lab ran to the end", False, f"{type(exc).__name__}: {exc}")
-    finally:
-        report.save(out / "results" / "report.json")
-    if args.docs and peer is not None and report.passed:
-        replace_section(DOCS_HEADING, docs_section(report, peer, rates))
-        report.log(f"wrote the '{DOCS_HEADING}' section of docs/benchmarks.md")
-    elif args.docs:
-        report.log("docs/benchmarks.md left alone: not every check passed")
-    passed = sum(1 for c in report.checks if c["ok"])
-    report.log(f"{passed} passed, {len(report.checks) - passed} failed")
-    return 0 if report.passed else 1
+    observed.peer = exporter_checks(lab, peer_rounds, report)
+    wait(window_full - time.time(), report, "until every guest has run a full window")
+    observed.rates = rate_checks(lab, config, report)
+    _, plan = lab.plan("before", config)
+    report.data["plan_before"] = {
+        "migrations": plan.get("migrations", []),
+        "imbalance": plan.get("imbalance"),
+    }
+    first_plan_checks(plan, report)
+    migration_checks(lab, report, config, nocooldown, since)
+
+
+def exporter_checks(lab: Lab, rounds: int, report: Report) -> PeerComparison:
+    """Both libvirt exporters scraped in alternation, and what the libvirt calls cost."""
+    assert lab.libvirtd is not None and lab.peer_url is not None
+    report.log(f"comparing the exporters on the libvirtd ({rounds} rounds)")
+    peer = compare_with_peer(lab.exporter_url(HEAVY_NODE), lab.peer_url, rounds)
+    report.data["peer_comparison"] = peer.as_dict()
+    report.check(
+        "vmbalance-exporter and prometheus-libvirt-exporter report the same counters",
+        peer.agree,
+        f"{peer.checked} sandwich checks, {len(peer.violations)} outside; median scrape "
+        f"ours {peer.as_dict()['ours_median_ms']:.1f} ms, peer "
+        f"{peer.as_dict()['peer_median_ms']:.1f} ms",
+    )
+
+    costs = libvirt_call_costs(lab.libvirtd.uri)
+    report.data["libvirt_call_costs_ms"] = costs
+    report.log(
+        "libvirt calls (median ms): "
+        + ", ".join(f"{name} {value:.1f}" for name, value in costs.items())
+    )
+    return peer
+
+
+def rate_checks(lab: Lab, config: Path, report: Report) -> list[RateCheck]:
+    """Every guest's disk rate in the snapshot against the rate it was configured to do."""
+    _, snapshot = lab.snapshot("before", config)
+    rates = lab.rate_checks(snapshot)
+    report.data["rates"] = [c.as_dict() for c in rates]
+    print("\n".join(rate_lines(rates)), flush=True)
+    report.check(
+        "every guest's measured disk rate within 20 % of its configured rate",
+        all(c.within(RATE_TOLERANCE) for c in rates),
+        "ratios " + ", ".join(f"{c.vm} {c.ratio or 0:.3f}" for c in rates),
+    )
+    return rates
 
 
 def build_parser() -> argparse.ArgumentParser:

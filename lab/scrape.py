@@ -182,6 +182,9 @@ def _rates(scrapes: list[Scrape]) -> dict[Key, float]:
     }
 
 
+Sandwich = tuple[Scrape, Scrape, Scrape]  # (outer, inner, outer) in the order taken
+
+
 def compare_with_peer(
     ours_url: str, peer_url: str, rounds: int = 30, pause: float = 0.5, warmup: int = 3
 ) -> PeerComparison:
@@ -190,46 +193,63 @@ def compare_with_peer(
         scrape(ours_url, "ours")
         scrape(peer_url, "peer")
     result = PeerComparison(rounds=rounds)
-    urls = {"ours": ours_url, "peer": peer_url}
-    by_exporter: dict[str, list[Scrape]] = {"ours": [], "peer": []}
-    sandwiches: list[tuple[Scrape, Scrape, Scrape]] = []
-    for index in range(rounds):
-        outer, inner = ("ours", "peer") if index % 2 == 0 else ("peer", "ours")
-        triple = (
-            scrape(urls[outer], outer),
-            scrape(urls[inner], inner),
-            scrape(urls[outer], outer),
-        )
-        sandwiches.append(triple)
-        for item in triple:
-            by_exporter[item.exporter].append(item)
-            (result.ours_ms if item.exporter == "ours" else result.peer_ms).append(
-                item.seconds * 1000
-            )
-        time.sleep(pause)
-    rates = _rates(by_exporter["ours"])
+    sandwiches = _scrape_sandwiches({"ours": ours_url, "peer": peer_url}, rounds, pause)
+    taken = [item for sandwich in sandwiches for item in sandwich]
+    result.ours_ms = [item.seconds * 1000 for item in taken if item.exporter == "ours"]
+    result.peer_ms = [item.seconds * 1000 for item in taken if item.exporter == "peer"]
+    rates = _rates([item for item in taken if item.exporter == "ours"])
     gaps: list[float] = []
     keys: set[Key] = set()
     for index, (low, middle, high) in enumerate(sandwiches):
-        all_keys = set(low.values) | set(middle.values) | set(high.values)
-        keys |= all_keys
-        for key in sorted(all_keys):
-            a, b, c = low.values.get(key), middle.values.get(key), high.values.get(key)
-            result.checked += 1
-            if a is None or b is None or c is None or not a <= b <= c:
-                result.violations.append(Violation(index, key, a, b, c))
+        keys |= _check_between(result, index, (low, middle, high))
         for left, right in ((low, middle), (middle, high)):
             gaps.append(abs(right.middle - left.middle) * 1000)
-            for key in set(left.values) & set(right.values):
-                result.adjacent += 1
-                diff = abs(left.values[key] - right.values[key])
-                if diff == 0:
-                    result.exact += 1
-                elif rates.get(key, 0) > 0:
-                    result.worst_diff_seconds = max(result.worst_diff_seconds, diff / rates[key])
+            _compare_adjacent(result, left, right, rates)
     result.keys = len(keys)
     result.median_gap_ms = median(gaps)
     return result
+
+
+def _scrape_sandwiches(urls: Mapping[str, str], rounds: int, pause: float) -> list[Sandwich]:
+    sandwiches: list[Sandwich] = []
+    for index in range(rounds):
+        outer, inner = ("ours", "peer") if index % 2 == 0 else ("peer", "ours")
+        sandwiches.append(
+            (
+                scrape(urls[outer], outer),
+                scrape(urls[inner], inner),
+                scrape(urls[outer], outer),
+            )
+        )
+        time.sleep(pause)
+    return sandwiches
+
+
+def _check_between(result: PeerComparison, index: int, sandwich: Sandwich) -> set[Key]:
+    """Records every counter of round `index` whose middle value is not between its
+    neighbours' (or that a scrape lacks); the counters the round saw."""
+    low, middle, high = sandwich
+    all_keys = set(low.values) | set(middle.values) | set(high.values)
+    for key in sorted(all_keys):
+        a, b, c = low.values.get(key), middle.values.get(key), high.values.get(key)
+        result.checked += 1
+        if a is None or b is None or c is None or not a <= b <= c:
+            result.violations.append(Violation(index, key, a, b, c))
+    return all_keys
+
+
+def _compare_adjacent(
+    result: PeerComparison, left: Scrape, right: Scrape, rates: Mapping[Key, float]
+) -> None:
+    """Counts the counters two adjacent scrapes agree on exactly and keeps the largest
+    difference, in seconds of the counter's rate."""
+    for key in set(left.values) & set(right.values):
+        result.adjacent += 1
+        diff = abs(left.values[key] - right.values[key])
+        if diff == 0:
+            result.exact += 1
+        elif rates.get(key, 0) > 0:
+            result.worst_diff_seconds = max(result.worst_diff_seconds, diff / rates[key])
 
 
 # Every `getAllDomainStats` group that carries figures of the metric contract; the libvirt

@@ -142,6 +142,8 @@ class FakeVM:
     """Drop the connection when this command arrives (QEMU died mid-session)."""
     on_command: Callable[[str], None] | None = None
     """Called in the server thread with each command name before it is answered."""
+    dirty_rate: dict[str, Any] | None = None
+    """The `query-dirty-rate` reply; None: no measurement was ever started."""
 
 
 @dataclass
@@ -159,53 +161,95 @@ def _error(error_class: str, desc: str) -> dict[str, Any]:
 
 def answer(vm: FakeVM, command: str, arguments: dict[str, Any]) -> dict[str, Any]:
     """The reply QEMU would give to one command after negotiation."""
-    if command == "qmp_capabilities":
-        return _error("CommandNotFound", "Capabilities negotiation is already complete")
-    if command == "query-blockstats":
-        return {"return": vm.disks}
-    if command == "query-balloon":
-        if vm.balloon is None:
-            return _error("DeviceNotActive", "No balloon device has been activated")
-        return {"return": vm.balloon}
-    if command == "qom-get":
-        path = arguments.get("path")
-        if path != BALLOON_PATH or vm.balloon is None:
-            return _error("DeviceNotFound", f"Device '{path}' not found")
-        if arguments.get("property") != "guest-stats" or vm.guest_stats is None:
-            return _error("GenericError", "Property not found")
-        return {"return": vm.guest_stats}
-    if command == "query-cpus-fast":
-        return {
-            "return": [
-                {
-                    "thread-id": 4000 + index,
-                    "props": {"core-id": index, "thread-id": 0, "socket-id": 0},
-                    "qom-path": f"/machine/unattached/device[{index}]",
-                    "cpu-index": index,
-                    "target": "x86_64",
-                }
-                for index in range(vm.cpus)
-            ]
-        }
-    if command == "query-version":
-        major, minor, micro = vm.version
-        return {
-            "return": {
-                "qemu": {"major": major, "minor": minor, "micro": micro},
-                "package": f"pve-qemu-kvm_{major}.{minor}.{micro}-1",
+    reply = _ANSWERS.get(command)
+    if reply is None:
+        return _error("CommandNotFound", f"The command {command} has not been found")
+    return reply(vm, arguments)
+
+
+def _capabilities_again(vm: FakeVM, arguments: dict[str, Any]) -> dict[str, Any]:
+    return _error("CommandNotFound", "Capabilities negotiation is already complete")
+
+
+def _blockstats(vm: FakeVM, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"return": vm.disks}
+
+
+def _balloon(vm: FakeVM, arguments: dict[str, Any]) -> dict[str, Any]:
+    if vm.balloon is None:
+        return _error("DeviceNotActive", "No balloon device has been activated")
+    return {"return": vm.balloon}
+
+
+def _qom_get(vm: FakeVM, arguments: dict[str, Any]) -> dict[str, Any]:
+    """Only the balloon's `guest-stats` property exists."""
+    path = arguments.get("path")
+    if path != BALLOON_PATH or vm.balloon is None:
+        return _error("DeviceNotFound", f"Device '{path}' not found")
+    if arguments.get("property") != "guest-stats" or vm.guest_stats is None:
+        return _error("GenericError", "Property not found")
+    return {"return": vm.guest_stats}
+
+
+def _cpus_fast(vm: FakeVM, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "return": [
+            {
+                "thread-id": 4000 + index,
+                "props": {"core-id": index, "thread-id": 0, "socket-id": 0},
+                "qom-path": f"/machine/unattached/device[{index}]",
+                "cpu-index": index,
+                "target": "x86_64",
             }
+            for index in range(vm.cpus)
+        ]
+    }
+
+
+def _version(vm: FakeVM, arguments: dict[str, Any]) -> dict[str, Any]:
+    major, minor, micro = vm.version
+    return {
+        "return": {
+            "qemu": {"major": major, "minor": minor, "micro": micro},
+            "package": f"pve-qemu-kvm_{major}.{minor}.{micro}-1",
         }
-    if command == "query-name":
-        return {"return": {"name": vm.name} if vm.name else {}}
-    if command == "query-uuid":
-        return {"return": {"UUID": vm.uuid}}
-    if command == "query-status":
-        return {
-            "return": {"status": vm.status, "singlestep": False, "running": vm.status == "running"}
-        }
-    if command == "query-memory-size-summary":
-        return {"return": {"base-memory": vm.memory_bytes, "plugged-memory": 0}}
-    return _error("CommandNotFound", f"The command {command} has not been found")
+    }
+
+
+def _name(vm: FakeVM, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"return": {"name": vm.name} if vm.name else {}}
+
+
+def _uuid(vm: FakeVM, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"return": {"UUID": vm.uuid}}
+
+
+def _status(vm: FakeVM, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"return": {"status": vm.status, "singlestep": False, "running": vm.status == "running"}}
+
+
+def _memory_size(vm: FakeVM, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"return": {"base-memory": vm.memory_bytes, "plugged-memory": 0}}
+
+
+def _dirty_rate(vm: FakeVM, arguments: dict[str, Any]) -> dict[str, Any]:
+    unstarted = {"status": "unstarted", "start-time": 0, "calc-time": 0, "sample-pages": 0}
+    return {"return": vm.dirty_rate or unstarted}
+
+
+_ANSWERS: dict[str, Callable[[FakeVM, dict[str, Any]], dict[str, Any]]] = {
+    "qmp_capabilities": _capabilities_again,
+    "query-blockstats": _blockstats,
+    "query-balloon": _balloon,
+    "qom-get": _qom_get,
+    "query-cpus-fast": _cpus_fast,
+    "query-version": _version,
+    "query-name": _name,
+    "query-uuid": _uuid,
+    "query-status": _status,
+    "query-memory-size-summary": _memory_size,
+    "query-dirty-rate": _dirty_rate,
+}
 
 
 @dataclass

@@ -9,7 +9,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from exporter.collector import VMCollector
-from exporter.samples import DiskSample, InterfaceSample, NodeSample, ScrapeResult, VMSample
+from exporter.samples import (
+    DiskInfo,
+    DiskSample,
+    InterfaceSample,
+    NodeSample,
+    ScrapeResult,
+    VMSample,
+)
 from tests.conftest import REPO
 
 HOSTILE = 'evil"} 1\nvmbalance_up{node="x"} 0 # \\ {{ | `x` <b>'
@@ -50,6 +57,13 @@ def vm(vm_id: str, name: str = "web", errors: int = 0) -> VMSample:
         memory_rss_bytes=1100 * 1024**2,
         disks=(DiskSample("vda", 10, 20, 1, 2), DiskSample("vdb", 30, 40, 3, 4)),
         interfaces=(InterfaceSample("vnet0", 500, 600),),
+        disk_infos=(
+            DiskInfo("vda", "network:rbd", True, 32 * 1024**3),
+            DiskInfo("vdb", name, False, None),  # a storage id someone chose
+        ),
+        blockers=("local_media", "pci_passthrough"),
+        ha_managed=1,
+        dirty_rate_bytes_per_second=1.5e6,
     )
 
 
@@ -91,6 +105,7 @@ def test_values_and_labels() -> None:
     assert reads == {"vda": 10, "vdb": 30}
     (info,) = families["vmbalance_vm_info"]
     assert info.labels == {
+        "cluster": "",
         "node": "pve1",
         "vm": "101",
         "name": "web",
@@ -101,6 +116,32 @@ def test_values_and_labels() -> None:
     assert rx.labels["interface"] == "vnet0" and rx.value == 500
     assert families["vmbalance_up"][0].value == 1
     assert families["vmbalance_node_cpus"][0].value == 16
+    infos = families["vmbalance_vm_disk_info"]
+    assert {(s.labels["disk"], s.labels["storage"], s.labels["shared"]) for s in infos} == {
+        ("vda", "network:rbd", "1"),
+        ("vdb", "web", "0"),
+    }
+    assert [(s.labels["disk"], s.value) for s in families["vmbalance_vm_disk_size_bytes"]] == [
+        ("vda", 32 * 1024**3)
+    ]
+    blockers = families["vmbalance_vm_migration_blocker"]
+    assert sorted(s.labels["reason"] for s in blockers) == ["local_media", "pci_passthrough"]
+    assert families["vmbalance_vm_ha_managed"][0].value == 1
+    assert families["vmbalance_vm_memory_dirty_rate_bytes_per_second"][0].value == 1.5e6
+
+
+def test_the_cluster_label_is_given_found_or_kept() -> None:
+    found = result(vm("101"))
+    found.cluster = "pve-east"
+    silent = result(vm("101"))  # a scrape that could not read the cluster's name
+    collector = VMCollector(StaticBackend(found, silent), node="pve1", timeout=1)
+    for _ in range(2):
+        labels = {s.labels["cluster"] for f in scrape(collector).values() for s in f}
+        assert labels == {"pve-east"}
+    given = VMCollector(StaticBackend(found), node="pve1", timeout=1, cluster="fleet")
+    assert {s.labels["cluster"] for f in scrape(given).values() for s in f} == {"fleet"}
+    unknown = VMCollector(StaticBackend(silent), node="pve1", timeout=1)
+    assert {s.labels["cluster"] for f in scrape(unknown).values() for s in f} == {""}
 
 
 def test_hostile_vm_name_stays_inside_its_label() -> None:

@@ -10,6 +10,7 @@ Grafana's macros are replaced as Grafana would for a one-hour range at 60 s samp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -17,7 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -25,7 +26,8 @@ import requests
 import yaml
 
 from devkit.servers import PrometheusServer, backfill
-from devkit.simulate import ClusterHistory, simulate_cluster, to_openmetrics_blocks
+from devkit.simulate import ClusterHistory, Series, simulate_cluster, to_openmetrics_blocks
+from exporter.samples import BLOCKER_REASONS
 from recommender.model import RESOURCES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +48,7 @@ MACROS = {
     "$__range": "1h",
 }
 RANGE_SELECTOR = re.compile(r"\[([^\]]*)\]")
-MATCHER = re.compile(r"\b(node|vm)\s*(=~|!~|!=|=)\s*\"([^\"]*)\"")
+MATCHER = re.compile(r"\b(cluster|node|vm)\s*(=~|!~|!=|=)\s*\"([^\"]*)\"")
 VARIABLE = re.compile(r"\$\{?(\w+)\}?")
 LABEL_VALUES = re.compile(r"^label_values\(\s*(?:(.+?)\s*,\s*)?(\w+)\s*\)$")
 
@@ -92,17 +94,26 @@ def test_there_are_the_four_dashboards() -> None:
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
-def test_dashboard_conventions(path: Path) -> None:
+def test_dashboard_is_provisionable(path: Path) -> None:
     dashboard = _load(path)
     assert dashboard["schemaVersion"] >= 39
     assert dashboard.get("id") is None, "provisioned dashboards carry no database id"
-    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_dashboard_variables_read_the_chosen_datasource(path: Path) -> None:
+    variables = _variables(_load(path))
     ds = variables["datasource"]
     assert ds["type"] == "datasource" and ds["query"] == "prometheus"
     for var in variables.values():
         if var["type"] == "query":
             assert var["datasource"] == DATASOURCE, var["name"]
             assert LABEL_VALUES.match(_variable_query(var)), var["name"]
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_dashboard_panels_say_what_they_show(path: Path) -> None:
+    dashboard = _load(path)
     panels = list(_panels(dashboard))
     assert panels
     ids = [p["id"] for p in dashboard["panels"]]
@@ -117,6 +128,12 @@ def test_dashboard_conventions(path: Path) -> None:
         assert panel["targets"], title
         for target in panel["targets"]:
             assert target["datasource"] == DATASOURCE, title
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_dashboard_queries_take_ranges_and_names_from_variables(path: Path) -> None:
+    dashboard = _load(path)
+    variables = _variables(dashboard)
     for where, expr in _exprs(dashboard):
         for selector in RANGE_SELECTOR.findall(expr):
             assert selector == "$__rate_interval", f"{where}: [{selector}] in {expr}"
@@ -130,6 +147,36 @@ def test_dashboard_conventions(path: Path) -> None:
     # Node and VM are chosen with variables, never typed into a query.
     text = json.dumps([e for _, e in _exprs(dashboard)])
     assert not re.search(r"\bpve\d", text)
+
+
+def _variables(dashboard: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in dashboard["templating"]["list"]}
+
+
+# Series that are one for the whole fleet: the recommender's own and the config's trigger.
+FLEET_WIDE = re.compile(r"^(vmbalance_recommender_\w+|cluster:vmbalance_imbalance_trigger:ratio)$")
+SERIES = re.compile(r"(?<![\w:\"])((?:[a-z_]+:)?vmbalance_[a-z_]+(?::[a-z0-9_]+)?)(\{[^}]*\})?")
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_every_panel_shows_the_chosen_cluster(path: Path) -> None:
+    """Node names repeat across clusters: every exporter series and recorded rule a panel
+    reads is narrowed to `$cluster`, the first variable after the data source."""
+    dashboard = _load(path)
+    names = [v["name"] for v in dashboard["templating"]["list"]]
+    assert names[:2] == ["datasource", "cluster"]
+    for where, expr in _exprs(dashboard):
+        for name, selector in SERIES.findall(expr):
+            if FLEET_WIDE.match(name) or where.endswith("/$cluster"):
+                continue
+            assert 'cluster="$cluster"' in selector, f"{where}: {name}{selector}"
+
+
+def test_the_overview_shows_the_migration_blockers() -> None:
+    overview = _load(REPO / "grafana" / "dashboards" / "vmbalance-overview.json")
+    exprs = {title: expr for title, expr in _exprs(overview)}
+    blockers = exprs["vmbalance-overview/Migration blockers/A"]
+    assert "vmbalance_vm_migration_blocker" in blockers and "reason" in blockers
 
 
 def test_dashboards_read_only_documented_metrics() -> None:
@@ -233,6 +280,54 @@ def _serve_and_prometheus_series(history: ClusterHistory, directory: Path) -> No
     (directory / "zz-prometheus-and-serve.om").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+CLUSTER = "demo"
+
+
+@dataclass
+class InCluster:
+    """A simulated history whose series carry the `cluster` label, as every exporter's do."""
+
+    history: ClusterHistory
+    cluster: str
+
+    @property
+    def times(self) -> np.ndarray:
+        return self.history.times
+
+    def series(self) -> Iterator[Series]:
+        for s in self.history.series():
+            yield dataclasses.replace(s, labels=(("cluster", self.cluster), *s.labels))
+
+
+def _migration_series(history: ClusterHistory, directory: Path) -> None:
+    """What the exporters publish about moving each VM: its disks (one shared, one local),
+    HA management and one blocker per VM, on the node it started on."""
+    times = history.times.astype(np.int64)
+    rows: dict[str, list[tuple[str, float]]] = {}
+    for index, sim in enumerate(history.vms):
+        node = history.initial_node[sim.vm]
+        base = f'cluster="{CLUSTER}",node="{node}",vm="{sim.vm}"'
+        rows.setdefault("vmbalance_vm_disk_info", []).extend([
+            (f'{base},disk="scsi0",storage="ceph-vm",shared="1"', 1.0),
+            (f'{base},disk="virtio1",storage="local-lvm",shared="0"', 1.0),
+        ])  # fmt: skip
+        rows.setdefault("vmbalance_vm_disk_size_bytes", []).extend(
+            [(f'{base},disk="scsi0"', 32.0 * 2**30), (f'{base},disk="virtio1"', 8.0 * 2**30)]
+        )
+        rows.setdefault("vmbalance_vm_ha_managed", []).append((base, float(index % 2)))
+        reason = BLOCKER_REASONS[index % len(BLOCKER_REASONS)]
+        rows.setdefault("vmbalance_vm_migration_blocker", []).append(
+            (f'{base},reason="{reason}"', 1.0)
+        )
+    lines = []
+    for name, series in rows.items():
+        lines.append(f"# TYPE {name} gauge")
+        for labels, value in series:
+            lines.extend(f"{name}{{{labels}}} {value!r} {t}" for t in times)
+    lines.append("# EOF")
+    (directory / "zz-migration.om").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 @dataclass
 class Demo:
     history: ClusterHistory
@@ -246,8 +341,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     end = math.floor(time.time() / STEP) * STEP
     history = simulate_cluster(5, nodes=3, vms=12, duration=3 * 3600, step=STEP, end=end)
     data = tmp / "om"
-    to_openmetrics_blocks(history, data)
+    to_openmetrics_blocks(cast(ClusterHistory, InCluster(history, CLUSTER)), data)
     _serve_and_prometheus_series(history, data)
+    _migration_series(history, data)
     backfill(data, tmp / "prom-data")
     with PrometheusServer(
         tmp, rule_files=RULE_FILES, data_dir=tmp / "prom-data", interval="1s"
@@ -302,6 +398,7 @@ def test_every_query_returns_data(demo: Demo, path: Path) -> None:
         found = _variable_values(demo, _substitute(_variable_query(var), values))
         assert found, f"variable ${var['name']} lists nothing"
         values[var["name"]] = found[0]
+    assert values.get("cluster") == CLUSTER
     assert values.get("node", "pve1") in {n.name for n in demo.history.nodes}
     assert values.get("vm", "101") in {v.vm for v in demo.history.vms}
     checked = 0

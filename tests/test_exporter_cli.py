@@ -45,13 +45,14 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_landing_page_and_metrics(exporter_factory) -> None:
     exporter: ExporterProcess = exporter_factory(
-        "--backend", "libvirt", "--libvirt-uri", TEST_URI, "--node-name", "lab1"
-    )
+        "--backend", "libvirt", "--libvirt-uri", TEST_URI, "--node-name", "lab1",
+        "--cluster-name", "lab",
+    )  # fmt: skip
     status, page = fetch(f"http://{exporter.address}/")
     assert status == 200 and "metrics" in page and "lab1" in page
     status, body = fetch(f"http://{exporter.address}/metrics")
     assert status == 200
-    assert 'vmbalance_up{node="lab1"} 1.0' in body
+    assert 'vmbalance_up{cluster="lab",node="lab1"} 1.0' in body
     (info,) = next(
         f for f in text_string_to_metric_families(body) if f.name == "vmbalance_vm_info"
     ).samples
@@ -148,6 +149,7 @@ def test_bad_uri_and_unreadable_dirs_are_one_line(tmp_path: Path) -> None:
             str(tmp_path),
         ],
         ["--listen", "not-an-address", "--backend", "libvirt", "--libvirt-uri", TEST_URI],
+        ["--backend", "libvirt", "--libvirt-uri", TEST_URI, "--shared-path", "mnt/ceph"],
     ):
         result = run_cli(*args)
         assert result.returncode == 2, (args, result.stderr)

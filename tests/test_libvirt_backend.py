@@ -389,7 +389,12 @@ def test_complete_bulk_stats_need_no_per_domain_call(
     opener.spy.stats_hook = _qemu_like
     result = backend.scrape(timeout=10)
     assert result.up and len(result.vms) == N_VMS
-    per_domain = {"info", "memoryStats", "blockStats", "interfaceStats", "XMLDesc"}
+    per_domain = {"info", "memoryStats", "blockStats", "interfaceStats"}
+    assert not per_domain & opener.spy.calls.keys(), opener.spy.calls
+    # The XML (and disk sizes) once per domain for the migration facts, then from the cache.
+    assert opener.spy.calls["XMLDesc"] == N_VMS
+    assert backend.scrape(timeout=10).up
+    assert opener.spy.calls["XMLDesc"] == N_VMS
     assert not per_domain & opener.spy.calls.keys(), opener.spy.calls
     vm = by_vm(result)[vm_name(2)]
     assert vm.cpu_seconds == pytest.approx(5.000000002)
@@ -417,7 +422,8 @@ def test_missing_fields_are_read_per_domain_and_only_those(
     assert len(result.vms) == N_VMS and result.vm_errors == 0
     # Max memory comes from info(), used and RSS from memoryStats(); disks stay bulk.
     assert opener.spy.calls["info"] == N_VMS and opener.spy.calls["memoryStats"] == N_VMS
-    assert opener.spy.calls["blockStats"] == 0 and opener.spy.calls["XMLDesc"] == 0
+    # The XML once per domain, for the migration facts.
+    assert opener.spy.calls["blockStats"] == 0 and opener.spy.calls["XMLDesc"] == N_VMS
     vm = by_vm(result)[vm_name(0)]
     assert vm.cpu_seconds == pytest.approx(5.0) and vm.vcpus == 4
     assert vm.memory_max_bytes == 4 * GIB and vm.memory_used_bytes == 2 * GIB
@@ -468,7 +474,7 @@ def test_disk_counters_skipped_by_nowait_are_read_per_domain(
     result = backend.scrape(timeout=10)
     assert len(result.vms) == N_VMS and result.vm_errors == 0
     # Only the busy domain's skipped disk: not the CD-ROM, not any other domain's disks.
-    assert opener.spy.calls["blockStats"] == 1 and opener.spy.calls["XMLDesc"] == 0
+    assert opener.spy.calls["blockStats"] == 1 and opener.spy.calls["XMLDesc"] == N_VMS
     (disk,) = by_vm(result)[busy].disks
     read_reqs, read_bytes, write_reqs, write_bytes, _ = opener.spy.conn.lookupByName(
         busy

@@ -15,6 +15,7 @@ from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from exporter.collector import FAMILIES
+from exporter.samples import BLOCKER_REASONS
 from recommender.config import Config
 from recommender.faces.serve import Recommender, RecommenderCollector
 from recommender.history import report_window
@@ -86,6 +87,46 @@ def queried() -> dict[str, set[str]]:
 def test_exporter_emits_exactly_what_is_documented() -> None:
     exporter_docs, _ = documented()
     assert exporter_docs == {family.sample_name for family in FAMILIES}
+
+
+def documented_labels() -> dict[str, tuple[str, ...]]:
+    """Each exporter series with the labels its row in docs/metrics.md lists, in order."""
+    text = (REPO / "docs" / "metrics.md").read_text(encoding="utf-8")
+    exporter_part = text.split(SERVE_HEADING)[0]
+    labels = {}
+    for line in exporter_part.splitlines():
+        if line.startswith("| `vmbalance_"):
+            cells = [cell.strip() for cell in line.split("|")]
+            labels[cells[1].strip("`")] = tuple(label.strip() for label in cells[3].split(","))
+    return labels
+
+
+def test_every_exporter_series_has_the_documented_labels_cluster_first() -> None:
+    documented = documented_labels()
+    for family in FAMILIES:
+        assert documented[family.sample_name] == family.labels, family.name
+        assert family.labels[:2] == ("cluster", "node"), family.name
+
+
+def test_the_migration_contract() -> None:
+    """The series the recommender plans migrations with, exactly as it expects them."""
+    by_name = {family.sample_name: family for family in FAMILIES}
+    expected = {
+        "vmbalance_vm_migration_blocker": ("cluster", "node", "vm", "reason"),
+        "vmbalance_vm_disk_info": ("cluster", "node", "vm", "disk", "storage", "shared"),
+        "vmbalance_vm_disk_size_bytes": ("cluster", "node", "vm", "disk"),
+        "vmbalance_vm_ha_managed": ("cluster", "node", "vm"),
+        "vmbalance_vm_memory_dirty_rate_bytes_per_second": ("cluster", "node", "vm"),
+    }
+    for name, labels in expected.items():
+        assert by_name[name].kind == "gauge" and by_name[name].labels == labels, name
+    text = (REPO / "docs" / "metrics.md").read_text(encoding="utf-8")
+    table = text.split("### Migration blockers")[1].split("\n\n")[1]
+    reasons = {row.split("`")[1] for row in table.splitlines() if row.startswith("| `")}
+    assert reasons == set(BLOCKER_REASONS) == {
+        "pci_passthrough", "usb_passthrough", "hostdev", "local_media", "lock",
+        "local_resources",
+    }  # fmt: skip
 
 
 def test_serve_emits_what_is_documented() -> None:

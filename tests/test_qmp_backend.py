@@ -31,7 +31,7 @@ from devkit.qemu import (
     write_blank_image,
     write_boot_image,
 )
-from exporter.pve_conf import VMConfig, parse_config
+from exporter.pve_conf import Drive, VMConfig, parse_config
 from exporter.qmp import QmpBackend
 from exporter.qmp_replies import disk_name, disks_from_blockstats
 from exporter.qmp_session import ALLOWED_COMMANDS, CommandNotAllowedError, execute
@@ -168,6 +168,7 @@ def test_parse_config_reads_only_the_main_section() -> None:
         cores=2,
         uuid="5b0f9c4e-4d59-4a3c-9a51-2f8e3c1d7a10",
         nets=(0, 2),
+        drives=(Drive("scsi0", "local-lvm:vm-100-disk-0", 32 * GIB, cdrom=False, shared=False),),
     )
     assert conf.cpu_count == 4
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ def chart_imbalance(
     ax.axhline(config.balance.target, color="tab:green", linestyle=":", label="target")
     for i, m in enumerate(migrations):
         ax.axvline(
-            mdates.date2num(pd.Timestamp(m.time, unit="s").to_pydatetime()),
+            mdates.date2num(datetime.fromtimestamp(m.time, tz=UTC)),
             color="grey",
             linewidth=0.8,
             alpha=0.6,
