@@ -176,7 +176,7 @@ def _vm_frame(
 def _node_frame(names: list[str], capacity: np.ndarray) -> pd.DataFrame:
     nodes = empty_nodes()
     for i, name in enumerate(names):
-        nodes.loc[name] = [*capacity[i], False]
+        nodes.loc[name] = [*capacity[i], False, ""]
     nodes["maintenance"] = nodes["maintenance"].astype(bool)
     return nodes
 

@@ -34,7 +34,7 @@ from typing import IO
 import numpy as np
 import pandas as pd
 
-from recommender.model import Snapshot, make_nodes, make_vms
+from recommender.model import Disk, Snapshot, make_nodes, make_vms
 
 GIB = 1024**3
 
@@ -135,6 +135,24 @@ class Burst:
 
 
 @dataclass(frozen=True)
+class SimDisk:
+    disk: str
+    storage: str
+    shared: bool
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class SimFacts:
+    """What decides whether and how a VM can move, as the exporter publishes it."""
+
+    blockers: tuple[str, ...] = ()
+    disks: tuple[SimDisk, ...] = ()
+    ha_managed: bool = False
+    dirty_rate: float | None = None  # bytes/s; None: the exporter publishes no series
+
+
+@dataclass(frozen=True)
 class Series:
     """One emitted series: its samples are `values` at `times` (seconds)."""
 
@@ -177,6 +195,15 @@ FAMILIES: tuple[tuple[str, str, str], ...] = (
     ("vmbalance_up", "vmbalance_up", "gauge"),
     ("vmbalance_scrape_duration_seconds", "vmbalance_scrape_duration_seconds", "gauge"),
     ("vmbalance_vm_scrape_errors_total", "vmbalance_vm_scrape_errors", "counter"),
+    ("vmbalance_vm_migration_blocker", "vmbalance_vm_migration_blocker", "gauge"),
+    ("vmbalance_vm_disk_info", "vmbalance_vm_disk_info", "gauge"),
+    ("vmbalance_vm_disk_size_bytes", "vmbalance_vm_disk_size_bytes", "gauge"),
+    ("vmbalance_vm_ha_managed", "vmbalance_vm_ha_managed", "gauge"),
+    (
+        "vmbalance_vm_memory_dirty_rate_bytes_per_second",
+        "vmbalance_vm_memory_dirty_rate_bytes_per_second",
+        "gauge",
+    ),
 )
 
 
@@ -195,6 +222,10 @@ class ClusterHistory:
     bursts: tuple[Burst, ...]
     hot_node: str
     noise: float
+    # The `cluster` label of every series ("": none); per VM, its migration facts (VMs not
+    # named publish no blocker, disk info or dirty-rate series).
+    cluster: str = ""
+    facts: Mapping[str, SimFacts] = field(default_factory=dict)
     _vm_index: dict[str, SimVM] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -312,7 +343,10 @@ class ClusterHistory:
         for s in self._node_series():
             per_family[s.family].append(s)
         for name, _, _ in FAMILIES:
-            yield from sorted(per_family[name], key=lambda s: s.labels)
+            for s in sorted(per_family[name], key=lambda s: s.labels):
+                if self.cluster:
+                    s = replace(s, labels=(("cluster", self.cluster), *s.labels))
+                yield s
 
     def _vm_series(self, sim: SimVM) -> Iterator[Series]:
         seg_index, counters = self._counter_values(sim.vm)
@@ -334,6 +368,7 @@ class ClusterHistory:
             yield Series("vmbalance_vm_memory_used_bytes", base, t, used[mask], True)
             rss = np.floor(used[mask] * 1.05 + 200 * 1024**2)
             yield Series("vmbalance_vm_memory_rss_bytes", base, t, rss, True)
+            yield from self._fact_series(sim.vm, base, t)
             for counter, (family, device_label, _stream) in _COUNTER_FAMILIES.items():
                 value = counters[counter][mask]
                 if device_label is None:
@@ -347,6 +382,44 @@ class ClusterHistory:
                 for device, share in zip(devices, split, strict=True):
                     labels = (*base, (device_label, device))
                     yield Series(family, labels, t, np.floor(value * share), True)
+
+    def _fact_series(
+        self, vm: str, base: tuple[tuple[str, str], ...], t: np.ndarray
+    ) -> Iterator[Series]:
+        """The migration facts of one VM on one node (`base`) at times `t`."""
+        if vm not in self.facts:
+            return
+        ones = np.ones(len(t))
+        facts = self.facts[vm]
+        for reason in facts.blockers:
+            labels = (*base, ("reason", reason))
+            yield Series("vmbalance_vm_migration_blocker", labels, t, ones, True)
+        for disk in facts.disks:
+            info = (
+                *base,
+                ("disk", disk.disk),
+                ("storage", disk.storage),
+                ("shared", "1" if disk.shared else "0"),
+            )
+            yield Series("vmbalance_vm_disk_info", info, t, ones, True)
+            size = ones * disk.size_bytes
+            yield Series(
+                "vmbalance_vm_disk_size_bytes", (*base, ("disk", disk.disk)), t, size, True
+            )
+        yield Series("vmbalance_vm_ha_managed", base, t, ones * facts.ha_managed, True)
+        if facts.dirty_rate is not None:
+            family = "vmbalance_vm_memory_dirty_rate_bytes_per_second"
+            yield Series(family, base, t, ones * facts.dirty_rate, False)
+
+    def _fact_row(self, vm: str) -> dict[str, object]:
+        facts = self.facts.get(vm, SimFacts())
+        disks = [Disk(d.disk, d.storage, d.shared, float(d.size_bytes)) for d in facts.disks]
+        return {
+            "blockers": list(facts.blockers),
+            "disks": disks,
+            "ha_managed": facts.ha_managed,
+            "dirty_rate": facts.dirty_rate,
+        }
 
     def _node_series(self) -> Iterator[Series]:
         t = self.times
@@ -441,6 +514,7 @@ class ClusterHistory:
                     "disk_bytes": n.disk_bytes,
                     "disk_ops": n.disk_ops,
                     "network": n.network,
+                    "cluster": self.cluster,
                 }
                 for n in self.nodes
             }
@@ -456,6 +530,7 @@ class ClusterHistory:
                 **load,
                 "memory_max_bytes": sim.memory_max_bytes,
                 "last_migration": self.last_migration(sim.vm, at, history),
+                **self._fact_row(sim.vm),
             }
         vms = make_vms(rows)
         short_frame = pd.DataFrame.from_dict(short_rows, orient="index")
@@ -478,9 +553,9 @@ def _duration_text(seconds: float) -> str:
     return f"{int(seconds)}s"
 
 
-def _draw_vm(rng: np.random.Generator, i: int, hostile_names: int) -> SimVM:
+def _draw_vm(rng: np.random.Generator, i: int, hostile_names: int, first_vmid: int = 101) -> SimVM:
     """VM number `i`: its size and its mean rates, drawn from heavy-tailed distributions."""
-    vmid = str(101 + i)
+    vmid = str(first_vmid + i)
     vcpus = int(rng.choice([1, 2, 2, 4, 4, 8]))
     memory_max = int(rng.choice([2, 4, 4, 8, 8, 16, 32])) * GIB
     cpu = vcpus * float(rng.beta(2, 5))
@@ -609,6 +684,10 @@ def simulate_cluster(
     hostile_names: int = 0,
     noise: float = 0.3,
     node_scales: Sequence[float] | None = None,
+    cluster: str = "",
+    node_prefix: str = "pve",
+    first_vmid: int = 101,
+    facts: Mapping[str, SimFacts] | None = None,
 ) -> ClusterHistory:
     """Draw a cluster and its history.
 
@@ -618,7 +697,9 @@ def simulate_cluster(
     VMs run at `burst_factor` times their rate over the last `burst_seconds`. `node_scales`
     makes nodes unequal: node i's CPUs, memory and I/O capacities scale by its factor. The first
     `hostile_names` VMs get names full of quotes, newlines and unusual unicode. The hot
-    node (the first one) hosts the heaviest disk users.
+    node (the first one) hosts the heaviest disk users. `cluster` labels every series;
+    nodes are `{node_prefix}1...`, VMIDs start at `first_vmid`; `facts` gives VMs blockers,
+    disks, HA and a dirty rate.
     """
     if nodes < 2 or vms < 1 or step <= 0 or duration < step:
         raise ValueError("need nodes >= 2, vms >= 1 and duration >= step > 0")
@@ -631,8 +712,8 @@ def simulate_cluster(
         end = math.floor(time.time() / step) * step
     start = end - (samples - 1) * step
 
-    sims = [_draw_vm(rng, i, hostile_names) for i in range(vms)]
-    node_names = [f"pve{i + 1}" for i in range(nodes)]
+    sims = [_draw_vm(rng, i, hostile_names, first_vmid) for i in range(vms)]
+    node_names = [f"{node_prefix}{i + 1}" for i in range(nodes)]
     placement = _place(rng, sims, node_names)
     sim_nodes = _draw_nodes(rng, sims, placement, node_names, scales)
 
@@ -659,6 +740,8 @@ def simulate_cluster(
         bursts=burst_list,
         hot_node=node_names[0],
         noise=noise,
+        cluster=cluster,
+        facts=dict(facts or {}),
     )
 
 

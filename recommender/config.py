@@ -227,6 +227,23 @@ class BalanceSettings(StrictModel):
         return self
 
 
+class MigrationSettings(StrictModel):
+    """What a live migration costs and which ones the hypervisor is asked for."""
+
+    # A VM with a disk on local storage moves only with `allow` (its disks are copied:
+    # `qm migrate --with-local-disks`, `virsh migrate --copy-storage-all`).
+    local_disks: Literal["allow", "refuse"] = "refuse"
+    # What one migration copies per second (default: a 10 Gbit/s link).
+    bandwidth_bytes_per_second: Number = Field(1.25e9, gt=0, le=MAX_QUANTITY)
+    # A guest dirtying memory at this fraction of the bandwidth or faster never converges:
+    # it is not chosen, and the plan says so.
+    max_dirty_fraction: Number = Field(0.5, gt=0, le=1)
+    # Pre-copy rounds stop when what is left copies within this pause (QEMU's default
+    # downtime limit), or after `max_rounds` rounds.
+    downtime_seconds: Number = Field(0.3, gt=0, le=3600)
+    max_rounds: Count = Field(30, ge=1, le=1000)
+
+
 class OutputSettings(StrictModel):
     commands: Literal["auto", "proxmox", "libvirt"] = "auto"
     # libvirt migration URI template; {node} is replaced by the target node (shell-quoted).
@@ -401,6 +418,7 @@ class Config(StrictModel):
     capacity: CapacitySettings = Field(default_factory=CapacitySettings)
     balance: BalanceSettings = Field(default_factory=BalanceSettings)
     rules: RulesSection = Field(default_factory=RuleSettings)
+    migration: MigrationSettings = Field(default_factory=MigrationSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     apply: ApplySettings = Field(default_factory=ApplySettings)

@@ -105,4 +105,23 @@ class History:
         return utilisation(self.load[resource], self.capacity[resource])
 
 
-__all__ = ["MIN_STEP", "TARGET_POINTS", "History", "Window", "report_window"]
+def history_of_nodes(history: History, nodes: list[str]) -> History:
+    """The part of `history` on `nodes` (one cluster's)."""
+    keep = [n for n in history.nodes if n in set(nodes)]
+    presence = history.presence[history.presence["node"].isin(keep)]
+    pairs = history.pairs
+    if isinstance(pairs.index, pd.MultiIndex) and "node" in pairs.index.names:
+        pairs = pairs[pairs.index.get_level_values("node").isin(keep)]
+    return History(
+        window=history.window,
+        load={r: frame.reindex(columns=keep) for r, frame in history.load.items()},
+        capacity={r: frame.reindex(columns=keep) for r, frame in history.capacity.items()},
+        active=history.active.reindex(columns=keep, fill_value=False),
+        has_data=history.has_data,
+        presence=presence.reset_index(drop=True),
+        pairs=pairs,
+        warnings=list(history.warnings),
+    )
+
+
+__all__ = ["MIN_STEP", "TARGET_POINTS", "History", "Window", "history_of_nodes", "report_window"]

@@ -4,20 +4,25 @@ Two pandas frames and a little metadata. The engine, the renderers and the repor
 this, so they are tested and benchmarked without any server.
 
 `nodes` — index `node` (str); one column per resource holding the node's *capacity* in the
-resource's unit (NaN: unknown), `maintenance` (bool), and `background_cpu` /
-`background_network`: the load the host carries besides its VMs (Ceph, the host itself),
-counted in the node's load (present when the source read host load; absent means 0).
+resource's unit (NaN: unknown), `maintenance` (bool), `cluster` (str, "" when the data
+names none), and `background_cpu` / `background_network`: the load the host carries besides
+its VMs (Ceph, the host itself), counted in the node's load (present when the source read host
+load; absent means 0).
 
 `vms` — index `vm` (str: Proxmox VMID or libvirt domain name); `name` (display only,
 untrusted), `node` (where its latest sample was), one column per resource holding the VM's
 *load* (NaN: unknown), `memory_max_bytes` (assigned memory, what a migration copies),
 `burst_ratio` (short-window rate over long-window rate of its busiest resource, NaN when
-unknown) and `last_migration` (unix seconds of the last node change seen, NaN if none).
+unknown), `last_migration` (unix seconds of the last node change seen, NaN if none), and what
+decides whether and how it can move: `blockers` (tuple of reasons it cannot be live-migrated),
+`disks` (tuple of `Disk`), `ha_managed` (bool) and `dirty_rate` (bytes of memory dirtied per
+second, NaN when unknown).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -39,7 +44,7 @@ Loads = TypeVar("Loads", np.ndarray, pd.DataFrame, pd.Series)
 # Load a node carries besides its VMs (host total minus the VMs' sum, from node_exporter;
 # 0 when unknown): resource -> nodes-frame column.
 BACKGROUND_COLUMNS: dict[str, str] = {"cpu": "background_cpu", "network": "background_network"}
-NODE_COLUMNS: tuple[str, ...] = (*RESOURCES, "maintenance")
+NODE_COLUMNS: tuple[str, ...] = (*RESOURCES, "maintenance", "cluster")
 # The snapshot's warning when the source found no host load; every plan from it repeats it.
 VM_LOAD_ONLY = (
     "no node_exporter series joined to a node (node_cpu_seconds_total with a node label, "
@@ -52,7 +57,30 @@ VM_COLUMNS: tuple[str, ...] = (
     "memory_max_bytes",
     "burst_ratio",
     "last_migration",
+    "blockers",
+    "disks",
+    "ha_managed",
+    "dirty_rate",
 )
+# The reasons the exporter gives for a VM that cannot be live-migrated.
+BLOCKER_REASONS: tuple[str, ...] = (
+    "pci_passthrough",
+    "usb_passthrough",
+    "hostdev",
+    "local_media",
+    "lock",
+    "local_resources",
+)
+
+
+@dataclass(frozen=True)
+class Disk:
+    """One virtual disk: where it lives and whether every node of the cluster reaches it."""
+
+    name: str
+    storage: str
+    shared: bool
+    size_bytes: float  # NaN when unknown
 
 
 @dataclass
@@ -71,6 +99,7 @@ class Snapshot:
 def empty_nodes() -> pd.DataFrame:
     frame = pd.DataFrame({r: pd.Series(dtype=float) for r in RESOURCES})
     frame["maintenance"] = pd.Series(dtype=bool)
+    frame["cluster"] = pd.Series(dtype=object)
     frame.index = pd.Index([], name="node", dtype=object)
     return frame
 
@@ -80,27 +109,40 @@ def empty_vms() -> pd.DataFrame:
         "name": pd.Series(dtype=object),
         "node": pd.Series(dtype=object),
     }
-    for column in (*RESOURCES, "memory_max_bytes", "burst_ratio", "last_migration"):
+    for column in _VM_NUMBERS:
         columns[column] = pd.Series(dtype=float)
-    frame = pd.DataFrame(columns)
+    columns["blockers"] = pd.Series(dtype=object)
+    columns["disks"] = pd.Series(dtype=object)
+    columns["ha_managed"] = pd.Series(dtype=bool)
+    frame = pd.DataFrame(columns)[list(VM_COLUMNS)]
     frame.index = pd.Index([], name="vm", dtype=object)
     return frame
 
 
-def make_nodes(rows: dict[str, dict[str, float | bool]]) -> pd.DataFrame:
-    """Build a nodes frame from {node: {resource: capacity, "maintenance": bool}}; with
-    `"background_<resource>": load` in any row, the frame has every background column
-    (missing values 0)."""
+_VM_NUMBERS = (*RESOURCES, "memory_max_bytes", "burst_ratio", "last_migration", "dirty_rate")
+
+
+def make_nodes(rows: Mapping[str, Mapping[str, float | bool | str]]) -> pd.DataFrame:
+    """Build a nodes frame from {node: {resource: capacity, "maintenance": bool,
+    "cluster": str}}; with `"background_<resource>": load` in any row, the frame has every
+    background column (missing values 0)."""
     frame = empty_nodes()
     for node, values in rows.items():
         frame.loc[node] = [float(values.get(r, np.nan)) for r in RESOURCES] + [
-            bool(values.get("maintenance", False))
+            bool(values.get("maintenance", False)),
+            str(values.get("cluster", "")),
         ]
     frame["maintenance"] = frame["maintenance"].astype(bool)
     if any(c in values for values in rows.values() for c in BACKGROUND_COLUMNS.values()):
         for column in BACKGROUND_COLUMNS.values():
             frame[column] = [float(values.get(column, 0.0)) for values in rows.values()]
     return frame
+
+
+def _items(value: object) -> tuple[object, ...]:
+    if value is None or isinstance(value, str):
+        return () if value is None else (value,)
+    return tuple(value) if isinstance(value, list | tuple | set | frozenset) else ()
 
 
 def make_vms(rows: dict[str, dict[str, object]]) -> pd.DataFrame:
@@ -112,13 +154,47 @@ def make_vms(rows: dict[str, dict[str, object]]) -> pd.DataFrame:
             "name": str(values.get("name", vm)),
             "node": str(values["node"]),
         }
-        for column in (*RESOURCES, "memory_max_bytes", "burst_ratio", "last_migration"):
+        for column in _VM_NUMBERS:
             value = values.get(column, np.nan)
             record[column] = np.nan if value is None else float(value)  # type: ignore[arg-type]
+        record["blockers"] = tuple(sorted({str(b) for b in _items(values.get("blockers"))}))
+        record["disks"] = tuple(d for d in _items(values.get("disks")) if isinstance(d, Disk))
+        record["ha_managed"] = bool(values.get("ha_managed", False))
         records.append(record)
     if not records:
         return empty_vms()
     return pd.DataFrame.from_records(records, index="vm")[list(VM_COLUMNS)]
+
+
+def local_disk_bytes(disks: tuple[Disk, ...]) -> float:
+    """Bytes of the disks a migration has to copy (those not on shared storage); NaN when
+    one of them has no known size."""
+    return float(sum(d.size_bytes for d in disks if not d.shared))
+
+
+def clusters_of(nodes: pd.DataFrame) -> list[str]:
+    """The distinct cluster names of a nodes frame ("" for nodes of no named cluster)."""
+    if "cluster" not in nodes.columns:
+        return [""] if len(nodes) else []
+    return sorted({c if isinstance(c, str) else "" for c in nodes["cluster"]})
+
+
+def cluster_snapshot(snapshot: Snapshot, cluster: str) -> Snapshot:
+    """The part of `snapshot` in one cluster: its nodes and the VMs on them."""
+    nodes = snapshot.nodes
+    column = nodes["cluster"] if "cluster" in nodes.columns else pd.Series("", index=nodes.index)
+    names = [c if isinstance(c, str) else "" for c in column]
+    kept = nodes[[name == cluster for name in names]]
+    vms = snapshot.vms[snapshot.vms["node"].astype(str).isin(set(map(str, kept.index)))]
+    return Snapshot(
+        nodes=kept.copy(),
+        vms=vms.copy(),
+        taken_at=snapshot.taken_at,
+        source=snapshot.source,
+        window=snapshot.window,
+        estimator=snapshot.estimator,
+        warnings=list(snapshot.warnings),
+    )
 
 
 def finite_or_none(value: float | None) -> float | None:

@@ -28,6 +28,7 @@ from recommender.engine.planner import plan_moves
 from recommender.engine.problem import Problem, State
 from recommender.engine.result import EngineResult, HeldBack, Method, Move, MoveKind, Unplaceable
 from recommender.engine.rules import Constraint, prepare_constraints, violations
+from recommender.engine.rules.migratable import immovable_on_busy_nodes
 from recommender.model import Snapshot, utilisation
 
 if TYPE_CHECKING:
@@ -57,6 +58,21 @@ class Migration:
     memory_bytes: float
     kind: MigrationKind
     group: str | None = None
+    copy_bytes: float = 0.0  # estimated bytes transferred (memory pre-copy + local disks)
+    duration_seconds: float = 0.0  # estimated, at migration.bandwidth_bytes_per_second
+    local_disk_bytes: float = 0.0  # local disks copied along (0: shared storage only)
+    ha_managed: bool = False
+
+
+def wave_duration(wave: Sequence[Migration]) -> float:
+    """Estimated duration of a wave whose migrations run at once: a node's link is shared by
+    the migrations touching it, so the wave lasts as long as its busiest node's migrations
+    take one after the other (with one migration per node: its longest migration)."""
+    per_node: dict[str, float] = {}
+    for migration in wave:
+        for node in (migration.source, migration.target):
+            per_node[node] = per_node.get(node, 0.0) + migration.duration_seconds
+    return float(max(per_node.values(), default=0.0))
 
 
 @dataclass
@@ -82,10 +98,25 @@ class Plan:
     # How the loads were estimated: the snapshot's window and estimator.
     window: str | None = None
     estimator: str | None = None
+    # VMs the hypervisor would not live-migrate, on the nodes balancing takes VMs from.
+    immovable: list[Unplaceable] = field(default_factory=list)
 
     @property
     def memory_bytes(self) -> float:
         return float(sum(m.memory_bytes for m in self.migrations))
+
+    @property
+    def copy_bytes(self) -> float:
+        return float(sum(m.copy_bytes for m in self.migrations))
+
+    @property
+    def wave_durations(self) -> list[float]:
+        return [wave_duration(wave) for wave in self.waves]
+
+    @property
+    def duration_seconds(self) -> float:
+        """Estimated duration of the whole plan, wave after wave."""
+        return float(sum(self.wave_durations))
 
 
 def build_plan(snapshot: Snapshot, config: Config, result: EngineResult | None = None) -> Plan:
@@ -145,7 +176,17 @@ def build_plan(snapshot: Snapshot, config: Config, result: EngineResult | None =
         resources=problem.resources,
         window=snapshot.window,
         estimator=snapshot.estimator,
+        immovable=_immovable(problem),
     )
+
+
+def _immovable(problem: Problem) -> list[Unplaceable]:
+    return [
+        Unplaceable(
+            problem.vms[vm], problem.vm_display[vm], problem.nodes[problem.vm_node[vm]], reason
+        )
+        for vm, reason in immovable_on_busy_nodes(problem)
+    ]
 
 
 def _merged(moves: list[Move]) -> list[Move]:
@@ -190,6 +231,10 @@ def _migrations(
                 memory_bytes=move.memory_bytes,
                 kind=move.kind if final else "detour",
                 group=move.group,
+                copy_bytes=move.copy_bytes,
+                duration_seconds=move.duration_seconds,
+                local_disk_bytes=move.local_disk_bytes,
+                ha_managed=move.ha_managed,
             )
         )
     return out

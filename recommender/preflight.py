@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from recommender.errors import CommandError
-from recommender.model import RESOURCES, Snapshot
+from recommender.model import RESOURCES, Snapshot, cluster_snapshot, clusters_of
 from recommender.quoting import display
 
 # A node carrying a million times its capacity is a wrong number, not a load; beyond this
@@ -23,6 +23,27 @@ MAX_UTILISATION = 1e6
 
 class SnapshotUnusable(CommandError):
     """The snapshot cannot be planned from; the message is one line."""
+
+
+class ClusterChoice(CommandError):
+    """The data holds several clusters and none was chosen, or not the one chosen."""
+
+
+def select_cluster(snapshot: Snapshot, cluster: str | None) -> Snapshot:
+    """The snapshot of one cluster: `cluster` when given (refused when the data has no such
+    cluster), else the only one; data of several clusters without `--cluster` is refused,
+    naming them — a plan is always for one cluster."""
+    clusters = clusters_of(snapshot.nodes)
+    named = ", ".join(display(c) if c else '"" (no cluster label)' for c in clusters)
+    if cluster is None:
+        if len(clusters) > 1:
+            raise ClusterChoice(
+                f"the data holds {len(clusters)} clusters ({named}); choose one with --cluster NAME"
+            )
+        return snapshot
+    if cluster not in clusters:
+        raise ClusterChoice(f"no cluster {display(cluster)} in the data (clusters: {named})")
+    return cluster_snapshot(snapshot, cluster)
 
 
 def check_snapshot(snapshot: Snapshot) -> None:
@@ -60,4 +81,4 @@ def check_snapshot(snapshot: Snapshot) -> None:
                 )
 
 
-__all__ = ["SnapshotUnusable", "check_snapshot"]
+__all__ = ["ClusterChoice", "SnapshotUnusable", "check_snapshot", "select_cluster"]

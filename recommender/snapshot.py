@@ -9,6 +9,7 @@ are written as null.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -33,6 +34,7 @@ from recommender.config import MAX_QUANTITY, Config, validation_problems
 from recommender.model import (
     BACKGROUND_COLUMNS,
     RESOURCES,
+    Disk,
     Snapshot,
     finite_or_none,
     make_nodes,
@@ -79,6 +81,7 @@ class NodeEntry(_Model):
     maintenance: StrictBool = False
     # Load besides the VMs (cpu, network); absent in files written before it existed: 0.
     background: dict[str, StrictFloat | None] = Field(default_factory=dict)
+    cluster: str = ""
 
     _resources = field_validator("capacity", "background")(_check_resources)
 
@@ -93,6 +96,13 @@ class NodeEntry(_Model):
         return value
 
 
+class DiskEntry(_Model):
+    disk: str = Field(min_length=1)
+    storage: str = ""
+    shared: StrictBool
+    size_bytes: Quantity | None = None
+
+
 class VMEntry(_Model):
     vm: str = Field(min_length=1)
     name: str | None = None
@@ -101,6 +111,10 @@ class VMEntry(_Model):
     memory_max_bytes: Quantity | None = None
     burst_ratio: Quantity | None = None
     last_migration: AwareDatetime | None = None
+    blockers: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    disks: list[DiskEntry] = Field(default_factory=list)
+    ha_managed: StrictBool = False
+    dirty_rate_bytes_per_second: Quantity | None = None
 
     _resources = field_validator("load")(_check_resources)
 
@@ -148,6 +162,29 @@ def _background_entry(row: pd.Series) -> dict[str, dict[str, float | None]]:
     return {"background": {r: finite_or_none(row[c]) for r, c in BACKGROUND_COLUMNS.items()}}
 
 
+def _cluster_name(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _migration_fields(row: Any) -> dict[str, Any]:
+    """What decides whether and how a VM moves, as the file writes it."""
+    disks: tuple[Disk, ...] = tuple(row.get("disks", ()) or ())
+    return {
+        "blockers": list(row.get("blockers", ()) or ()),
+        "disks": [
+            {
+                "disk": d.name,
+                "storage": d.storage,
+                "shared": d.shared,
+                "size_bytes": finite_or_none(d.size_bytes),
+            }
+            for d in disks
+        ],
+        "ha_managed": bool(row.get("ha_managed", False)),
+        "dirty_rate_bytes_per_second": finite_or_none(row.get("dirty_rate")),
+    }
+
+
 def _document(snapshot: Snapshot, config: Config | None) -> dict[str, Any]:
     nodes = [
         {
@@ -155,6 +192,7 @@ def _document(snapshot: Snapshot, config: Config | None) -> dict[str, Any]:
             "capacity": {r: finite_or_none(row[r]) for r in RESOURCES},
             "maintenance": bool(row["maintenance"]),
             **_background_entry(row),
+            "cluster": _cluster_name(row.get("cluster", "")),
         }
         for node, row in snapshot.nodes.iterrows()
     ]
@@ -170,6 +208,7 @@ def _document(snapshot: Snapshot, config: Config | None) -> dict[str, Any]:
                 "memory_max_bytes": finite_or_none(row["memory_max_bytes"]),
                 "burst_ratio": finite_or_none(row["burst_ratio"]),
                 "last_migration": migrated.isoformat() if migrated else None,
+                **_migration_fields(row),
             }
         )
     taken_at = snapshot.taken_at
@@ -246,6 +285,7 @@ def parse_snapshot(document: Any, name: str = "snapshot") -> tuple[Snapshot, Con
                     BACKGROUND_COLUMNS[r]: 0.0 if v is None else v
                     for r, v in entry.background.items()
                 },
+                "cluster": entry.cluster,
             }
             for entry in parsed.nodes
         }
@@ -261,6 +301,18 @@ def parse_snapshot(document: Any, name: str = "snapshot") -> tuple[Snapshot, Con
                 "last_migration": (
                     entry.last_migration.timestamp() if entry.last_migration else None
                 ),
+                "blockers": entry.blockers,
+                "disks": [
+                    Disk(
+                        d.disk,
+                        d.storage,
+                        d.shared,
+                        math.nan if d.size_bytes is None else d.size_bytes,
+                    )
+                    for d in entry.disks
+                ],
+                "ha_managed": entry.ha_managed,
+                "dirty_rate": entry.dirty_rate_bytes_per_second,
             }
             for entry in parsed.vms
         }

@@ -34,6 +34,18 @@ def in_gib(nbytes: float) -> str:
     return f"{float(nbytes) / GIB:.1f} GiB"
 
 
+def in_duration(seconds: float) -> str:
+    """An estimated duration as `42 s`, `3 min 05 s` or `2 h 07 min`."""
+    total = max(round(float(seconds)), 0)
+    if total < 60:
+        return f"{float(seconds):.0f} s" if seconds >= 1 or seconds == 0 else "<1 s"
+    minutes, secs = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
 def format_time(t: float) -> str:
     """A unix time to the minute, in UTC."""
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -57,4 +69,13 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
-__all__ = ["HOST_NAME", "and_more", "format_time", "in_gib", "netloc", "one_line", "redact_url"]
+__all__ = [
+    "HOST_NAME",
+    "and_more",
+    "format_time",
+    "in_duration",
+    "in_gib",
+    "netloc",
+    "one_line",
+    "redact_url",
+]

@@ -29,10 +29,13 @@ EXAMPLE = REPO / "recommender" / "examples" / "snapshot.json"
 
 
 def metrics_of(text: str) -> dict[str, float]:
+    """Samples by name and labels; an empty label is no label, as in PromQL (a snapshot of no
+    named cluster publishes `cluster=""`)."""
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            key = sample.name + "".join(f"{{{k}={v}}}" for k, v in sorted(sample.labels.items()))
+            labels = sorted((k, v) for k, v in sample.labels.items() if v != "")
+            key = sample.name + "".join(f"{{{k}={v}}}" for k, v in labels)
             values[key] = sample.value
     return values
 

@@ -4,8 +4,10 @@ The frames become arrays indexed by node and by VM; unknown values become zeros 
 (and warnings), so later stages never see a NaN. This is the one place where
 `balance.memory_mode` picks the memory column (through `BalanceSettings.memory_column`):
 every later stage (the fit rules, the imbalance, the exact program, the sequencing) reads
-`Problem.load`. The rules shape the problem through the hooks of their `Constraint` class:
-nodes to evacuate, VMs that move together, VMs counted per node, per-node limits.
+`Problem.load`. What a migration copies (`Problem.copy_bytes`) is the estimate of
+`recommender.engine.migration_cost`: memory over its pre-copy rounds plus local disks. The
+rules shape the problem through the hooks of their `Constraint` class: nodes to evacuate, VMs
+that move together, VMs counted per node, per-node limits.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pandas as pd
 from recommender.engine import rules as registry
 from recommender.engine.hysteresis import in_cooldown, is_bursting
 from recommender.engine.measure import needed_resources, weight_vector
+from recommender.engine.migration_cost import migration_facts
 from recommender.engine.problem import CountedSets, Problem, Units
 from recommender.engine.rules.base import Constraint, RulesPart
 from recommender.model import BACKGROUND_COLUMNS, MEM, RESOURCES, VM_LOAD_ONLY, Snapshot
@@ -68,9 +71,10 @@ def build_problem(
     last_migration = snapshot.vms["last_migration"].to_numpy(dtype=float)
     burst_ratio = snapshot.vms["burst_ratio"].to_numpy(dtype=float)
 
+    facts = migration_facts(snapshot.vms, snapshot.nodes, vms.copy_bytes, config.migration)
     vm_pos = {name: i for i, name in enumerate(vms.names)}
     joined = [(rule.name, group) for rule in kinds for group in rule.joined_vms(settings, vm_pos)]
-    units = Units.from_groups(joined, vms.load, vms.copy_bytes)
+    units = Units.from_groups(joined, vms.load, facts.copy_bytes)
     counted = [
         group for rule in kinds for group in rule.counted_groups(settings, vm_pos, units, warnings)
     ]
@@ -93,7 +97,7 @@ def build_problem(
         vm_display=vms.display,
         vm_node=vms.node,
         load=vms.load,
-        copy_bytes=vms.copy_bytes,
+        copy_bytes=facts.copy_bytes,
         known=vms.known,
         cooldown=in_cooldown(last_migration, taken_at, balance.cooldown_seconds),
         bursting=is_bursting(burst_ratio, balance.burst_ratio),
@@ -102,6 +106,7 @@ def build_problem(
         units=units,
         counted=CountedSets.from_groups(counted, len(vms.names)),
         warnings=tuple(warnings),
+        migration=facts,
     )
 
 

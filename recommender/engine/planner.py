@@ -38,6 +38,7 @@ from recommender.engine.held_back import (
     merge_held_back,
 )
 from recommender.engine.measure import EPSILON, reaches
+from recommender.engine.migration_cost import move_cost
 from recommender.engine.problem import SPLIT, Problem, State, UnitMove
 from recommender.engine.result import EngineResult, HeldBack, Method, Move, MoveKind
 from recommender.engine.rules import Constraint, prepare_constraints
@@ -193,9 +194,9 @@ def _expand(
                 target=problem.nodes[target],
                 gain=gain,
                 reason=reason,
-                memory_bytes=float(problem.copy_bytes[vm]),
                 kind=kind,
                 group=units.names.get(unit),
+                **move_cost(problem, vm),
             )
         )
 

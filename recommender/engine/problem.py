@@ -18,6 +18,7 @@ from recommender.engine.measure import Imbalance, imbalance_per_resource, overal
 
 if TYPE_CHECKING:
     from recommender.config import BalanceSettings
+    from recommender.engine.migration_cost import MigrationFacts
     from recommender.engine.rules.base import Constraint, RulesPart
 
 # Units of VMs that sit on no known node, and units whose members are on different nodes.
@@ -42,7 +43,7 @@ class Units:
     vm: np.ndarray  # VM indices sorted by unit
     size: np.ndarray  # (U,) members per unit
     load: np.ndarray  # (U, R) summed load
-    copy_bytes: np.ndarray  # (U,) memory a migration of the whole unit copies
+    copy_bytes: np.ndarray  # (U,) bytes a migration of the whole unit transfers
     names: dict[int, str]  # group name(s) of units with more than one VM
     labels: dict[int, str]  # the same, with the rule that joined them ("affinity db")
 
@@ -155,7 +156,7 @@ class Problem:
     vm_display: tuple[str, ...]
     vm_node: np.ndarray  # (V,) initial node, NO_NODE when the VM's node is not in the snapshot
     load: np.ndarray  # (V, R) load, memory per memory_mode; unknown values are 0
-    copy_bytes: np.ndarray  # (V,) memory a migration copies (assigned memory)
+    copy_bytes: np.ndarray  # (V,) bytes a migration transfers (`migration_cost`)
     known: np.ndarray  # (V,) bool: every load the engine needs is known
     cooldown: np.ndarray  # (V,) bool: migrated within cooldown_seconds
     bursting: np.ndarray  # (V,) bool: burst_ratio at or above the setting
@@ -164,6 +165,7 @@ class Problem:
     units: Units
     counted: CountedSets
     warnings: tuple[str, ...] = field(default=())
+    migration: MigrationFacts | None = None  # blockers, disks, HA, the cost of each move
 
     @property
     def n_nodes(self) -> int:

@@ -25,9 +25,13 @@ class Move:
     target: str
     gain: float  # how much higher the plan's overall imbalance would end without this move
     reason: str
-    memory_bytes: float  # memory the migration copies (assigned memory)
+    memory_bytes: float  # the VM's assigned memory
     kind: MoveKind
     group: str | None = None  # name of the group of VMs moved as one unit
+    copy_bytes: float = 0.0  # estimated bytes transferred: memory pre-copy + local disks
+    duration_seconds: float = 0.0  # estimated duration at migration.bandwidth
+    local_disk_bytes: float = 0.0  # local disks copied with it (--with-local-disks)
+    ha_managed: bool = False  # moved through the HA stack (ha-manager migrate)
 
 
 @dataclass(frozen=True)

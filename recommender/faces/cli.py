@@ -79,6 +79,13 @@ def _add_config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_cluster_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cluster", metavar="NAME",
+        help="only this cluster (the nodes' cluster label); needed when the data holds several",
+    )  # fmt: skip
+
+
 def _add_plan_command(commands: Subcommands) -> None:
     """`vmbalance plan`."""
     plan = commands.add_parser(
@@ -106,6 +113,7 @@ def _add_plan_command(commands: Subcommands) -> None:
         choices=("auto", "proxmox", "libvirt"),
         help="which migration commands (default auto: qm when every VM id is a VMID)",
     )
+    _add_cluster_option(plan)
     plan.add_argument("--max-migrations", type=int, metavar="N", help="at most N migrations")
     plan.add_argument("--maintenance", action="append", default=[], metavar="NODE",
                       help="evacuate NODE (repeatable)")  # fmt: skip
@@ -187,6 +195,7 @@ def _add_snapshot_command(commands: Subcommands) -> None:
     snapshot.add_argument(
         "-o", "--output", required=True, metavar="FILE", help="file to write ('-' = stdout)"
     )
+    _add_cluster_option(snapshot)
 
 
 def _add_config_command(commands: Subcommands) -> None:
@@ -242,6 +251,7 @@ def _add_report_command(commands: Subcommands) -> None:
     _add_config_option(report)
     _add_source_options(report)
     report.add_argument("--period", default="7d", help="period to report on (default 7d)")
+    _add_cluster_option(report)
     report.add_argument(
         "--out", required=True, metavar="DIR", help="directory for report.md and the charts"
     )
@@ -373,6 +383,10 @@ def cmd_snapshot(args: argparse.Namespace, out: TextIO) -> int:
 
     config = effective_config(args)
     snapshot = _prometheus_snapshot(config, evaluation_time(args))
+    if args.cluster is not None:
+        from recommender.preflight import select_cluster
+
+        snapshot = select_cluster(snapshot, args.cluster)
     text = snapshot_text(snapshot, config)
     if args.output == "-":
         out.write(text)
@@ -419,9 +433,10 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     from recommender.outputs.formats import render
     from recommender.outputs.table import render_table
     from recommender.plan import build_plan
-    from recommender.preflight import check_snapshot
+    from recommender.preflight import check_snapshot, select_cluster
 
     snapshot, config = load_plan_input(args)
+    snapshot = select_cluster(snapshot, args.cluster)
     check_snapshot(snapshot)
     plan = build_plan(snapshot, config)
     if args.output == "table" and not args.out_file:
@@ -456,7 +471,7 @@ def cmd_report(args: argparse.Namespace, out: TextIO) -> int:
 
     config = effective_config(args)
     path = write_report(config, period=args.period, out_dir=Path(args.out),
-                        at=evaluation_time(args))  # fmt: skip
+                        at=evaluation_time(args), cluster=args.cluster)  # fmt: skip
     out.write(f"wrote {display(path)}\n")
     return EXIT_OK
 

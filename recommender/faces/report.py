@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from recommender.config import Config, duration_seconds
-from recommender.history import History, Window, report_window
+from recommender.history import History, Window, history_of_nodes, report_window
 from recommender.model import Snapshot
 from recommender.output_file import write_output
 from recommender.outputs.report.analysis import Analysis, analyse
@@ -31,7 +31,7 @@ from recommender.outputs.report.document import (
     report_warnings,
 )
 from recommender.plan import Plan, build_plan
-from recommender.preflight import SnapshotUnusable, check_snapshot
+from recommender.preflight import SnapshotUnusable, check_snapshot, select_cluster
 from recommender.source.grid import SampleGrid
 from recommender.source.history import ReportError
 from recommender.source.http import SourceError
@@ -52,13 +52,20 @@ def parse_period(period: str) -> float:
 
 
 def plan_now(
-    source: PrometheusSource, config: Config, window: Window, grid: SampleGrid | None = None
+    source: PrometheusSource,
+    config: Config,
+    window: Window,
+    grid: SampleGrid | None = None,
+    cluster: str | None = None,
 ) -> tuple[Snapshot | None, Plan | None, str | None]:
-    """The snapshot and plan at the end of the period, or why there is none."""
+    """The snapshot and plan (of `cluster`, or of the only one) at the end of the period, or
+    why there is none; ClusterChoice when the data holds several clusters and none is
+    chosen."""
     snapshot: Snapshot | None = None
     try:
         at = datetime.fromtimestamp(window.end, UTC)
         snapshot = source.build_snapshot(config, at=at, grid=grid)
+        snapshot = select_cluster(snapshot, cluster)
         check_snapshot(snapshot)
         return snapshot, build_plan(snapshot, config), None
     except (SourceError, SnapshotUnusable) as exc:
@@ -99,6 +106,7 @@ def build_report(
     at: datetime,
     out_dir: Path,
     source: PrometheusSource | None = None,
+    cluster: str | None = None,
 ) -> ReportData:
     """Query, plan, analyse and draw the charts into `out_dir`; the Markdown is rendered from
     the result."""
@@ -108,7 +116,9 @@ def build_report(
     grid = source.sample_grid(at.timestamp())
     window = report_window(period_s, grid.at, grid.spacing)
     history = source.history(config, window, grid)
-    snapshot, plan, plan_error = plan_now(source, config, window, grid)
+    snapshot, plan, plan_error = plan_now(source, config, window, grid, cluster)
+    if cluster is not None and snapshot is not None:
+        history = history_of_nodes(history, [str(n) for n in snapshot.nodes.index])
     now = None if plan is None else {**plan.imbalance_before, "overall": plan.overall_before}
     analysis = analyse(history, config, now)
     return ReportData(
@@ -133,6 +143,7 @@ def write_report(
     period: str = "7d",
     out_dir: Path = Path("report"),
     at: datetime | None = None,
+    cluster: str | None = None,
 ) -> Path:
     """Write `report.md` and its PNG charts into `out_dir`; returns the Markdown's path.
 
@@ -143,7 +154,7 @@ def write_report(
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     out_dir = Path(out_dir)
-    text = render_report(build_report(config, period, when, out_dir))
+    text = render_report(build_report(config, period, when, out_dir, cluster=cluster))
     target = out_dir / "report.md"
     # Written whole or not at all: a reader (or a mail job) never sees half a report.
     write_output(target, text)

@@ -1,7 +1,11 @@
 """`vmbalance serve`: re-plan every interval, publish the result as metrics and as JSON.
 
 The planning loop and the HTTP server share one `Latest` record under a lock; a scrape reads
-whatever the last run left, so a slow Prometheus never slows `/metrics` down. A failing run
+whatever the last run left, so a slow Prometheus never slows `/metrics` down. Each run reads
+one snapshot (a fixed number of queries, whatever the number of clusters) and plans every
+cluster in it on its own; the plan metrics carry a `cluster` label ("" for nodes of no named
+cluster), and `/plan?cluster=NAME` answers one cluster's plan (`/plan` alone: the plan when
+there is one cluster, else every cluster's under `plans`). A failing run
 keeps the previous plan, counts the error, sets `vmbalance_recommender_up 0` and is retried at
 the next interval; the process does not exit.
 """
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
 from typing import Any, TextIO
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
@@ -31,7 +36,13 @@ from recommender.engine.rules.maintenance import MaintenanceSettings
 from recommender.errors import CommandError
 from recommender.faces.errors import known_error
 from recommender.listen import parse_listen
-from recommender.model import RESOURCES, Snapshot, finite_or_none
+from recommender.model import (
+    RESOURCES,
+    Snapshot,
+    cluster_snapshot,
+    clusters_of,
+    finite_or_none,
+)
 from recommender.outputs.document import json_document, plan_document
 from recommender.plan import Plan, build_plan
 from recommender.preflight import check_snapshot
@@ -44,10 +55,12 @@ log = logging.getLogger("vmbalance.serve")
 class Latest:
     """What the last runs produced; read by the collector and the /plan endpoint."""
 
-    plan: Plan | None = None
+    plan: Plan | None = None  # the plan when the data holds one cluster
     plan_document: dict[str, Any] | None = None  # the JSON of `plan`, made when it was
-    capacities: dict[tuple[str, str], float] = field(default_factory=dict)
-    maintenance: dict[str, bool] = field(default_factory=dict)
+    plans: dict[str, Plan] = field(default_factory=dict)  # by cluster
+    plan_documents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    capacities: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    maintenance: dict[tuple[str, str], bool] = field(default_factory=dict)
     runs: int = 0
     errors: int = 0
     up: bool = False
@@ -57,20 +70,55 @@ class Latest:
 
 
 def node_facts(
-    snapshot: Snapshot, config: Config
-) -> tuple[dict[tuple[str, str], float], dict[str, bool]]:
-    """Known capacities per (node, resource), and the maintenance flag per node (the config's
-    maintenance nodes included)."""
+    snapshot: Snapshot, config: Config, cluster: str = ""
+) -> tuple[dict[tuple[str, str, str], float], dict[tuple[str, str], bool]]:
+    """Known capacities per (cluster, node, resource), and the maintenance flag per (cluster,
+    node) (the config's maintenance nodes included)."""
     capacities = {
-        (str(node), resource): float(value)
+        (cluster, str(node), resource): float(value)
         for node, row in snapshot.nodes.iterrows()
         for resource in RESOURCES
         if (value := finite_or_none(row[resource])) is not None
     }
-    maintenance = {str(n): bool(m) for n, m in snapshot.nodes["maintenance"].items()}
+    maintenance = {(cluster, str(n)): bool(m) for n, m in snapshot.nodes["maintenance"].items()}
     for node in MaintenanceSettings.of(config.rules).maintenance:
-        maintenance[node] = True
+        if node in snapshot.nodes.index:
+            maintenance[(cluster, node)] = True
     return capacities, maintenance
+
+
+@dataclass
+class _Run:
+    plans: dict[str, Plan] = field(default_factory=dict)
+    documents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    capacities: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    maintenance: dict[tuple[str, str], bool] = field(default_factory=dict)
+
+
+def plan_clusters(snapshot: Snapshot, config: Config) -> _Run:
+    """Every cluster of the snapshot planned on its own; a cluster without usable data is
+    skipped (logged), and a snapshot no cluster of which can be planned is refused."""
+    clusters = clusters_of(snapshot.nodes)
+    run = _Run()
+    problems: list[str] = []
+    for cluster in clusters:
+        part = snapshot if len(clusters) == 1 else cluster_snapshot(snapshot, cluster)
+        try:
+            check_snapshot(part)
+        except CommandError as exc:
+            problems.append(f"cluster {cluster!r}: {exc}" if len(clusters) > 1 else str(exc))
+            continue
+        plan = build_plan(part, config)
+        run.plans[cluster] = plan
+        run.documents[cluster] = {**plan_document(plan, config), "cluster": cluster}
+        capacities, maintenance = node_facts(part, config, cluster)
+        run.capacities.update(capacities)
+        run.maintenance.update(maintenance)
+    if not run.plans:
+        raise CommandError("; ".join(problems) or "no cluster in the data")
+    for problem in problems:
+        log.warning("not planned: %s", problem)
+    return run
 
 
 class Recommender:
@@ -96,34 +144,36 @@ class Recommender:
         started = time.monotonic()
         try:
             snapshot = self._source(self.config)
-            check_snapshot(snapshot)
-            plan = build_plan(snapshot, self.config)
-            document = plan_document(plan, self.config)
+            run = plan_clusters(snapshot, self.config)
         except Exception as exc:
             self._failed(exc, time.monotonic() - started)
             return False
-        capacities, maintenance = node_facts(snapshot, self.config)
+        only = next(iter(run.plans)) if len(run.plans) == 1 else None
         with self._lock:
             self._latest = replace(
                 self._latest,
                 runs=self._latest.runs + 1,
                 up=True,
-                plan=plan,
-                plan_document=document,
-                capacities=capacities,
-                maintenance=maintenance,
+                plan=run.plans[only] if only is not None else None,
+                plan_document=run.documents[only] if only is not None else None,
+                plans=run.plans,
+                plan_documents=run.documents,
+                capacities=run.capacities,
+                maintenance=run.maintenance,
                 last_success=time.time(),
                 last_error=None,
                 last_duration=time.monotonic() - started,
             )
-        log.info(
-            "planned %d migration(s); imbalance %.3f -> %.3f",
-            len(plan.migrations),
-            finite_or_none(plan.overall_before) or 0.0,
-            finite_or_none(plan.overall_after) or 0.0,
-        )
-        if self._after_plan is not None:
-            self._after_plan(plan)
+        for cluster, plan in run.plans.items():
+            log.info(
+                "%splanned %d migration(s); imbalance %.3f -> %.3f",
+                f"cluster {cluster}: " if cluster else "",
+                len(plan.migrations),
+                finite_or_none(plan.overall_before) or 0.0,
+                finite_or_none(plan.overall_after) or 0.0,
+            )
+            if self._after_plan is not None:
+                self._after_plan(plan)
         return True
 
     def _failed(self, exc: Exception, duration: float) -> None:
@@ -155,44 +205,48 @@ def _imbalance(plan: Plan, before: bool) -> dict[str, float | None]:
     return {**{r: finite_or_none(v) for r, v in values.items()}, "overall": finite_or_none(overall)}
 
 
-def plan_families(plan: Plan | None) -> Iterator[Metric]:
-    """The pending plan: imbalance before and after, migrations, gain, unplaceable VMs."""
+def plan_families(plans: dict[str, Plan]) -> Iterator[Metric]:
+    """The pending plan of each cluster: imbalance before and after, migrations, gain,
+    unplaceable VMs, the estimated duration."""
     before = GaugeMetricFamily(
         "vmbalance_recommender_imbalance_ratio",
         "Imbalance per resource (and overall) before the pending plan.",
-        labels=["resource"],
+        labels=["cluster", "resource"],
     )
     after = GaugeMetricFamily(
         "vmbalance_recommender_imbalance_after_ratio",
         "Imbalance per resource (and overall) after the pending plan.",
-        labels=["resource"],
+        labels=["cluster", "resource"],
     )
-    if plan is not None:
+    for cluster, plan in sorted(plans.items()):
         for family, is_before in ((before, True), (after, False)):
             for resource, value in _imbalance(plan, is_before).items():
                 if value is not None:
-                    family.add_metric([resource], value)
+                    family.add_metric([cluster, resource], value)
     yield before
     yield after
-    if plan is None:
+    if not plans:
         return
-    yield GaugeMetricFamily(
-        "vmbalance_recommender_planned_migrations",
-        "Migrations in the pending plan.",
-        value=len(plan.migrations),
+    per_cluster = (
+        ("vmbalance_recommender_planned_migrations", "Migrations in the pending plan."),
+        (
+            "vmbalance_recommender_predicted_gain_ratio",
+            "Overall imbalance before minus after the pending plan.",
+        ),
+        ("vmbalance_recommender_unplaceable_vms", "VMs that must move but fit on no node."),
+        (
+            "vmbalance_recommender_plan_duration_seconds",
+            "Estimated duration of the pending plan, its waves one after the other.",
+        ),
     )
-    overall = _imbalance(plan, True)["overall"] or 0.0
-    gain = overall - (_imbalance(plan, False)["overall"] or 0.0)
-    yield GaugeMetricFamily(
-        "vmbalance_recommender_predicted_gain_ratio",
-        "Overall imbalance before minus after the pending plan.",
-        value=max(gain, 0.0),
-    )
-    yield GaugeMetricFamily(
-        "vmbalance_recommender_unplaceable_vms",
-        "VMs that must move but fit on no node.",
-        value=len(plan.unplaceable),
-    )
+    families = [GaugeMetricFamily(name, text, labels=["cluster"]) for name, text in per_cluster]
+    for cluster, plan in sorted(plans.items()):
+        overall = _imbalance(plan, True)["overall"] or 0.0
+        gain = overall - (_imbalance(plan, False)["overall"] or 0.0)
+        values = (len(plan.migrations), max(gain, 0.0), len(plan.unplaceable))
+        for family, value in zip(families, (*values, plan.duration_seconds), strict=True):
+            family.add_metric([cluster], float(value))
+    yield from families
 
 
 def setting_families(config: Config) -> Iterator[Metric]:
@@ -222,18 +276,18 @@ def node_families(latest: Latest) -> Iterator[Metric]:
     capacity = GaugeMetricFamily(
         "vmbalance_recommender_node_capacity",
         "Node capacity per resource in the resource's unit.",
-        labels=["node", "resource"],
+        labels=["cluster", "node", "resource"],
     )
-    for (node, resource), value in sorted(latest.capacities.items()):
-        capacity.add_metric([node, resource], value)
+    for (cluster, node, resource), value in sorted(latest.capacities.items()):
+        capacity.add_metric([cluster, node, resource], value)
     yield capacity
     maintenance = GaugeMetricFamily(
         "vmbalance_recommender_node_maintenance",
         "1 for a node being evacuated (maintenance), else 0.",
-        labels=["node"],
+        labels=["cluster", "node"],
     )
-    for node, flag in sorted(latest.maintenance.items()):
-        maintenance.add_metric([node], 1 if flag else 0)
+    for (cluster, node), flag in sorted(latest.maintenance.items()):
+        maintenance.add_metric([cluster, node], 1 if flag else 0)
     yield maintenance
 
 
@@ -271,10 +325,37 @@ class RecommenderCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         latest = self._recommender.latest()
-        yield from plan_families(latest.plan)
+        yield from plan_families(latest.plans)
         yield from setting_families(self._recommender.config)
         yield from node_families(latest)
         yield from run_families(latest)
+
+
+def _plan_answer(
+    latest: Latest, environ: dict[str, Any], start_response: Callable[..., Any]
+) -> Iterable[bytes]:
+    """`/plan`: the plan (one cluster), every cluster's (several), or `?cluster=NAME`'s."""
+    if not latest.plan_documents:
+        body = json.dumps({"error": latest.last_error or "no successful planning run yet"})
+        start_response("503 Service Unavailable", [("Content-Type", "application/json")])
+        return [body.encode()]
+    wanted = parse_qs(environ.get("QUERY_STRING", "")).get("cluster")
+    document: dict[str, Any] | None
+    if wanted is not None:
+        document = latest.plan_documents.get(wanted[0])
+    elif latest.plan_document is not None:
+        document = latest.plan_document
+    else:
+        document = {
+            "format": "vmbalance-plans",
+            "version": 1,
+            "plans": [latest.plan_documents[c] for c in sorted(latest.plan_documents)],
+        }
+    if document is None:
+        start_response("404 Not Found", [("Content-Type", "application/json")])
+        return [json_document({"error": "no plan for that cluster"}, indent=None).encode()]
+    start_response("200 OK", [("Content-Type", "application/json; charset=utf-8")])
+    return [json_document(document, indent=None).encode("utf-8")]
 
 
 def make_app(
@@ -294,16 +375,7 @@ def make_app(
             metrics: Iterable[bytes] = metrics_app(environ, start_response)
             return metrics
         if path == "/plan":
-            latest = recommender.latest()
-            if latest.plan_document is None:
-                body = json.dumps(
-                    {"error": latest.last_error or "no successful planning run yet"}
-                ).encode()
-                start_response("503 Service Unavailable", [("Content-Type", "application/json")])
-                return [body]
-            body = json_document(latest.plan_document, indent=None).encode("utf-8")
-            start_response("200 OK", [("Content-Type", "application/json; charset=utf-8")])
-            return [body]
+            return _plan_answer(recommender.latest(), environ, start_response)
         if path == "/-/healthy":
             start_response("200 OK", [("Content-Type", "text/plain")])
             return [b"ok\n"]

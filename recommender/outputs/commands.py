@@ -1,5 +1,9 @@
-"""The plan as commands: `qm migrate` or `virsh migrate` lines, and the bash script that runs
-them wave by wave.
+"""The plan as commands: `qm migrate`, `ha-manager migrate` or `virsh migrate` lines, and the
+bash script that runs them wave by wave.
+
+A VM with disks on local storage (moved only with `migration.local_disks: allow`) carries
+`--with-local-disks` (`qm`) or `--copy-storage-all` (`virsh`); a VM the Proxmox HA stack manages
+is moved with `ha-manager migrate vm:<vmid> <node>` (a live migration through the HA stack).
 
 Every argument stays one safe shell word, whatever a tenant typed.
 
@@ -18,7 +22,7 @@ from typing import Literal
 from recommender.config import Config
 from recommender.plan import Migration, Plan
 from recommender.quoting import UnsafeValueError, display, shell_word
-from recommender.text import HOST_NAME
+from recommender.text import HOST_NAME, in_duration
 
 # Which tool the commands are for.
 Flavour = Literal["proxmox", "libvirt"]
@@ -46,8 +50,11 @@ def _word(vm: str, what: str, value: str) -> str:
         raise UnsafeCommandError(f"VM {display(vm)}: its {what} {exc}") from None
 
 
-def proxmox_migrate(vmid: str, target: str) -> str:
-    """`qm migrate <vmid> <node> --online` — Proxmox VMIDs are numbers, node names hostnames."""
+def proxmox_migrate(
+    vmid: str, target: str, *, local_disks: bool = False, ha_managed: bool = False
+) -> str:
+    """`qm migrate <vmid> <node> --online [--with-local-disks]`, or `ha-manager migrate
+    vm:<vmid> <node>` — Proxmox VMIDs are numbers, node names hostnames."""
     _word(vmid, "id", vmid)
     if not is_proxmox_vmid(vmid):
         raise UnsafeCommandError(
@@ -59,11 +66,18 @@ def proxmox_migrate(vmid: str, target: str) -> str:
             f"VM {display(vmid)}: target node {display(target)} is not a Proxmox node name "
             "(a host name)"
         )
-    return f"qm migrate {vmid} {target} --online"
+    vm_word, node_word = shell_word(vmid), shell_word(target)
+    if ha_managed:
+        return f"ha-manager migrate {shell_word('vm:' + vmid)} {node_word}"
+    flags = " --with-local-disks" if local_disks else ""
+    return f"qm migrate {vm_word} {node_word} --online{flags}"
 
 
-def libvirt_migrate(domain: str, target: str, uri_template: str) -> str:
-    """`virsh migrate --live --persistent --undefinesource --domain=<vm> --desturi=<uri>`."""
+def libvirt_migrate(
+    domain: str, target: str, uri_template: str, *, local_disks: bool = False
+) -> str:
+    """`virsh migrate --live --persistent --undefinesource [--copy-storage-all] --domain=<vm>
+    --desturi=<uri>`."""
     domain_word = _word(domain, "id", domain)
     if not _URI_HOST.fullmatch(target):
         raise UnsafeCommandError(
@@ -71,8 +85,9 @@ def libvirt_migrate(domain: str, target: str, uri_template: str) -> str:
             "cannot go into the migration URI"
         )
     uri = uri_template.replace("{node}", target)
+    storage = "--copy-storage-all " if local_disks else ""
     return (
-        "virsh migrate --live --persistent --undefinesource --verbose "
+        f"virsh migrate --live --persistent --undefinesource --verbose {storage}"
         f"--domain={domain_word} --desturi={_word(domain, 'migration URI', uri)}"
     )
 
@@ -90,9 +105,14 @@ def command_flavour(plan: Plan, config: Config) -> Flavour:
 
 
 def migration_command(migration: Migration, flavour: Flavour, config: Config) -> str:
+    local = migration.local_disk_bytes > 0
     if flavour == "proxmox":
-        return proxmox_migrate(migration.vm, migration.target)
-    return libvirt_migrate(migration.vm, migration.target, config.output.libvirt_uri)
+        return proxmox_migrate(
+            migration.vm, migration.target, local_disks=local, ha_managed=migration.ha_managed
+        )
+    return libvirt_migrate(
+        migration.vm, migration.target, config.output.libvirt_uri, local_disks=local
+    )
 
 
 # Each migration's command line by step, or why it has none.
@@ -134,7 +154,8 @@ def render_commands(plan: Plan, config: Config, commands: PlanCommands | None = 
     lines = [
         "#!/bin/bash",
         f"# vmbalance plan: {len(plan.migrations)} migration(s) in {len(plan.waves)} wave(s); "
-        f"imbalance {plan.overall_before:.3f} -> {plan.overall_after:.3f}",
+        f"imbalance {plan.overall_before:.3f} -> {plan.overall_after:.3f}; "
+        f"estimated {in_duration(plan.duration_seconds)}",
         "set -uo pipefail",
         "",
         "run_wave() {",
@@ -143,12 +164,14 @@ def render_commands(plan: Plan, config: Config, commands: PlanCommands | None = 
         '    if [ "$failed" -ne 0 ]; then echo "a migration failed; stopping" >&2; exit 1; fi',
         "}",
     ]
+    durations = plan.wave_durations
     for number, wave in enumerate(plan.waves, start=1):
-        lines += ["", f"# wave {number}", "pids=()"]
+        lines += ["", f"# wave {number}: estimated {in_duration(durations[number - 1])}", "pids=()"]
         for migration in wave:
             lines.append(
                 f"# {display(migration.vm)} ({display(migration.name)}): "
-                f"{display(migration.source)} -> {display(migration.target)}"
+                f"{display(migration.source)} -> {display(migration.target)}, "
+                f"estimated {in_duration(migration.duration_seconds)}"
             )
             lines.append(f"{by_step[migration.step]} &")
             lines.append('pids+=("$!")')

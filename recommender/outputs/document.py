@@ -27,49 +27,8 @@ def plan_document(
 ) -> dict[str, Any]:
     """The versioned JSON plan (docs/plan-format.md)."""
     flavour, by_step = commands or plan_commands(plan, config)
-    nodes = []
-    for node in plan.nodes_before.index:
-        before = plan.nodes_before.loc[node]
-        after = plan.nodes_after.loc[node]
-        resources = {
-            r: {
-                "capacity": finite_or_none(before[f"{r}_capacity"]),
-                "load_before": finite_or_none(before[f"{r}_load"]),
-                "load_after": finite_or_none(after[f"{r}_load"]),
-                "utilisation_before": finite_or_none(before[f"{r}_util"]),
-                "utilisation_after": finite_or_none(after[f"{r}_util"]),
-            }
-            for r in plan.resources
-        }
-        nodes.append(
-            {
-                "node": str(node),
-                "maintenance": bool(before["maintenance"]),
-                "active": bool(before["active"]),
-                "vms_before": int(before["vms"]),
-                "vms_after": int(after["vms"]),
-                "resources": resources,
-            }
-        )
-    migrations = []
-    for m in plan.migrations:
-        command = by_step[m.step]
-        migrations.append(
-            {
-                "step": m.step,
-                "wave": m.wave,
-                "vm": m.vm,
-                "name": m.name,
-                "source": m.source,
-                "target": m.target,
-                "kind": m.kind,
-                "group": m.group,
-                "reason": m.reason,
-                "gain": finite_or_none(m.gain),
-                "memory_bytes": finite_or_none(m.memory_bytes),
-                "command": command if isinstance(command, str) else None,
-            }
-        )
+    nodes = _node_entries(plan)
+    migrations = _migration_entries(plan, by_step)
     return {
         "format": PLAN_FORMAT,
         "version": PLAN_VERSION,
@@ -97,22 +56,17 @@ def plan_document(
         "migrations": migrations,
         "waves": [[m.step for m in wave] for wave in plan.waves],
         "memory_to_copy_bytes": finite_or_none(plan.memory_bytes),
+        "copy_bytes": finite_or_none(plan.copy_bytes),
+        "wave_durations_seconds": [finite_or_none(d) for d in plan.wave_durations],
+        "duration_seconds": finite_or_none(plan.duration_seconds),
+        "immovable": [
+            {"vm": u.vm, "name": u.name, "node": u.node, "reason": u.reason} for u in plan.immovable
+        ],
         "unplaceable": [
             {"vm": u.vm, "name": u.name, "node": u.node, "reason": u.reason}
             for u in plan.unplaceable
         ],
-        "held_back": [
-            {
-                "vm": h.vm,
-                "source": h.source,
-                "target": h.target,
-                "gain": finite_or_none(h.gain),
-                "needed_gain": finite_or_none(h.needed),
-                "held_by": held_kind(h),
-                "blocked_by": list(h.blocked_by),
-            }
-            for h in plan.held_back
-        ],
+        "held_back": _held_back_entries(plan),
         "unsequenced": [
             {"vm": m.vm, "name": m.name, "source": m.source, "target": m.target}
             for m in plan.unsequenced
@@ -121,6 +75,79 @@ def plan_document(
         "explanation": None if plan.migrations or not plan.triggered else no_migration_reason(plan),
         "settings": plan.settings,
     }
+
+
+def _node_entries(plan: Plan) -> list[dict[str, Any]]:
+    """Each node before and after the plan, per resource."""
+    nodes = []
+    for node in plan.nodes_before.index:
+        before = plan.nodes_before.loc[node]
+        after = plan.nodes_after.loc[node]
+        resources = {
+            r: {
+                "capacity": finite_or_none(before[f"{r}_capacity"]),
+                "load_before": finite_or_none(before[f"{r}_load"]),
+                "load_after": finite_or_none(after[f"{r}_load"]),
+                "utilisation_before": finite_or_none(before[f"{r}_util"]),
+                "utilisation_after": finite_or_none(after[f"{r}_util"]),
+            }
+            for r in plan.resources
+        }
+        nodes.append(
+            {
+                "node": str(node),
+                "maintenance": bool(before["maintenance"]),
+                "active": bool(before["active"]),
+                "vms_before": int(before["vms"]),
+                "vms_after": int(after["vms"]),
+                "resources": resources,
+            }
+        )
+    return nodes
+
+
+def _migration_entries(plan: Plan, by_step: dict[int, Any]) -> list[dict[str, Any]]:
+    """Each migration with its estimated cost and its command (None where refused)."""
+    migrations = []
+    for m in plan.migrations:
+        command = by_step[m.step]
+        migrations.append(
+            {
+                "step": m.step,
+                "wave": m.wave,
+                "vm": m.vm,
+                "name": m.name,
+                "source": m.source,
+                "target": m.target,
+                "kind": m.kind,
+                "group": m.group,
+                "reason": m.reason,
+                "gain": finite_or_none(m.gain),
+                "memory_bytes": finite_or_none(m.memory_bytes),
+                "copy_bytes": finite_or_none(m.copy_bytes),
+                "duration_seconds": finite_or_none(m.duration_seconds),
+                "local_disk_bytes": finite_or_none(m.local_disk_bytes),
+                "ha_managed": m.ha_managed,
+                "command": command if isinstance(command, str) else None,
+            }
+        )
+    return migrations
+
+
+def _held_back_entries(plan: Plan) -> list[dict[str, Any]]:
+    """Moves that would have gained but were held back, with what held each back."""
+    return [
+        {
+            "vm": h.vm,
+            "source": h.source,
+            "target": h.target,
+            "gain": finite_or_none(h.gain),
+            "needed_gain": finite_or_none(h.needed),
+            "held_by": held_kind(h),
+            "blocked_by": list(h.blocked_by),
+        }
+        for h in plan.held_back
+    ]
 
 
 def _clean(values: dict[str, float]) -> dict[str, float | None]:

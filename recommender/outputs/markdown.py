@@ -23,6 +23,7 @@ from recommender.outputs.document import plan_document
 from recommender.outputs.explain import SHOWN_HELD_BACK, basis
 from recommender.plan import Plan
 from recommender.quoting import display
+from recommender.text import in_duration
 
 # Characters with a meaning anywhere in CommonMark/GFM inline syntax ...
 _INLINE = re.compile(r"([\\`*_\[\]<>|~!&])")
@@ -77,6 +78,7 @@ def environment() -> jinja2.Environment:
     )
     env.filters.update(md_text=md_text, md_cell=md_cell, md_fenced=md_fenced, md_alt=md_alt)
     env.filters["percent"] = percent
+    env.filters["duration"] = in_duration
     return env
 
 

@@ -22,6 +22,7 @@ from recommender.outputs.explain import (
 from recommender.plan import Plan
 from recommender.quoting import display
 from recommender.resources import GIB
+from recommender.text import in_duration
 
 
 def _text(value: object) -> Text:
@@ -73,9 +74,14 @@ def _node_table(plan: Plan) -> Table:
 
 
 def _moves_table(plan: Plan) -> Table:
-    moves = Table(title=f"{len(plan.migrations)} migration(s) in {len(plan.waves)} wave(s)")
-    for column in ("wave", "vm", "name", "from", "to", "reason", "gain", "memory"):
-        moves.add_column(column, justify="right" if column in ("gain", "memory") else "left")
+    waves = ", ".join(f"{n}: {in_duration(d)}" for n, d in enumerate(plan.wave_durations, start=1))
+    moves = Table(
+        title=f"{len(plan.migrations)} migration(s) in {len(plan.waves)} wave(s), "
+        f"about {in_duration(plan.duration_seconds)} (waves {waves})"
+    )
+    numbers = ("gain", "memory", "copied", "duration")
+    for column in ("wave", "vm", "name", "from", "to", "reason", *numbers):
+        moves.add_column(column, justify="right" if column in numbers else "left")
     for m in plan.migrations:
         moves.add_row(
             str(m.wave),
@@ -86,6 +92,8 @@ def _moves_table(plan: Plan) -> Table:
             _text(m.reason),
             f"{m.gain:.3f}",
             f"{m.memory_bytes / GIB:.1f} GiB",
+            f"{m.copy_bytes / GIB:.1f} GiB",
+            in_duration(m.duration_seconds),
         )
     return moves
 
@@ -130,6 +138,11 @@ def render_table(plan: Plan, config: Config, console: Console) -> None:
     for item in plan.unplaceable:
         console.print(
             Text("cannot place ", style="bold red")
+            + _text(f"{item.vm} ({item.name}) on {item.node}: {item.reason}")
+        )
+    for item in plan.immovable:
+        console.print(
+            Text("not movable ", style="bold yellow")
             + _text(f"{item.vm} ({item.name}) on {item.node}: {item.reason}")
         )
     for warning in plan.warnings:

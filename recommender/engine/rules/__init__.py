@@ -20,11 +20,15 @@ from recommender.engine.rules.exclude import Exclude
 from recommender.engine.rules.maintenance import Maintenance
 from recommender.engine.rules.max_migrations import MaxMigrations
 from recommender.engine.rules.memory import MemoryFit
+from recommender.engine.rules.migratable import Migratable
 from recommender.engine.rules.node_data import NodeData
 from recommender.engine.rules.pin import Pin
+from recommender.engine.rules.same_cluster import SameCluster
 
 RULES: tuple[type[Constraint], ...] = (
     NodeData,
+    SameCluster,
+    Migratable,
     Pin,
     Exclude,
     Affinity,
