@@ -24,7 +24,7 @@ Everything is a pure function of the snapshot and the config: same inputs, same 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,6 +41,7 @@ from recommender.engine.candidates import (
 from recommender.engine.exact import Hint, solve_exact
 from recommender.engine.exact import available as exact_available
 from recommender.engine.forced import Forced, Frozen, forced_moves, frozen_vms
+from recommender.engine.frontier import exact_frontier, frontier_size, search_frontier
 from recommender.engine.held_back import (
     apply_gain_threshold,
     blocked_moves,
@@ -49,7 +50,7 @@ from recommender.engine.held_back import (
 from recommender.engine.joint import Repairs, joint_model, joint_units, solve_levels, split_plan
 from recommender.engine.measure import EPSILON, reaches
 from recommender.engine.problem import SPLIT, Problem, State, UnitMove
-from recommender.engine.result import EngineResult, HeldBack, Method, Move, MoveKind
+from recommender.engine.result import EngineResult, Frontier, HeldBack, Method, Move, MoveKind
 from recommender.engine.rules import Constraint, prepare_constraints, violations
 from recommender.engine.scorer import Scorer, View
 from recommender.engine.search import find_plan
@@ -108,22 +109,26 @@ def plan_moves(snapshot: Snapshot, config: Config, *, exact: bool | None = None)
     if triggered and not ctx.reached(plan) and len(scorer.active):
         plan, method = _balance(ctx, state, budget - state.migrations, use_exact)
         plan, held = apply_gain_threshold(ctx, state, plan, budget - state.migrations)
+    chosen = _Chosen(forced, state, plan, held, method)
     if use_exact and forced.moves and not forced.unplaceable:
         together = _joint(ctx, start, frozen, forced, plan, triggered, budget, movable)
         if together is not None:
-            forced, state, plan, held = together
-            method = "exact"
-            after_forced = scorer.view(state.node_load, settings.target)
-            ctx = replace(ctx, movable=_without(movable, forced))
+            chosen = _Chosen(*together, "exact")
+    frontier = None
+    if triggered and len(scorer.active):
+        frontier, chosen = _trade_off(ctx, start, frozen, chosen, movable, budget, use_exact)
+    ctx = replace(ctx, movable=_without(movable, chosen.forced))
+    plan = chosen.plan
     if triggered and not ctx.reached(plan) and len(scorer.active):
-        held.extend(blocked_moves(ctx, plan, held_units))
+        chosen.held.extend(blocked_moves(ctx, plan, held_units))
 
-    moves = _expand(ctx, start, forced, plan, after_forced)
+    after_forced = scorer.view(chosen.state.node_load, settings.target)
+    moves = _expand(ctx, start, chosen.forced, plan, after_forced)
     after = problem.imbalance(plan.state.node_load)
     return EngineResult(
         moves=moves,
-        unplaceable=forced.unplaceable,
-        held_back=held,
+        unplaceable=chosen.forced.unplaceable,
+        held_back=chosen.held,
         imbalance_before=before.per_resource,
         imbalance_after=after.per_resource,
         overall_before=before.overall,
@@ -131,10 +136,56 @@ def plan_moves(snapshot: Snapshot, config: Config, *, exact: bool | None = None)
         triggered=triggered,
         target_reached=reaches(after.overall, settings.target),
         warnings=warnings,
-        method=method,
+        method=chosen.method,
         problem=problem,
-        unit_moves=tuple(m.move for m in forced.moves) + plan.moves,
+        unit_moves=tuple(m.move for m in chosen.forced.moves) + plan.moves,
+        frontier=frontier,
     )
+
+
+@dataclass
+class _Chosen:
+    """The plan so far: forced (or repair) moves, the state after them, the balancing plan
+    from there, the moves held back, and how the balancing was found."""
+
+    forced: Forced
+    state: State
+    plan: Candidate
+    held: list[HeldBack]
+    method: Method
+
+
+def _trade_off(
+    ctx: SearchContext,
+    start: State,
+    frozen: Frozen,
+    chosen: _Chosen,
+    movable: np.ndarray,
+    budget: int,
+    use_exact: bool,
+) -> tuple[Frontier, _Chosen]:
+    """The frontier, and where the plan misses its target, the plan at its knee."""
+    problem = ctx.problem
+    size = frontier_size(budget)
+    forced = chosen.forced
+    start_overall = None if forced.moves else problem.imbalance(start.node_load).overall
+    if not (use_exact and not forced.unplaceable):
+        base = ctx.candidate(chosen.state, (), 0.0)
+        search = replace(ctx, movable=_without(movable, forced))
+        return search_frontier(search, base, size, chosen.plan, start_overall), chosen
+    units = joint_units(problem, start, movable | _forced_units(forced, len(movable)), forced)
+    model = joint_model(problem, ctx.constraints, start, units, frozen)
+    frontier = exact_frontier(model, ctx, start, size, start_overall)
+    point = frontier.at(frontier.knee)
+    if ctx.reached(chosen.plan) or point is None:
+        return frontier, chosen
+    parts = split_plan(problem, start, point.moves, Repairs.at_start(ctx.constraints, start))
+    knee_plan = replace(ctx, movable=_without(movable, parts.forced)).replay(
+        parts.state, parts.balance
+    )
+    if knee_plan is None or violations(ctx.constraints, knee_plan.state, final=True):
+        return frontier, chosen
+    return frontier, _Chosen(parts.forced, parts.state, knee_plan, [], "exact")
 
 
 def _without(movable: np.ndarray, forced: Forced) -> np.ndarray:
