@@ -26,7 +26,15 @@ from recommender.engine.measure import reaches
 from recommender.engine.ordering import Request, Step, order_moves
 from recommender.engine.planner import plan_moves
 from recommender.engine.problem import Problem, State
-from recommender.engine.result import EngineResult, HeldBack, Method, Move, MoveKind, Unplaceable
+from recommender.engine.result import (
+    EngineResult,
+    Frontier,
+    HeldBack,
+    Method,
+    Move,
+    MoveKind,
+    Unplaceable,
+)
 from recommender.engine.rules import Constraint, prepare_constraints, violations
 from recommender.model import Snapshot, utilisation
 
@@ -79,6 +87,7 @@ class Plan:
     method: PlanMethod
     taken_at: datetime | None = None
     resources: tuple[str, ...] = field(default=())
+    frontier: Frontier | None = None  # what k migrations could reach (engine.frontier)
 
     @property
     def memory_bytes(self) -> float:
@@ -140,6 +149,7 @@ def build_plan(snapshot: Snapshot, config: Config, result: EngineResult | None =
         method=result.method,
         taken_at=snapshot.taken_at,
         resources=problem.resources,
+        frontier=result.frontier,
     )
 
 

@@ -188,6 +188,35 @@ def plan_families(plan: Plan | None) -> Iterator[Metric]:
         "VMs that must move but fit on no node.",
         value=len(plan.unplaceable),
     )
+    yield from frontier_families(plan)
+
+
+def frontier_families(plan: Plan) -> Iterator[Metric]:
+    """The trade-off frontier: per number of migrations, the lowest overall imbalance known
+    and its proven lower bound; the knee."""
+    frontier = plan.frontier
+    if frontier is None or not frontier.points:
+        return
+    best = GaugeMetricFamily(
+        "vmbalance_recommender_frontier_imbalance_ratio",
+        "Lowest overall imbalance known with at most this many migrations under every rule.",
+        labels=["migrations"],
+    )
+    bound = GaugeMetricFamily(
+        "vmbalance_recommender_frontier_lower_bound_ratio",
+        "Proven lower bound of the overall imbalance with at most this many migrations.",
+        labels=["migrations"],
+    )
+    for point in frontier.points:
+        best.add_metric([str(point.migrations)], point.imbalance)
+        bound.add_metric([str(point.migrations)], point.lower_bound)
+    yield best
+    yield bound
+    yield GaugeMetricFamily(
+        "vmbalance_recommender_frontier_knee_migrations",
+        "Migrations at the knee of the frontier: the last whose gain pays for its copy.",
+        value=frontier.knee,
+    )
 
 
 def setting_families(config: Config) -> Iterator[Metric]:
