@@ -6,8 +6,10 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from devkit.instances import HeavyShape, Shape, heavy_tailed_cluster, random_cluster
 from recommender.config import Config
 from recommender.engine.build import build_problem
 from recommender.engine.exact import available as exact_available
@@ -95,3 +97,37 @@ def test_without_balancing_the_repair_is_the_cheapest_that_balances_no_worse() -
     assert result.overall_after <= separate.overall_after + EPSILON
     assert [m.kind for m in result.moves] == ["repair"]
     replay(snap, cfg, build_plan(snap, cfg, result))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_heavy_tailed_instances_break_rules_and_the_plan_repairs_them(seed: int) -> None:
+    shape = HeavyShape(base=Shape(nodes=(3, 4), vms=(10, 14), skew=0.8))
+    inst = heavy_tailed_cluster(seed, shape)
+    base = random_cluster(seed, shape.base)
+    snap, cfg = inst.snapshot, inst.config
+    # The base cluster is the same; whales and broken rules come on top.
+    pd.testing.assert_frame_equal(snap.nodes, base.snapshot.nodes)
+    assert list(snap.vms.index) == list(base.snapshot.vms.index)
+    assert (snap.vms["memory_max_bytes"] == base.snapshot.vms["memory_max_bytes"]).all()
+    assert inst.notes["whales"] >= 1
+    disk = snap.vms["disk_bytes"]
+    assert disk.max() >= 5 * disk.median()
+    per_node = snap.vms.groupby("node")["network"].sum()
+    assert (per_node <= snap.nodes.loc[per_node.index, "network"]).all()
+    where = snap.vms["node"]
+    broken_anti = [g for g in cfg.rules.anti_affinity if g.name.startswith("broken")]
+    broken_aff = [g for g in cfg.rules.affinity if g.name.startswith("broken")]
+    # Where free VMs allow it: at least one rule is broken on every seed here.
+    assert broken_anti or broken_aff
+    assert inst.notes["broken_anti_affinity"] == len(broken_anti)
+    assert inst.notes["broken_affinity"] == len(broken_aff)
+    assert all(where[g.vms[0]] == where[g.vms[1]] for g in broken_anti)
+    assert all(where[g.vms[0]] != where[g.vms[1]] for g in broken_aff)
+
+    result = plan_moves(snap, cfg)
+    end = replay(snap, cfg, build_plan(snap, cfg, result))
+    pos = result.problem.vm_index()
+    for group in broken_anti:
+        assert end.vm_node[pos[group.vms[0]]] != end.vm_node[pos[group.vms[1]]]
+    for group in broken_aff:
+        assert end.vm_node[pos[group.vms[0]]] == end.vm_node[pos[group.vms[1]]]
