@@ -176,13 +176,8 @@ def _trade_off(
     units = joint_units(problem, start, movable | _forced_units(forced, len(movable)), forced)
     model = joint_model(problem, ctx.constraints, start, units, frozen)
     frontier = exact_frontier(model, ctx, start, size, start_overall)
-    if ctx.reached(chosen.plan):
-        return frontier, chosen
-    if frontier.knee == 0 and start_overall is not None:
-        # No migration pays for its copy: the plan is to stay.
-        return frontier, _Chosen(forced, start.copy(), ctx.candidate(start, (), 0.0), [], "exact")
     point = frontier.at(frontier.knee)
-    if point is None:
+    if ctx.reached(chosen.plan) or point is None:
         return frontier, chosen
     parts = split_plan(problem, start, point.moves, Repairs.at_start(ctx.constraints, start))
     knee_plan = replace(ctx, movable=_without(movable, parts.forced)).replay(
