@@ -350,3 +350,103 @@ def _rules(rng: np.random.Generator, names: list[str], vms: pd.DataFrame) -> Rul
     return RuleSettings(
         node_groups=groups, pin=pin, exclude=exclude, affinity=affinity, anti_affinity=anti
     )
+
+
+@dataclass(frozen=True)
+class HeavyShape:
+    """Heavy-tailed clusters: a few whale VMs that dominate I/O and CPU, uneven nodes (as
+    `Shape`), and rules already broken at the start."""
+
+    base: Shape = field(default_factory=lambda: Shape(skew=0.8, rules=True))
+    whales: tuple[int, int] = (1, 4)  # whale VMs per instance
+    whale_factor: tuple[float, float] = (8.0, 30.0)  # their load over a typical VM's
+    broken_anti_affinity: int = 1  # groups whose members already share a node
+    broken_affinity: int = 1  # groups already split over two nodes
+
+
+def heavy_tailed_cluster(seed: int, shape: HeavyShape | None = None) -> Instance:
+    """`random_cluster(seed, shape.base)` with whales and broken rules added on top (its own
+    random stream, so the base generator's output for a seed is unchanged)."""
+    shape = shape or HeavyShape()
+    base = random_cluster(seed, shape.base)
+    rng = np.random.default_rng([seed, 0x48454156])
+    vms = base.snapshot.vms.copy()
+    notes = dict(base.notes)
+    whales = _whales(rng, vms, shape)
+    _cap_rates(rng, vms, base.snapshot.nodes)
+    notes["whales"] = len(whales)
+    rules = base.config.rules
+    named = _named_vms(rules)
+    anti = list(rules.anti_affinity) + _broken_anti_affinity(rng, vms, named, shape)
+    named |= {vm for group in anti for vm in group.vms}
+    affinity = list(rules.affinity) + _broken_affinity(rng, vms, named, shape)
+    notes["broken_anti_affinity"] = len(anti) - len(rules.anti_affinity)
+    notes["broken_affinity"] = len(affinity) - len(rules.affinity)
+    broken = rules.model_copy(update={"anti_affinity": anti, "affinity": affinity})
+    config = Config(balance=base.config.balance, rules=broken)
+    snapshot = Snapshot(nodes=base.snapshot.nodes, vms=vms, taken_at=TAKEN_AT, source="instances")
+    return Instance(snapshot, config, seed, notes)
+
+
+def _whales(rng: np.random.Generator, vms: pd.DataFrame, shape: HeavyShape) -> list[str]:
+    """Scale the I/O, network and CPU of a few VMs up to whale size (in place)."""
+    count = min(int(rng.integers(shape.whales[0], shape.whales[1] + 1)), len(vms))
+    chosen = [str(v) for v in rng.choice(vms.index.to_numpy(), size=count, replace=False)]
+    for column in ("disk_bytes", "disk_ops", "network", "cpu"):
+        typical = float(vms[column].median())
+        factor = rng.uniform(*shape.whale_factor, size=count)
+        vms.loc[chosen, column] = np.maximum(vms.loc[chosen, column].to_numpy(), typical * factor)
+    return chosen
+
+
+def _cap_rates(rng: np.random.Generator, vms: pd.DataFrame, nodes: pd.DataFrame) -> None:
+    """Measured rates cannot exceed what a node moves: scale each down (in place) so the
+    busiest node runs at 60-97% of it."""
+    for column in ("disk_bytes", "disk_ops", "network", "cpu"):
+        per_node = vms.groupby("node")[column].sum()
+        peak = float((per_node / nodes.loc[per_node.index, column]).max())
+        ceiling = rng.uniform(0.6, 0.97)
+        if peak > ceiling:
+            vms[column] = vms[column] * ceiling / peak
+
+
+def _named_vms(rules: RuleSettings) -> set[str]:
+    named = set(rules.pin) | set(rules.exclude)
+    for group in [*rules.anti_affinity, *rules.affinity]:
+        named |= set(group.vms)
+    return named
+
+
+def _broken_anti_affinity(
+    rng: np.random.Generator, vms: pd.DataFrame, named: set[str], shape: HeavyShape
+) -> list[GroupRule]:
+    """Groups of two free VMs that already share a node."""
+    out: list[GroupRule] = []
+    for g in range(shape.broken_anti_affinity):
+        free = vms[~vms.index.isin(list(named))]
+        crowded = [n for n, count in free["node"].value_counts().items() if count >= 2]
+        if not crowded:
+            break
+        node = crowded[int(rng.integers(len(crowded)))]
+        here = free.index[free["node"] == node].to_numpy()
+        members = [str(v) for v in rng.choice(here, size=2, replace=False)]
+        named.update(members)
+        out.append(GroupRule(name=f"broken-anti{g}", vms=members))
+    return out
+
+
+def _broken_affinity(
+    rng: np.random.Generator, vms: pd.DataFrame, named: set[str], shape: HeavyShape
+) -> list[GroupRule]:
+    """Groups of two free VMs on different nodes."""
+    out: list[GroupRule] = []
+    for g in range(shape.broken_affinity):
+        free = vms[~vms.index.isin(list(named))]
+        if free["node"].nunique() < 2:
+            break
+        first = str(free.index[int(rng.integers(len(free)))])
+        others = free.index[free["node"] != free.loc[first, "node"]].to_numpy()
+        second = str(others[int(rng.integers(len(others)))])
+        named.update((first, second))
+        out.append(GroupRule(name=f"broken-aff{g}", vms=[first, second]))
+    return out

@@ -26,7 +26,15 @@ from recommender.engine.measure import reaches
 from recommender.engine.ordering import Request, Step, order_moves
 from recommender.engine.planner import plan_moves
 from recommender.engine.problem import Problem, State
-from recommender.engine.result import EngineResult, HeldBack, Method, Move, MoveKind, Unplaceable
+from recommender.engine.result import (
+    EngineResult,
+    Frontier,
+    HeldBack,
+    Method,
+    Move,
+    MoveKind,
+    Unplaceable,
+)
 from recommender.engine.rules import Constraint, prepare_constraints, violations
 from recommender.engine.rules.migratable import immovable_on_busy_nodes
 from recommender.model import Snapshot, utilisation
@@ -100,6 +108,7 @@ class Plan:
     estimator: str | None = None
     # VMs the hypervisor would not live-migrate, on the nodes balancing takes VMs from.
     immovable: list[Unplaceable] = field(default_factory=list)
+    frontier: Frontier | None = None  # what k migrations could reach (engine.frontier)
 
     @property
     def memory_bytes(self) -> float:
@@ -177,6 +186,7 @@ def build_plan(snapshot: Snapshot, config: Config, result: EngineResult | None =
         window=snapshot.window,
         estimator=snapshot.estimator,
         immovable=_immovable(problem),
+        frontier=result.frontier,
     )
 
 

@@ -69,6 +69,7 @@ class ExactResult:
     migrations: int
     memory: float
     imbalance: float = float("nan")  # the overall imbalance the program's z bound
+    bound: float = float("nan")  # proven lower bound of the objective (imbalance runs)
 
 
 @dataclass(frozen=True)
@@ -114,17 +115,27 @@ class LinearModel:
         self.movers = Movers.of_units(problem, start, self.units)
         k, n = len(self.units), problem.n_nodes
         source = self.movers.source
+        owner = self.movers.owner
+        vm_node = start.vm_node[self.movers.vm]
         self.allow = np.repeat(problem.receivable[None, :], k, axis=0)
+        # A unit split over nodes has no "stay": every column brings it together somewhere.
         self.stay = np.zeros((k, n), dtype=bool)
-        self.stay[np.arange(k), source] = True
+        whole = np.flatnonzero(source >= 0)
+        self.stay[whole, source[whole]] = True
         self.allow &= ~self.stay
+        # VM migrations and memory copied if mover i ends on node n: its VMs not yet there.
+        away = vm_node[:, None] != np.arange(n)[None, :]
+        self.cost = np.zeros((k, n))
+        np.add.at(self.cost, owner, away.astype(float))
+        self.copy_cost = np.zeros((k, n))
+        np.add.at(self.copy_cost, owner, away * problem.copy_bytes[self.movers.vm][:, None])
         self.fixed_load = start.node_load.copy()
-        np.subtract.at(self.fixed_load, source, self.movers.load)
+        np.subtract.at(self.fixed_load, vm_node, problem.load[self.movers.vm])
         self.fixed_sets = start.set_count.copy()
         sets = problem.counted
-        for vm, owner in zip(self.movers.vm, self.movers.owner, strict=True):
+        for vm, node in zip(self.movers.vm, vm_node, strict=True):
             for s in sets.of_vm(int(vm)):
-                self.fixed_sets[s, source[owner]] -= 1
+                self.fixed_sets[s, node] -= 1
         self.node_rows: list[tuple[np.ndarray, np.ndarray, int | None]] = []
         self.budget: float | None = None
         # Break ties between plans of equal size by memory copied (much slower to prove).
@@ -152,7 +163,24 @@ class LinearModel:
         remaining = limit - self.start.migrations
         self.budget = remaining if self.budget is None else min(self.budget, remaining)
 
+    def require_move(self, movers: np.ndarray) -> None:
+        """The movers `movers` (bool, movers) may not stay where they are (a broken rule
+        makes them leave)."""
+        self.stay[np.asarray(movers, dtype=bool)] = False
+
     # -- the program -------------------------------------------------------------------------
+
+    def lowest(self, weights: np.ndarray, migrations: int, *, max_nodes: int) -> ExactResult:
+        """The lowest imbalance with at most `migrations` VM migrations (and the rule's
+        budget), its plan and the proven lower bound; `max_nodes` limits the branching."""
+        if highspy is None:
+            return ExactResult("unavailable", (), False, 0, 0.0)
+        kept = self.budget
+        self.budget = migrations if kept is None else min(kept, migrations)
+        try:
+            return self._run(0.0, weights, objective="imbalance", max_nodes=max_nodes)
+        finally:
+            self.budget = kept
 
     def solve(self, target: float, weights: np.ndarray) -> ExactResult:
         if highspy is None:
@@ -174,7 +202,8 @@ class LinearModel:
         weights: np.ndarray,
         *,
         objective: Objective,
-        imbalance_cap: float | None,
+        imbalance_cap: float | None = None,
+        max_nodes: int = 0,
     ) -> ExactResult:
         cols = self._columns(weights)
         rows = _Rows()
@@ -189,6 +218,8 @@ class LinearModel:
         if imbalance_cap is not None:
             rows.add(z, cols.z_weights / cols.weight_sum, -np.inf, imbalance_cap)
         highs = _solver()
+        if max_nodes:
+            highs.setOptionValue("mip_max_nodes", max_nodes)
         self._add_columns(highs, cols, objective)
         rows.flush(highs)
         if self.incumbent is not None:
@@ -199,8 +230,8 @@ class LinearModel:
     def _columns(self, weights: np.ndarray) -> _Columns:
         mover, node = np.nonzero(self.allow | self.stay)
         stays = self.stay[mover, node]
-        moved_count = np.where(stays, 0, self.movers.count[mover]).astype(float)
-        copy = np.where(stays, 0.0, self.problem.units.copy_bytes[self.units[mover]])
+        moved_count = np.where(stays, 0.0, self.cost[mover, node])
+        copy = np.where(stays, 0.0, self.copy_cost[mover, node])
         by_node = tuple(np.flatnonzero(node == n) for n in range(self.problem.n_nodes))
         resources = np.flatnonzero(weights > 0)
         return _Columns(
@@ -290,8 +321,6 @@ class LinearModel:
         optimal = status == _highs().HighsModelStatus.kOptimal
         label: ExactStatus = "optimal" if optimal else "limit"
         value = float(solution[cols.nv :] @ cols.z_weights / cols.weight_sum)
-        if objective == "imbalance":
-            return ExactResult(label, (), False, 0, 0.0, value)
         chosen = np.flatnonzero((solution[: cols.nv] > 0.5) & ~cols.stays)
         moves = tuple(
             UnitMove(
@@ -301,13 +330,15 @@ class LinearModel:
             )
             for c in chosen
         )
+        bound = value if optimal else float(highs.getInfo().mip_dual_bound)
         return ExactResult(
             label,
             moves,
-            imbalance_cap is None,
+            objective == "cost" and imbalance_cap is None,
             int(cols.moved_count[chosen].sum()),
             float(cols.copy[chosen].sum()),
             value,
+            bound if objective == "imbalance" else float("nan"),
         )
 
 

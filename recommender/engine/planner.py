@@ -14,6 +14,9 @@
    installed) is asked for the target from that plan (or, where nothing reaches it, for the
    lowest imbalance) and the better plan is kept. Hysteresis then drops every move whose
    gain does not pay for the memory it copies (`recommender.engine.held_back`).
+3. Where phase 1 repaired a broken rule and the exact program may run, the repairs and the
+   balancing are planned again together (`recommender.engine.joint`): the repair chosen
+   among all repairs for the best final balance; that plan is kept when it is better.
 
 Everything is a pure function of the snapshot and the config: same inputs, same plan.
 """
@@ -21,27 +24,36 @@ Everything is a pure function of the snapshot and the config: same inputs, same 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from recommender.engine import hysteresis
 from recommender.engine.build import build_problem
-from recommender.engine.candidates import Candidate, SearchContext, SearchLimits
+from recommender.engine.candidates import (
+    Candidate,
+    PlanRank,
+    SearchContext,
+    SearchLimits,
+    plan_rank,
+)
 from recommender.engine.exact import Hint, solve_exact
 from recommender.engine.exact import available as exact_available
-from recommender.engine.forced import Forced, forced_moves, frozen_vms
+from recommender.engine.forced import Forced, Frozen, forced_moves, frozen_vms
+from recommender.engine.frontier import exact_frontier, frontier_size, search_frontier
 from recommender.engine.held_back import (
     apply_gain_threshold,
     blocked_moves,
     leave_one_out_gains,
     merge_held_back,
 )
+from recommender.engine.joint import Repairs, joint_model, joint_units, solve_levels, split_plan
 from recommender.engine.measure import EPSILON, reaches
 from recommender.engine.migration_cost import move_cost
 from recommender.engine.problem import SPLIT, Problem, State, UnitMove
-from recommender.engine.result import EngineResult, HeldBack, Method, Move, MoveKind
-from recommender.engine.rules import Constraint, prepare_constraints
+from recommender.engine.result import EngineResult, Frontier, HeldBack, Method, Move, MoveKind
+from recommender.engine.rules import Constraint, prepare_constraints, violations
 from recommender.engine.scorer import Scorer, View
 from recommender.engine.search import find_plan
 from recommender.model import Snapshot
@@ -92,23 +104,33 @@ def plan_moves(snapshot: Snapshot, config: Config, *, exact: bool | None = None)
     plan = ctx.candidate(state, (), 0.0)
     held: list[HeldBack] = []
     method: Method = "heuristic" if forced.moves else "none"
+    budget = _migration_budget(problem, constraints)
+    wanted = settings.exact == "auto" if exact is None else exact
+    small = int(movable.sum()) <= settings.exact_max_vms and len(scorer.active) <= EXACT_MAX_NODES
+    use_exact = wanted and small and exact_available() and len(scorer.active) > 0
     if triggered and not ctx.reached(plan) and len(scorer.active):
-        budget = _migration_budget(problem, constraints) - state.migrations
-        wanted = settings.exact == "auto" if exact is None else exact
-        small = (
-            int(movable.sum()) <= settings.exact_max_vms and len(scorer.active) <= EXACT_MAX_NODES
-        )
-        plan, method = _balance(ctx, state, budget, wanted and small and exact_available())
-        plan, held = apply_gain_threshold(ctx, state, plan, budget)
-        if not ctx.reached(plan):
-            held.extend(blocked_moves(ctx, plan, held_units))
+        plan, method = _balance(ctx, state, budget - state.migrations, use_exact)
+        plan, held = apply_gain_threshold(ctx, state, plan, budget - state.migrations)
+    chosen = _Chosen(forced, state, plan, held, method)
+    if use_exact and forced.moves and not forced.unplaceable:
+        together = _joint(ctx, start, frozen, forced, plan, triggered, budget, movable)
+        if together is not None:
+            chosen = _Chosen(*together, "exact")
+    frontier = None
+    if triggered and len(scorer.active):
+        frontier, chosen = _trade_off(ctx, start, frozen, chosen, movable, budget, use_exact)
+    ctx = replace(ctx, movable=_without(movable, chosen.forced))
+    plan = chosen.plan
+    if triggered and not ctx.reached(plan) and len(scorer.active):
+        chosen.held.extend(blocked_moves(ctx, plan, held_units))
 
-    moves = _expand(ctx, start, forced, plan, after_forced)
+    after_forced = scorer.view(chosen.state.node_load, settings.target)
+    moves = _expand(ctx, start, chosen.forced, plan, after_forced)
     after = problem.imbalance(plan.state.node_load)
     return EngineResult(
         moves=moves,
-        unplaceable=forced.unplaceable,
-        held_back=merge_held_back(held),
+        unplaceable=chosen.forced.unplaceable,
+        held_back=merge_held_back(chosen.held),
         imbalance_before=before.per_resource,
         imbalance_after=after.per_resource,
         overall_before=before.overall,
@@ -116,10 +138,121 @@ def plan_moves(snapshot: Snapshot, config: Config, *, exact: bool | None = None)
         triggered=triggered,
         target_reached=reaches(after.overall, settings.target),
         warnings=warnings,
-        method=method,
+        method=chosen.method,
         problem=problem,
-        unit_moves=tuple(m.move for m in forced.moves) + plan.moves,
+        unit_moves=tuple(m.move for m in chosen.forced.moves) + plan.moves,
+        frontier=frontier,
     )
+
+
+@dataclass
+class _Chosen:
+    """The plan so far: forced (or repair) moves, the state after them, the balancing plan
+    from there, the moves held back, and how the balancing was found."""
+
+    forced: Forced
+    state: State
+    plan: Candidate
+    held: list[HeldBack]
+    method: Method
+
+
+def _trade_off(
+    ctx: SearchContext,
+    start: State,
+    frozen: Frozen,
+    chosen: _Chosen,
+    movable: np.ndarray,
+    budget: int,
+    use_exact: bool,
+) -> tuple[Frontier, _Chosen]:
+    """The frontier, and where the plan misses its target, the plan at its knee."""
+    problem = ctx.problem
+    size = frontier_size(budget)
+    forced = chosen.forced
+    start_overall = None if forced.moves else problem.imbalance(start.node_load).overall
+    if not (use_exact and not forced.unplaceable):
+        base = ctx.candidate(chosen.state, (), 0.0)
+        search = replace(ctx, movable=_without(movable, forced))
+        return search_frontier(search, base, size, chosen.plan, start_overall), chosen
+    units = joint_units(problem, start, movable | _forced_units(forced, len(movable)), forced)
+    model = joint_model(problem, ctx.constraints, start, units, frozen)
+    frontier = exact_frontier(model, ctx, start, size, start_overall)
+    point = frontier.at(frontier.knee)
+    if ctx.reached(chosen.plan) or point is None:
+        return frontier, chosen
+    parts = split_plan(problem, start, point.moves, Repairs.at_start(ctx.constraints, start))
+    knee_plan = replace(ctx, movable=_without(movable, parts.forced)).replay(
+        parts.state, parts.balance
+    )
+    if knee_plan is None or violations(ctx.constraints, knee_plan.state, final=True):
+        return frontier, chosen
+    return frontier, _Chosen(parts.forced, parts.state, knee_plan, [], "exact")
+
+
+def _without(movable: np.ndarray, forced: Forced) -> np.ndarray:
+    out = movable.copy()
+    out[[m.move.unit for m in forced.moves]] = False
+    return out
+
+
+def _total_rank(plan: Candidate, forced: Forced, problem: Problem, target: float) -> PlanRank:
+    """The rank of forced moves and a plan together (migrations and memory of both)."""
+    memory = plan.memory + sum(float(problem.units.copy_bytes[m.move.unit]) for m in forced.moves)
+    return plan_rank(replace(plan, memory=memory), target)
+
+
+def _joint(
+    ctx: SearchContext,
+    start: State,
+    frozen: Frozen,
+    forced: Forced,
+    plan: Candidate,
+    triggered: bool,
+    budget: int,
+    movable: np.ndarray,
+) -> tuple[Forced, State, Candidate, list[HeldBack]] | None:
+    """Repairs and balancing chosen together by the exact program, when that beats
+    repairing first (`recommender.engine.joint`); None when it does not."""
+    problem = ctx.problem
+    every = movable | _forced_units(forced, len(movable))
+    units = joint_units(problem, start, every, forced)
+    model = joint_model(problem, ctx.constraints, start, units, frozen)
+    # Not triggered: the repairs alone, at no worse a balance. Triggered: the target, and
+    # where it is out of reach, the separate plan's level in fewer migrations.
+    level = plan.overall + EPSILON
+    if not triggered:
+        levels = [level]
+    elif ctx.reached(plan):
+        levels = [ctx.target]
+    else:
+        levels = [ctx.target, level]
+    result = solve_levels(model, problem.weights, levels)
+    if not result.moves:
+        return None
+    repairs = Repairs.at_start(ctx.constraints, start)
+    parts = split_plan(problem, start, result.moves, repairs)
+    balance_ctx = replace(ctx, movable=_without(movable, parts.forced))
+    joint = balance_ctx.replay(parts.state, parts.balance)
+    if joint is None or violations(ctx.constraints, joint.state, final=True):
+        return None
+    if any(c.must_move(joint.state, frozen.vms) for c in ctx.constraints):
+        return None
+    held: list[HeldBack] = []
+    if triggered and joint.moves:
+        room = budget - parts.state.migrations
+        joint, held = apply_gain_threshold(balance_ctx, parts.state, joint, room)
+    if _total_rank(joint, parts.forced, problem, ctx.target) >= _total_rank(
+        plan, forced, problem, ctx.target
+    ):
+        return None
+    return parts.forced, parts.state, joint, held
+
+
+def _forced_units(forced: Forced, n_units: int) -> np.ndarray:
+    out = np.zeros(n_units, dtype=bool)
+    out[[m.move.unit for m in forced.moves]] = True
+    return out
 
 
 def _migration_budget(problem: Problem, constraints: Sequence[Constraint]) -> int:

@@ -64,6 +64,29 @@ class HeldBack:
         return any(reason not in HYSTERESIS_REASONS for reason in self.blocked_by)
 
 
+@dataclass(frozen=True)
+class FrontierPoint:
+    """The best plan known with at most `migrations` VM migrations."""
+
+    migrations: int
+    imbalance: float  # its overall imbalance
+    lower_bound: float  # no plan of this many migrations does better (proven)
+    memory_bytes: float  # memory its migrations copy
+    exact: bool  # imbalance == lower_bound: the optimum for this many migrations
+    moves: tuple[UnitMove, ...] = field(default=(), repr=False)  # from the frontier's start
+
+
+@dataclass(frozen=True)
+class Frontier:
+    points: tuple[FrontierPoint, ...]
+    knee: int  # migrations of the knee point (0: no migration pays)
+
+    def at(self, migrations: int) -> FrontierPoint | None:
+        """The point for exactly `migrations` (points may start above 1 where repairs need
+        more migrations than that)."""
+        return next((p for p in self.points if p.migrations == migrations), None)
+
+
 @dataclass
 class EngineResult:
     moves: list[Move]
@@ -79,6 +102,8 @@ class EngineResult:
     method: Method
     problem: Problem = field(repr=False)
     unit_moves: tuple[UnitMove, ...] = field(default=(), repr=False)
+    # What k migrations could reach, k = 1, 2, ... (`recommender.engine.frontier`).
+    frontier: Frontier | None = None
 
     @property
     def migrations(self) -> int:

@@ -247,6 +247,42 @@ def plan_families(plans: dict[str, Plan]) -> Iterator[Metric]:
         for family, value in zip(families, (*values, plan.duration_seconds), strict=True):
             family.add_metric([cluster], float(value))
     yield from families
+    yield from frontier_families(plans)
+
+
+def frontier_families(plans: dict[str, Plan]) -> Iterator[Metric]:
+    """The trade-off frontier of each cluster's plan: per number of migrations, the lowest
+    overall imbalance known and its proven lower bound; the knee."""
+    frontiers = {
+        cluster: plan.frontier
+        for cluster, plan in sorted(plans.items())
+        if plan.frontier is not None and plan.frontier.points
+    }
+    if not frontiers:
+        return
+    best = GaugeMetricFamily(
+        "vmbalance_recommender_frontier_imbalance_ratio",
+        "Lowest overall imbalance known with at most this many migrations under every rule.",
+        labels=["cluster", "migrations"],
+    )
+    bound = GaugeMetricFamily(
+        "vmbalance_recommender_frontier_lower_bound_ratio",
+        "Proven lower bound of the overall imbalance with at most this many migrations.",
+        labels=["cluster", "migrations"],
+    )
+    knee = GaugeMetricFamily(
+        "vmbalance_recommender_frontier_knee_migrations",
+        "Migrations at the knee of the frontier: the last whose gain pays for its copy.",
+        labels=["cluster"],
+    )
+    for cluster, frontier in frontiers.items():
+        for point in frontier.points:
+            best.add_metric([cluster, str(point.migrations)], point.imbalance)
+            bound.add_metric([cluster, str(point.migrations)], point.lower_bound)
+        knee.add_metric([cluster], frontier.knee)
+    yield best
+    yield bound
+    yield knee
 
 
 def setting_families(config: Config) -> Iterator[Metric]:

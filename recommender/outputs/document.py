@@ -71,6 +71,7 @@ def plan_document(
             {"vm": m.vm, "name": m.name, "source": m.source, "target": m.target}
             for m in plan.unsequenced
         ],
+        "frontier": frontier_document(plan),
         "warnings": list(plan.warnings),
         "explanation": None if plan.migrations or not plan.triggered else no_migration_reason(plan),
         "settings": plan.settings,
@@ -150,6 +151,27 @@ def _held_back_entries(plan: Plan) -> list[dict[str, Any]]:
     ]
 
 
+def frontier_document(plan: Plan) -> dict[str, Any] | None:
+    """The trade-off frontier: per number of migrations the lowest overall imbalance known,
+    its proven lower bound, and the knee the plan stops at; null when balancing did not run."""
+    frontier = plan.frontier
+    if frontier is None:
+        return None
+    return {
+        "knee": frontier.knee,
+        "points": [
+            {
+                "migrations": p.migrations,
+                "imbalance": finite_or_none(p.imbalance),
+                "lower_bound": finite_or_none(p.lower_bound),
+                "exact": p.exact,
+                "memory_bytes": finite_or_none(p.memory_bytes),
+            }
+            for p in frontier.points
+        ],
+    }
+
+
 def _clean(values: dict[str, float]) -> dict[str, float | None]:
     return {key: finite_or_none(value) for key, value in values.items()}
 
@@ -163,4 +185,11 @@ def render_json(plan: Plan, config: Config) -> str:
     return json_document(plan_document(plan, config)) + "\n"
 
 
-__all__ = ["PLAN_FORMAT", "PLAN_VERSION", "json_document", "plan_document", "render_json"]
+__all__ = [
+    "PLAN_FORMAT",
+    "PLAN_VERSION",
+    "frontier_document",
+    "json_document",
+    "plan_document",
+    "render_json",
+]

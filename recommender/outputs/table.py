@@ -118,6 +118,24 @@ def _held_back_table(plan: Plan) -> Table:
     return held
 
 
+def _frontier_table(plan: Plan) -> Table | None:
+    """What k migrations could reach, with the knee the plan stops at."""
+    frontier = plan.frontier
+    if frontier is None or not frontier.points:
+        return None
+    table = Table(title="Trade-off: lowest overall imbalance with k migrations")
+    for column in ("migrations", "imbalance", "lower bound", ""):
+        table.add_column(column, justify="left" if column == "" else "right")
+    for p in frontier.points:
+        notes = (["knee"] if p.migrations == frontier.knee else []) + (
+            ["optimal"] if p.exact else []
+        )
+        table.add_row(
+            str(p.migrations), f"{p.imbalance:.3f}", f"{p.lower_bound:.3f}", ", ".join(notes)
+        )
+    return table
+
+
 def render_table(plan: Plan, config: Config, console: Console) -> None:
     """Node utilisation before → after per resource, then each move with reason and gain,
     and the best moves held back with the gain they needed."""
@@ -135,6 +153,9 @@ def render_table(plan: Plan, config: Config, console: Console) -> None:
         console.print(_text(no_migration_reason(plan)))
     if plan.held_back:
         console.print(_held_back_table(plan))
+    frontier = _frontier_table(plan)
+    if frontier is not None:
+        console.print(frontier)
     for item in plan.unplaceable:
         console.print(
             Text("cannot place ", style="bold red")

@@ -12,7 +12,14 @@ import numpy as np
 from pydantic import Field
 
 from recommender.engine.problem import SPLIT, Problem, State, VmGroup
-from recommender.engine.rules.base import Constraint, GroupRule, RulesPart, Violation, present
+from recommender.engine.rules.base import (
+    Constraint,
+    GroupRule,
+    LinearModel,
+    RulesPart,
+    Violation,
+    present,
+)
 
 
 class AffinitySettings(RulesPart):
@@ -50,6 +57,9 @@ class Affinity(Constraint):
                 f"over {', '.join(nodes)}"
             )
         return out
+
+    def add_repair_to_model(self, model: LinearModel, stuck: np.ndarray) -> None:
+        """A split unit has no column that leaves it split: nothing to add."""
 
     def check(self, state: State, *, final: bool = False) -> list[Violation]:
         if not final:

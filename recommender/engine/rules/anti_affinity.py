@@ -98,6 +98,28 @@ class AntiAffinity(Constraint):
                     )
         return out
 
+    def repair_units(self, state: State) -> dict[int, str]:
+        """Every member sharing a node with another: any of them may be the one that moves."""
+        out: dict[int, str] = {}
+        for g, members in enumerate(self.groups.members):
+            for node in np.flatnonzero(state.set_count[g] >= 2):
+                for vm in members[state.vm_node[members] == node]:
+                    out.setdefault(
+                        int(self.problem.units.of_vm[vm]),
+                        f"anti-affinity {self.groups.names[g]}: shares "
+                        f"{self.problem.nodes[node]} with another member",
+                    )
+        return out
+
+    def add_repair_to_model(self, model: LinearModel, stuck: np.ndarray) -> None:
+        """No two members on a node at the end, except where members that stay already
+        share it; which member moves is the program's choice."""
+        owners, groups = self._pairs(model.movers)
+        for g in np.unique(groups):
+            holders = np.isin(np.arange(len(model.movers)), np.unique(owners[groups == g]))
+            fixed = model.fixed_sets[g]
+            model.add_node_rows(holders.astype(float), np.maximum(1 - fixed, 0).astype(float), None)
+
     def check(self, state: State, *, final: bool = False) -> list[Violation]:
         out = []
         for g, node in zip(*np.nonzero(state.set_count > self.allowed_count), strict=True):

@@ -174,6 +174,9 @@ class LinearModel(Protocol):
     def add_budget_row(self, limit: float) -> None:
         """At most `limit` VM migrations in the plan, counting those already made."""
 
+    def require_move(self, movers: np.ndarray) -> None:
+        """The movers flagged (bool, movers) may not stay where they are."""
+
 
 class Constraint:
     """A hard rule. Defaults: shapes nothing, allows everything, freezes and forces nothing;
@@ -248,6 +251,19 @@ class Constraint:
 
     def add_to_model(self, model: LinearModel) -> None:
         model.forbid_outside(self.allowed_targets(model.start, model.movers))
+
+    def repair_units(self, state: State) -> dict[int, str]:
+        """Units whose move may repair this rule where `state` breaks it, with the reason:
+        those it forces (`must_move`), and any other unit that could go instead."""
+        return self.must_move(state, np.zeros(self.problem.n_vms, dtype=bool))
+
+    def add_repair_to_model(self, model: LinearModel, stuck: np.ndarray) -> None:
+        """Rows that make the program's end state keep this rule where `model.start` breaks
+        it, so repairs and balancing are chosen together. By default the units the rule
+        forces may not stay."""
+        must = self.must_move(model.start, stuck)
+        if must:
+            model.require_move(np.isin(model.movers.units, list(must)))
 
     def moved_vms(self, state: State) -> np.ndarray:
         """VMs no longer on the node they started on."""

@@ -1,0 +1,202 @@
+"""The trade-off frontier: the lowest overall imbalance reachable with k migrations.
+
+When the target is out of reach, a plan stops where its moves stop paying for their memory
+copy, and the operator still wants to know what more moves would buy. For k = 1, 2, ... the
+frontier holds the lowest imbalance of a plan with at most k VM migrations that keeps every
+rule (and repairs those broken at the start), with a proven lower bound:
+
+* On small clusters the exact program (`recommender.engine.exact`, the joint model of
+  `recommender.engine.joint`) minimises the imbalance under a budget of k, once per k; its
+  answer is exact where HiGHS proves it within the node limit, and its dual bound otherwise.
+* On large clusters a beam search aimed at zero imbalance gives the best plan found per
+  number of migrations, and the bound is what k moves could at most shed from each node:
+  no plan of k migrations takes more than the k largest loads off a node, so the hottest
+  node stays at least that hot.
+
+The knee is the last k whose marginal gain over the point before still pays for the memory a
+migration of that plan copies (`recommender.engine.hysteresis.gain_threshold`). Every limit
+is a count, so the frontier is a pure function of the snapshot and the config.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from recommender.engine import hysteresis
+from recommender.engine.candidates import Candidate, SearchContext
+from recommender.engine.exact import ExactResult, Hint, LinearModel
+from recommender.engine.measure import EPSILON, cluster_mean
+from recommender.engine.problem import Problem, State, UnitMove
+from recommender.engine.result import Frontier, FrontierPoint
+
+# Most points of the frontier (k = 1 ... this, or the rule's migration budget if lower).
+FRONTIER_POINTS = 20
+# Branch-and-bound nodes per point of the exact frontier.
+FRONTIER_MAX_NODES = 40
+
+
+def frontier_size(budget: int) -> int:
+    return max(0, min(FRONTIER_POINTS, budget))
+
+
+def exact_frontier(
+    model: LinearModel,
+    ctx: SearchContext,
+    start: State,
+    size: int,
+    start_overall: float | None,
+) -> Frontier:
+    """The frontier by the exact program, from `start` (the snapshot's placement)."""
+    weights = ctx.problem.weights
+    points: list[FrontierPoint] = []
+    for k in range(1, size + 1):
+        if points:
+            model.suggest(_hint(ctx, start, points[-1].moves))
+        found = model.lowest(weights, k, max_nodes=FRONTIER_MAX_NODES)
+        point = _point(ctx, start, k, found, points[-1] if points else None)
+        if point is None:
+            continue
+        points.append(point)
+    return _finish(ctx.problem, points, start_overall)
+
+
+def _point(
+    ctx: SearchContext,
+    start: State,
+    k: int,
+    found: ExactResult,
+    before: FrontierPoint | None,
+) -> FrontierPoint | None:
+    """The point for k from the program's answer; the point before stands in where the
+    program found nothing better within its limit (a plan of k - 1 is one of k)."""
+    if found.status not in ("optimal", "limit") or (not found.moves and found.status == "limit"):
+        if before is None:
+            return None
+        return FrontierPoint(k, before.imbalance, 0.0, before.memory_bytes, False, before.moves)
+    overall = _overall(ctx, start, found.moves)
+    bound = min(max(found.bound, 0.0), overall) if np.isfinite(found.bound) else 0.0
+    if before is not None and before.imbalance < overall - EPSILON:
+        return FrontierPoint(k, before.imbalance, bound, before.memory_bytes, False, before.moves)
+    optimal = found.status == "optimal"
+    return FrontierPoint(
+        k, overall, overall if optimal else bound, found.memory, optimal, found.moves
+    )
+
+
+def _overall(ctx: SearchContext, start: State, moves: tuple[UnitMove, ...]) -> float:
+    state = start.copy()
+    for move in moves:
+        state.move_unit(ctx.problem, move.unit, move.target)
+    return ctx.scorer.view(state.node_load, ctx.target).overall
+
+
+def _hint(ctx: SearchContext, start: State, moves: tuple[UnitMove, ...]) -> Hint:
+    state = start.copy()
+    for move in moves:
+        state.move_unit(ctx.problem, move.unit, move.target)
+    return Hint(moves, ctx.scorer.view(state.node_load, ctx.target).per_resource)
+
+
+def search_frontier(
+    ctx: SearchContext,
+    start: Candidate,
+    size: int,
+    plan: Candidate,
+    start_overall: float | None,
+) -> Frontier:
+    """The frontier by a beam search aimed at zero imbalance from `start` (the state after
+    forced moves), with the shedding bound; `plan` (the chosen plan) is a point too."""
+    aim = ctx.aiming_at(0.0)
+    base = start.state.migrations
+    best: dict[int, Candidate] = {base: start} if base else {}
+    level = [start]
+    for _ in range(size):
+        children: list[Candidate] = []
+        for parent in level:
+            room = size - (parent.state.migrations - base)
+            found = aim.moves(parent.state, parent.view, room, [m.unit for m in parent.moves])
+            for i in aim.best_moves(found, ctx.limits.branch):
+                children.append(aim.apply(parent, int(found.unit[i]), int(found.target[i])))
+        if not children:
+            break
+        children.sort(key=lambda c: (round(c.overall, 9), c.state.migrations, c.memory))
+        level = children[: max(ctx.limits.width, 1)]
+        for child in children:
+            k = child.state.migrations
+            if k not in best or child.overall < best[k].overall - EPSILON:
+                best[k] = child
+    k_plan = plan.state.migrations
+    if plan.moves and (k_plan not in best or plan.overall < best[k_plan].overall - EPSILON):
+        best[k_plan] = plan
+    points: list[FrontierPoint] = []
+    for k in range(1, size + 1):
+        known = [c for m, c in best.items() if m <= k]
+        if not known:
+            continue
+        top = min(known, key=lambda c: (round(c.overall, 9), c.memory))
+        bound = min(shed_bound(ctx.problem, start.state, ctx.movable, k), top.overall)
+        exact = bound >= top.overall - EPSILON
+        points.append(FrontierPoint(k, top.overall, bound, top.memory, exact, top.moves))
+    return _finish(ctx.problem, points, start_overall)
+
+
+def shed_bound(problem: Problem, state: State, movable: np.ndarray, k: int) -> float:
+    """A lower bound of the overall imbalance after at most k migrations from `state`: each
+    active node keeps at least its load minus its k largest movable unit loads, against the
+    end mean (0 where VMs off the active nodes would change that mean)."""
+    active = problem.active
+    if not active.any() or (state.vm_node >= 0)[~active[np.maximum(state.vm_node, 0)]].any():
+        return 0.0
+    resources = np.flatnonzero(problem.weights > 0)
+    load = state.node_load[np.ix_(active, resources)]
+    capacity = problem.capacity[np.ix_(active, resources)]
+    mean = cluster_mean(load, capacity)
+    positions = np.flatnonzero(active)
+    where = state.unit_node
+    keep = np.array(load)
+    for i, n in enumerate(positions):
+        units = np.flatnonzero((where == n) & movable)
+        if len(units) == 0:
+            continue
+        unit_load = problem.units.load[np.ix_(units, resources)]
+        top = -np.sort(-unit_load, axis=0)[:k].sum(axis=0)
+        keep[i] = np.maximum(load[i] - top, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        util = np.where(capacity > 0, keep / capacity, 0.0)
+    per = np.maximum(util.max(axis=0) - mean, 0.0)
+    w = problem.weights[resources]
+    return float((per * w).sum() / problem.weights.sum())
+
+
+def _finish(problem: Problem, points: list[FrontierPoint], start_overall: float | None) -> Frontier:
+    """Bounds made monotone (a bound for k holds for fewer migrations too) and the knee."""
+    fixed = list(points)
+    for i in range(len(fixed) - 2, -1, -1):
+        later = fixed[i + 1].lower_bound
+        if later > fixed[i].lower_bound:
+            p = fixed[i]
+            exact = later >= p.imbalance - EPSILON
+            fixed[i] = FrontierPoint(
+                p.migrations, p.imbalance, min(later, p.imbalance), p.memory_bytes, exact, p.moves
+            )
+    return Frontier(tuple(fixed), knee(problem, fixed, start_overall))
+
+
+def knee(problem: Problem, points: list[FrontierPoint], start_overall: float | None) -> int:
+    """The last k whose gain over the point before pays for the memory one migration of its
+    plan copies. `start_overall` is the imbalance of making no migration, None where the
+    start breaks a rule (then the knee is at least the first point, the least repair)."""
+    if not points:
+        return 0
+    if start_overall is None:
+        chosen, previous, rest = points[0].migrations, points[0].imbalance, points[1:]
+    else:
+        chosen, previous, rest = 0, start_overall, points
+    for p in rest:
+        gain = previous - p.imbalance
+        copy = p.memory_bytes / max(len(p.moves), 1)
+        threshold = float(hysteresis.gain_threshold(copy, problem.balance))
+        if gain > EPSILON and gain >= threshold - EPSILON:
+            chosen = p.migrations
+        previous = p.imbalance
+    return chosen

@@ -1,0 +1,133 @@
+"""The trade-off frontier: monotone, each point the exact optimum for its number of
+migrations (checked by enumerating every end placement on small clusters), the plan on it."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from devkit.instances import Shape, random_cluster
+from recommender.config import Config
+from recommender.engine.build import build_problem
+from recommender.engine.exact import available as exact_available
+from recommender.engine.forced import frozen_vms
+from recommender.engine.measure import EPSILON
+from recommender.engine.planner import plan_moves
+from recommender.engine.problem import State
+from recommender.engine.rules import RuleSettings, prepare_constraints, violations
+from recommender.engine.rules.base import GroupRule
+from recommender.model import Snapshot
+from tests.test_engine import config, hot_nic_cluster
+
+pytestmark = pytest.mark.skipif(not exact_available(), reason="needs highspy")
+
+
+def lowest_per_k(snap: Snapshot, cfg: Config, most: int) -> dict[int, float]:
+    """k -> the lowest overall imbalance of an end placement keeping every rule with at
+    most k VM migrations, by enumerating every placement."""
+    problem = build_problem(snap, cfg)
+    constraints = prepare_constraints(problem)
+    stuck = frozen_vms(constraints, problem.n_vms).vms
+    start = State.initial(problem)
+    best: dict[int, float] = {}
+    nodes = np.flatnonzero(problem.receivable)
+    for where in itertools.product(nodes, repeat=problem.n_vms):
+        moved = int(np.sum(np.asarray(where) != problem.vm_node))
+        if moved > most:
+            continue
+        state = start.copy()
+        for v, n in enumerate(where):
+            state.move_vm(problem, v, int(n))
+        if violations(constraints, state, final=True):
+            continue
+        if any(c.must_move(state, stuck) for c in constraints):
+            continue
+        overall = problem.imbalance(state.node_load).overall
+        best[moved] = min(best.get(moved, np.inf), overall)
+    return {
+        k: min(v for m, v in best.items() if m <= k)
+        for k in range(1, most + 1)
+        if any(m <= k for m in best)
+    }
+
+
+def small_clusters() -> list[tuple[str, Snapshot, Config]]:
+    out = []
+    unreachable = dict(target=0.005, trigger=0.01, min_gain=0.002, min_gain_per_gib=0.0)
+    out.append(("hot nic", hot_nic_cluster(), config(**unreachable)))
+    pair = RuleSettings(anti_affinity=[GroupRule(name="pair", vms=["101", "104"])])
+    out.append(("broken pair", hot_nic_cluster(), config(pair, **unreachable)))
+    group = RuleSettings(affinity=[GroupRule(name="app", vms=["101", "106"])])
+    out.append(("split group", hot_nic_cluster(), config(group, **unreachable)))
+    for seed in (3, 7):
+        inst = random_cluster(seed, Shape(nodes=(3, 3), vms=(7, 7), rules=False))
+        out.append((f"seed {seed}", inst.snapshot, inst.config))
+    return out
+
+
+CASES = small_clusters()
+
+
+@pytest.mark.parametrize(("name", "snap", "cfg"), CASES, ids=[c[0] for c in CASES])
+def test_each_point_is_the_exact_optimum_for_its_migrations(
+    name: str, snap: Snapshot, cfg: Config
+) -> None:
+    result = plan_moves(snap, cfg)
+    frontier = result.frontier
+    assert frontier is not None and frontier.points, name
+    truth = lowest_per_k(snap, cfg, frontier.points[-1].migrations)
+    assert [p.migrations for p in frontier.points] == sorted(truth)
+    for point in frontier.points:
+        assert point.exact
+        assert point.imbalance == pytest.approx(truth[point.migrations], abs=1e-7)
+        assert point.lower_bound == pytest.approx(point.imbalance, abs=1e-7)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_frontier_is_monotone_and_bounded(seed: int) -> None:
+    inst = random_cluster(seed, Shape(nodes=(3, 5), vms=(10, 16)))
+    result = plan_moves(inst.snapshot, inst.config)
+    if result.frontier is None:
+        assert not result.triggered
+        return
+    points = result.frontier.points
+    ks = [p.migrations for p in points]
+    assert ks == list(range(ks[0], ks[0] + len(ks)))
+    values = [p.imbalance for p in points]
+    assert all(b <= a + EPSILON for a, b in itertools.pairwise(values))
+    assert all(p.lower_bound <= p.imbalance + EPSILON for p in points)
+    bounds = [p.lower_bound for p in points]
+    assert all(b <= a + EPSILON for a, b in itertools.pairwise(bounds))
+
+
+@pytest.mark.parametrize(("name", "snap", "cfg"), CASES, ids=[c[0] for c in CASES])
+def test_the_plan_is_on_the_frontier(name: str, snap: Snapshot, cfg: Config) -> None:
+    result = plan_moves(snap, cfg)
+    frontier = result.frontier
+    assert frontier is not None
+    if result.target_reached:
+        # The fewest migrations that reach the target.
+        assert result.frontier.at(result.migrations) is not None
+        fewer = frontier.at(result.migrations - 1)
+        assert fewer is None or fewer.imbalance > cfg.balance.target + EPSILON
+        return
+    point = frontier.at(frontier.knee)
+    assert point is not None, name
+    assert result.migrations == frontier.knee
+    assert result.overall_after == pytest.approx(point.imbalance, abs=1e-9)
+
+
+def test_the_knee_is_the_last_point_whose_gain_pays_for_the_copy() -> None:
+    snap = hot_nic_cluster()
+    unreachable = dict(target=0.005, trigger=0.01, min_gain_per_gib=0.0)
+    cheap = plan_moves(snap, config(min_gain=0.0005, **unreachable)).frontier
+    dear = plan_moves(snap, config(min_gain=0.05, **unreachable)).frontier
+    assert cheap is not None and dear is not None
+    assert 0 < dear.knee < cheap.knee
+    problem = build_problem(snap, config())
+    overall = problem.imbalance(State.initial(problem).node_load).overall
+    values = {0: overall} | {p.migrations: p.imbalance for p in dear.points}
+    assert values[dear.knee - 1] - values[dear.knee] >= 0.05
+    assert all(values[k - 1] - values[k] < 0.05 for k in values if k > dear.knee)
