@@ -10,7 +10,7 @@ deadline (pmxcfs blocks without quorum). `migration_facts` combines them with on
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -38,44 +38,42 @@ class ClusterFiles:
     cluster: str | None = None
 
 
-def parse_storage_cfg(text: str) -> dict[str, bool]:
-    """Storage id: shared, from `storage.cfg` (`<type>: <id>` then indented properties)."""
-    storages: dict[str, bool] = {}
-    current: str | None = None
+def _section_config(text: str) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """The sections of a Proxmox section config (`storage.cfg`, `ha/resources.cfg`): a
+    `<type>: <id>` line, then indented `key value` properties; (type, id, properties) each.
+    Lines that are neither are skipped, and so are the properties under them."""
+    section: tuple[str, str, dict[str, str]] | None = None
     for raw in text.splitlines():
         if not raw.strip() or raw.lstrip().startswith("#"):
             continue
         if not raw[0].isspace():
+            if section is not None:
+                yield section
             match = _SECTION.match(raw)
-            current = None
-            if match is not None:
-                kind, current = match.groups()
-                storages[current] = kind in SHARED_TYPES
+            section = (match.group(1), match.group(2), {}) if match is not None else None
             continue
-        key, _, value = raw.strip().partition(" ")
-        if current is not None and key == "shared" and value.strip() == "1":
-            storages[current] = True
-    return storages
+        if section is not None:
+            key, _, value = raw.strip().partition(" ")
+            section[2][key] = value.strip()
+    if section is not None:
+        yield section
+
+
+def parse_storage_cfg(text: str) -> dict[str, bool]:
+    """Storage id: shared, from `storage.cfg`: a type that is always shared, or `shared 1`."""
+    return {
+        storage: kind in SHARED_TYPES or properties.get("shared") == "1"
+        for kind, storage, properties in _section_config(text)
+    }
 
 
 def parse_ha_resources(text: str) -> frozenset[str]:
     """VMIDs of `vm: <id>` resources, except those in `state ignored` (HA leaves them be)."""
-    vmids: set[str] = set()
-    current: str | None = None
-    for raw in text.splitlines():
-        if not raw.strip() or raw.lstrip().startswith("#"):
-            continue
-        if not raw[0].isspace():
-            match = _SECTION.match(raw)
-            current = None
-            if match is not None and match.group(1) == "vm" and match.group(2).isdigit():
-                current = match.group(2)
-                vmids.add(current)
-            continue
-        key, _, value = raw.strip().partition(" ")
-        if current is not None and key == "state" and value.strip() == "ignored":
-            vmids.discard(current)
-    return frozenset(vmids)
+    return frozenset(
+        vmid
+        for kind, vmid, properties in _section_config(text)
+        if kind == "vm" and vmid.isdigit() and properties.get("state") != "ignored"
+    )
 
 
 def parse_corosync_cluster_name(text: str) -> str | None:

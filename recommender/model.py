@@ -62,15 +62,6 @@ VM_COLUMNS: tuple[str, ...] = (
     "ha_managed",
     "dirty_rate",
 )
-# The reasons the exporter gives for a VM that cannot be live-migrated.
-BLOCKER_REASONS: tuple[str, ...] = (
-    "pci_passthrough",
-    "usb_passthrough",
-    "hostdev",
-    "local_media",
-    "lock",
-    "local_resources",
-)
 
 
 @dataclass(frozen=True)
