@@ -83,6 +83,12 @@ class PveNode:
     def __enter__(self) -> PveNode:
         for directory in (self.run_dir, self.conf_dir, self.disks, self.root / "logs"):
             directory.mkdir(parents=True, exist_ok=True)
+        # The guests' `shared:` storage, declared as Proxmox declares a directory every node
+        # mounts (the exporter reads storage.cfg beside the configs): their disks do not pin
+        # them to a node.
+        (self.root / "storage.cfg").write_text(
+            f"dir: shared\n\tpath {self.disks}\n\tcontent images\n\tshared 1\n"
+        )
         return self
 
     def __exit__(

@@ -15,7 +15,12 @@ imbalance, then the migrations at that imbalance.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib
+import os
+import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -31,9 +36,28 @@ from recommender.engine.rules import Constraint, Movers
 def _load_highspy() -> ModuleType | None:
     """HiGHS when installed: without it the product plans heuristically."""
     try:
-        return importlib.import_module("highspy")
+        module = importlib.import_module("highspy")
     except ImportError:  # pragma: no cover - depends on the installation
         return None
+    _first_solver_quietly(module)
+    return module
+
+
+def _first_solver_quietly(module: ModuleType) -> None:
+    """HiGHS prints a banner on fd 1, from C, when a process makes its first solver, before
+    any option can turn it off. The first solver is made here with fd 1 on a scratch file,
+    so the banner reaches neither the document nor the operator's error stream."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 1)
+            module.Highs()
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL(None).fflush(None)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 highspy: ModuleType | None = _load_highspy()
