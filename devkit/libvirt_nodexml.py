@@ -14,6 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
+# Where the generated domains' disk files are (nothing is created there: the test driver
+# only names them). A test that wants them on shared storage passes `--shared-path IMAGES`.
+IMAGES = "/var/lib/libvirt/images"
+
 TEST_NAMESPACE = "http://libvirt.org/schemas/domain/test/1.0"
 SHUTOFF = 5  # virDomainState VIR_DOMAIN_SHUTOFF
 _GIB = 1024**3
@@ -59,7 +63,7 @@ def _domain_xml(
 ) -> str:
     devices = [
         f"<disk type='file' device='disk'>"
-        f"<source file={quoteattr(f'/var/lib/libvirt/images/{name}-{d}.qcow2')}/>"
+        f"<source file={quoteattr(f'{IMAGES}/{name}-{d}.qcow2')}/>"
         f"<target dev='{disk_target(d)}' bus='virtio'/></disk>"
         for d in range(disks)
     ]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from devkit.libvirt_nodexml import vm_name, write_node_xml
+from devkit.libvirt_nodexml import IMAGES, vm_name, write_node_xml
 from devkit.servers import PrometheusServer
 from tests.conftest import REPO
 
@@ -25,12 +25,12 @@ WAIT_SECONDS = 20
 def test_exporters_to_prometheus_to_plan(tmp_path: Path, exporter_factory) -> None:
     crowded = write_node_xml(tmp_path / "kvm1.xml", n_vms=6, node_cpus=16)
     quiet = write_node_xml(tmp_path / "kvm2.xml", n_vms=0, node_cpus=16)
+    # The disk files stand for shared storage (a Ceph-backed cluster): they do not pin a VM.
+    args = ("--backend", "libvirt", "--shared-path", IMAGES)
     exporters = {
-        "kvm1": exporter_factory("--backend", "libvirt", "--libvirt-uri", crowded,
-                                 "--node-name", "kvm1"),
-        "kvm2": exporter_factory("--backend", "libvirt", "--libvirt-uri", quiet,
-                                 "--node-name", "kvm2"),
-    }  # fmt: skip
+        "kvm1": exporter_factory(*args, "--libvirt-uri", crowded, "--node-name", "kvm1"),
+        "kvm2": exporter_factory(*args, "--libvirt-uri", quiet, "--node-name", "kvm2"),
+    }
     scrape = {
         "job_name": "vmbalance",
         "scrape_interval": "1s",

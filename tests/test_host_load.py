@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from devkit.libvirt_nodexml import write_node_xml
+from devkit.libvirt_nodexml import IMAGES, write_node_xml
 from devkit.servers import PrometheusServer
 from devkit.service import Service, accepts_tcp, free_port
 from recommender.config import Config
@@ -140,7 +140,7 @@ def test_a_node_busy_outside_its_vms_is_not_a_target(
         "kvm3": write_node_xml(tmp_path / "kvm3.xml", n_vms=0, node_cpus=CPUS),
     }
     # The test driver's disk files stand for shared storage, as on a Ceph-backed cluster.
-    args = ("--backend", "libvirt", "--shared-path", "/var/lib/libvirt/images")
+    args = ("--backend", "libvirt", "--shared-path", IMAGES)
     exporters = [
         exporter_factory(*args, "--libvirt-uri", uri, "--node-name", node)
         for node, uri in node_xml.items()
