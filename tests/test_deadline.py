@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from devkit.fake_pve import self_signed_tls
 from devkit.service import free_port
 from recommender.config import Config
 from recommender.faces.serve import Recommender
@@ -190,21 +191,8 @@ def test_refused_connection_in_words() -> None:
     assert result.stderr == f"vmbalance: prometheus at {url}: connection refused\n"
 
 
-def server_tls(directory: Path) -> ssl.SSLContext:
-    """A server context with a fresh self-signed certificate."""
-    key, cert = directory / "key.pem", directory / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-         "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    return context
-
-
 def test_a_dripping_tls_answer_is_cut_and_its_worker_ends(tmp_path: Path) -> None:
-    with TrickleServer("drip", tls=server_tls(tmp_path)) as server:
+    with TrickleServer("drip", tls=self_signed_tls(tmp_path)) as server:
         config = Config.model_validate(
             {"prometheus": {"url": server.url, "timeout_seconds": 1, "insecure_skip_verify": True}}
         )
@@ -224,7 +212,7 @@ def test_a_dripping_tls_answer_is_cut_and_its_worker_ends(tmp_path: Path) -> Non
 @pytest.fixture
 def untrusted_tls(tmp_path: Path) -> Iterator[str]:
     """An HTTPS server with a self-signed certificate the client does not trust."""
-    context = server_tls(tmp_path)
+    context = self_signed_tls(tmp_path)
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
