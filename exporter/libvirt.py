@@ -62,6 +62,7 @@ _MIB = 1024 * 1024
 # `virDomainGetInfo` on the lab's node (bench/bench_exporter_lab_node.py), where the three
 # were most of the scrape. CPU time and vCPUs come from `virDomainGetInfo` and each disk's
 # counters from `virDomainBlockStats` instead, per domain on a few threads at once.
+# `DIRTYRATE`, a monitor round trip per domain, has a call of its own (`DirtyRates`).
 BULK_STATS: tuple[str, ...] = ("STATE", "BALLOON", "INTERFACE")
 PER_DOMAIN_STATS: tuple[str, ...] = ("info", "blockStats")
 
