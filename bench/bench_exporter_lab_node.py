@@ -78,22 +78,26 @@ def libvirt_calls(conn: virConnect) -> dict[str, Callable[[], object]]:
         libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
         | libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
     )
-    names = ("STATE", "CPU_TOTAL", "BALLOON", "VCPU", "INTERFACE", "BLOCK")
+    names = ("STATE", "CPU_TOTAL", "BALLOON", "VCPU", "INTERFACE", "BLOCK", "DIRTYRATE")
     groups = {name: getattr(libvirt, f"VIR_DOMAIN_STATS_{name}") for name in names}
     everything = stats_mask(groups, names)
     domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+    with_dirty_rate = (*BULK_STATS, "DIRTYRATE")
 
     def per_domain() -> None:
         for domain in domains:
             domain.info()
             domain.blockStats("vda")
 
-    def chosen() -> None:
-        conn.getAllDomainStats(stats_mask(groups, BULK_STATS), flags)
-        for domain in domains:
-            if "info" in PER_DOMAIN_STATS:
-                domain.info()
-            domain.blockStats("vda")
+    def split(bulk: tuple[str, ...]) -> Callable[[], None]:
+        def read() -> None:
+            conn.getAllDomainStats(stats_mask(groups, bulk), flags)
+            for domain in domains:
+                if "info" in PER_DOMAIN_STATS:
+                    domain.info()
+                domain.blockStats("vda")
+
+        return read
 
     return {
         "bulk, every group": lambda: conn.getAllDomainStats(everything, flags),
@@ -102,8 +106,10 @@ def libvirt_calls(conn: virConnect) -> dict[str, Callable[[], object]]:
             for name, value in groups.items()
         },
         "per domain: info + blockStats (the peer's counters)": per_domain,
+        f"with the dirty-rate group: bulk {'|'.join(with_dirty_rate)}, then per domain "
+        f"{' + '.join(PER_DOMAIN_STATS)}": split(with_dirty_rate),
         f"chosen: bulk {'|'.join(BULK_STATS)}, then per domain "
-        f"{' + '.join(PER_DOMAIN_STATS)}": chosen,
+        f"{' + '.join(PER_DOMAIN_STATS)}": split(BULK_STATS),
     }
 
 
@@ -209,6 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         "domain, on a few threads at once (the last row times those calls one after another). "
         "Until then it asked for every group (the first row), and its scrape took longer than "
         "the peer's on this node.",
+        "",
+        "The `DIRTYRATE` group asks each domain's monitor for its last dirty-page measurement "
+        "(a job and a round trip per domain, whether or not a measurement was ever started). "
+        "In the bulk call it made the scrape as slow as the peer's (0.999× against 0.844× "
+        "before it); the backend now asks for it in a call of its own "
+        "(`virDomainListGetStats`), every scrape only for the domains that had a measurement "
+        "when last asked, and for the others at first sight and then every two minutes "
+        "(`exporter/libvirt_dirtyrate.py`). The lab's guests have no measurement, so after "
+        "the first scrape that call is not made.",
     ]
     body = "\n".join(lines)
     print()

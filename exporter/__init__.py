@@ -9,6 +9,8 @@ The modules in the order a scrape passes through them:
   HA resources, the cluster's name; what decides whether a VM can move), `hostfiles` and
   `hostio` (/proc and sysfs, each read bounded by the deadline).
 - libvirt: `libvirt` (the scrape), `libvirt_connection` (the connection, bounded calls),
+  `libvirt_events` (domain events on a thread of their own, voiding cached XML),
+  `libvirt_dirtyrate` (the dirty-rate group, asked only where a measurement is likely),
   `libvirt_workers` (per-domain reads on threads), `libvirt_domain` (one domain as a
   sample, its XML cached), `libvirt_stats` (libvirt's stat records and domain XML as samples).
 - `labels`, `collector`, `scrapelog`: samples as metric families and text, the only place

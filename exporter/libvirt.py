@@ -11,8 +11,10 @@ it: the backend then lists domain IDs, keeps one handle per running domain, and 
 domain.
 
 The parts: `libvirt_connection` (the connection and its bounded calls), `libvirt_domain` (one
-domain as a sample), `libvirt_workers` (the per-domain threads), `libvirt_stats` (libvirt's
-stat records as samples). This module decides what to read and puts the scrape together.
+domain as a sample, its XML cached), `libvirt_events` (domain events that void a cached XML),
+`libvirt_dirtyrate` (the dirty-rate group, asked only of the domains that have a measurement),
+`libvirt_workers` (the per-domain threads), `libvirt_stats` (libvirt's stat records as
+samples). This module decides what to read and puts the scrape together.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from exporter.libvirt_connection import (
     load_libvirt,
     one_line,
 )
+from exporter.libvirt_dirtyrate import DIRTY_RATE_PROBE, DirtyRates
 from exporter.libvirt_domain import (
     NOT_RUNNING,
     PAUSED,
@@ -43,6 +46,7 @@ from exporter.libvirt_domain import (
     RunsElsewhere,
     sample_per_domain,
 )
+from exporter.libvirt_events import DomainWatch, start_event_loop
 from exporter.libvirt_stats import SharedStorage, bulk_balloon
 from exporter.libvirt_workers import NOT_REACHED, DomainWorkers, Outcome
 from exporter.samples import BackendError, NodeSample, ScrapeResult, VMSample
@@ -58,6 +62,7 @@ _MIB = 1024 * 1024
 # `virDomainGetInfo` on the lab's node (bench/bench_exporter_lab_node.py), where the three
 # were most of the scrape. CPU time and vCPUs come from `virDomainGetInfo` and each disk's
 # counters from `virDomainBlockStats` instead, per domain on a few threads at once.
+# `DIRTYRATE`, a monitor round trip per domain, has a call of its own (`DirtyRates`).
 BULK_STATS: tuple[str, ...] = ("STATE", "BALLOON", "INTERFACE")
 PER_DOMAIN_STATS: tuple[str, ...] = ("info", "blockStats")
 
@@ -112,11 +117,13 @@ class LibvirtBackend:
         connect_timeout: float = 5.0,
         shared: SharedStorage | None = None,
         xml_refresh: float = XML_REFRESH,
+        dirty_rate_probe: float = DIRTY_RATE_PROBE,
     ) -> None:
         """Try `uri` now; BackendError (one line) when libvirt-python is missing or the URI
         cannot work (malformed, a driver file that does not parse). `shared` lists the file
         paths and pools whose disks every node reaches; `xml_refresh` how long a domain's parsed
-        XML is trusted without a change signal (`DeviceCache`).
+        XML is trusted without a change signal (`DeviceCache`); `dirty_rate_probe` how often a
+        domain without a dirty-rate measurement is asked whether it has one (`DirtyRates`).
 
         A daemon that is not running or does not answer yet is not an error: the exporter
         serves `vmbalance_up 0` and each scrape connects again until it answers.
@@ -127,12 +134,20 @@ class LibvirtBackend:
             raise BackendError(f"libvirt: concurrency must be at least 1, not {concurrency}")
         self._lv = lv = load_libvirt()
         self.uri = uri
+        self._devices = DeviceCache(shared, xml_refresh)
+        # Before the first connection opens: libvirt delivers events only to connections
+        # opened once the process has an event loop.
+        start_event_loop(lv)
         self._conn = LibvirtConnection(
-            lv, uri, opener or lv.openReadOnly, on_open=self._forget_connection
+            lv,
+            uri,
+            opener or lv.openReadOnly,
+            on_open=self._forget_connection,
+            watch=DomainWatch(lv, self._devices.changed),
         )
+        self._dirty = DirtyRates(lv, self._conn.is_connection_error, dirty_rate_probe)
         self._bounded = BoundedCall("libvirt-bulk")
         self._workers = DomainWorkers(concurrency, self._read_domain)
-        self._devices = DeviceCache(shared, xml_refresh)
         self._bulk_flags = (
             lv.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
             | lv.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
@@ -140,8 +155,6 @@ class LibvirtBackend:
         self._bulk_stats = 0
         for group in BULK_STATS:
             self._bulk_stats |= getattr(lv, f"VIR_DOMAIN_STATS_{group}")
-        # The last dirty-rate measurement (libvirt >= 7.2), where someone started one.
-        self._bulk_stats |= getattr(lv, "VIR_DOMAIN_STATS_DIRTYRATE", 0)
         # Whether the bulk call is worth making on this connection: None until the first
         # scrape tells, False when it carries only `state.*` or is not supported at all.
         self._bulk_useful: bool | None = None
@@ -159,6 +172,12 @@ class LibvirtBackend:
     @property
     def concurrency(self) -> int:
         return self._workers.concurrency
+
+    @property
+    def events(self) -> bool:
+        """Whether the open connection reports domain changes as they happen (else the
+        domains' XML is trusted until its periodic refresh)."""
+        return self._conn.events
 
     def close(self) -> None:
         """Close the connection; a later scrape would open a new one."""
@@ -224,6 +243,7 @@ class LibvirtBackend:
     def _forget_connection(self) -> None:
         """A new connection: what the old one taught about domains and the driver is void."""
         self._devices.clear()
+        self._dirty.reset()
         self._listed = {}
         self._bulk_useful = None
         self._node_memory_stats = True
@@ -240,6 +260,8 @@ class LibvirtBackend:
             lost = 0
             if self._bulk_useful is not False:
                 records = self._bulk_records(conn)
+            if records and self._bulk_useful:
+                self._dirty.add_to(conn, records)
             # Listing from this scrape on only when the bulk call is not supported at all; a
             # state-only one has listed the domains already.
             if self._bulk_useful is False and not records:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Protocol, TypeVar
 
+from exporter.libvirt_events import DomainWatch
 from exporter.samples import BackendError
 
 _T = TypeVar("_T")
@@ -47,6 +48,9 @@ class Connection(Protocol):
     def getInfo(self) -> list[Any]: ...
     def getMemoryStats(self, cellNum: int, flags: int = 0) -> dict[str, int]: ...
     def getAllDomainStats(self, stats: int, flags: int) -> list[tuple[Domain, dict[str, Any]]]: ...
+    def domainListGetStats(
+        self, doms: list[Domain], stats: int, flags: int = 0
+    ) -> list[tuple[Domain, dict[str, Any]]]: ...
     def listDomainsID(self) -> list[int]: ...
     def lookupByID(self, id: int) -> Domain: ...
 
@@ -83,6 +87,8 @@ class LibvirtConnection:
     A call that failed because of the connection (not of one domain) marks it dead; the next
     `get()` closes it and opens a new one, then calls `on_open` so that what the backend learnt
     about the old one (device lists, kept handles, what the driver supports) starts afresh.
+    With a `watch`, each connection is subscribed to domain events as it opens (before
+    `on_open`, so no change falls between the two) and unsubscribed before it is closed.
     """
 
     def __init__(
@@ -91,8 +97,11 @@ class LibvirtConnection:
         uri: str,
         opener: Callable[[str], Connection],
         on_open: Callable[[], None],
+        watch: DomainWatch | None = None,
     ) -> None:
         self.uri = uri
+        self._watch = watch
+        self._events = False
         self._lv = libvirt
         self._opener = opener
         self._on_open = on_open
@@ -116,6 +125,12 @@ class LibvirtConnection:
         with self._lock:
             return self._version
 
+    @property
+    def events(self) -> bool:
+        """Whether the current connection reports domain changes as events."""
+        with self._lock:
+            return self._conn is not None and self._events
+
     def get(self) -> Connection:
         """The open connection, (re)opened when missing or found dead."""
         with self._lock:
@@ -131,8 +146,10 @@ class LibvirtConnection:
                     f"libvirt: cannot connect to {self.uri!r}: {one_line(exc)}"
                 ) from exc
             version = self._read_version(conn)
+            events = self._watch is not None and self._watch.attach(conn)
             with self._lock:
                 self._conn, self._dead, self._version = conn, False, version
+                self._events = events
             self._on_open()
         return conn
 
@@ -176,7 +193,9 @@ class LibvirtConnection:
     def _drop(self, conn: Connection) -> None:
         with self._lock:
             if self._conn is conn:
-                self._conn, self._dead = None, False
+                self._conn, self._dead, self._events = None, False, False
+        if self._watch is not None:
+            self._watch.detach(conn)
         # Already closed or broken: nothing is left to release.
         with contextlib.suppress(self._lv.libvirtError):
             conn.close()

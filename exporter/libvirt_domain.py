@@ -74,21 +74,29 @@ class DeadlineExceeded(Exception):
 class DeviceCache:
     """Each domain's `Devices` by UUID, so its XML is not read at every scrape.
 
-    libvirt has no cheap counter of changes to a domain's live XML, so an entry is read
-    again when a signal that costs nothing says the domain changed: its ID (a new one at
-    every start), its NIC count in the bulk stats (a NIC hot-plugged or unplugged), a failed
-    call of the domain (`forget`) or a new connection; and otherwise once it is older than
-    `refresh` seconds (spread over 0.75-1.25 times that per domain, so a node's domains do not
-    all come due in one scrape), which catches a CD-ROM change, a disk hot-plug or a resize.
-    Disk sizes (`blockInfo` capacity) are read with the XML. Shared by a scrape's workers.
+    An entry is read again when something says the domain changed: a domain event
+    (`changed`, from `exporter.libvirt_events`: a device added or removed, a media change, a
+    block job's pivot, a start, stop or migration), its ID (a new one at every start), its NIC
+    count in the bulk stats, a failed call of the domain (`forget`) or a new connection; and
+    otherwise once it is older than `refresh` seconds (spread over 0.75-1.25 times that per
+    domain, so a node's domains do not all come due in one scrape). The refresh is all there
+    is where events are not delivered, and it also catches what libvirt announces with no
+    event, such as a disk's new size (`blockInfo` capacity, read with the XML). Shared by a
+    scrape's workers and the event thread.
     """
 
     def __init__(self, shared: SharedStorage | None = None, refresh: float = XML_REFRESH) -> None:
         self._lock = threading.Lock()
         self._shared = shared or SharedStorage()
         self._refresh = refresh
-        # UUID: (devices, NIC count in the bulk stats, monotonic time it is due again)
-        self._devices: dict[str, tuple[Devices, int | None, float]] = {}
+        # UUID: (devices, NIC count in the bulk stats, monotonic time it is due again,
+        # the change count when its XML was read)
+        self._devices: dict[str, tuple[Devices, int | None, float, int]] = {}
+        # A count of change notices, and the count at each domain's latest: an entry read
+        # before its domain's latest notice is stale, even when the notice arrived while the
+        # XML was being read.
+        self._changes = 0
+        self._changed: dict[str, int] = {}
 
     def of(self, job: DomainJob) -> Devices:
         domain_id = job.domain.ID() if job.domain_id is None else job.domain_id
@@ -96,11 +104,13 @@ class DeviceCache:
         now = time.monotonic()
         with self._lock:
             cached = self._devices.get(job.uuid)
+            changes, changed = self._changes, self._changed.get(job.uuid, 0)
         if (
             cached is not None
             and cached[0].domain_id == domain_id
             and cached[1] == nic_count
             and now < cached[2]
+            and changed <= cached[3]
         ):
             return cached[0]
         devices = _with_sizes(
@@ -108,8 +118,14 @@ class DeviceCache:
         )
         spread = 0.75 + 0.5 * (zlib.crc32(job.uuid.encode()) / 2**32)
         with self._lock:
-            self._devices[job.uuid] = (devices, nic_count, now + self._refresh * spread)
+            self._devices[job.uuid] = (devices, nic_count, now + self._refresh * spread, changes)
         return devices
+
+    def changed(self, uuid: str) -> None:
+        """A domain event: the domain's XML is read again at its next scrape."""
+        with self._lock:
+            self._changes += 1
+            self._changed[uuid] = self._changes
 
     def forget(self, uuid: str) -> None:
         """Drop one domain's entry: a call failed, so its XML is read afresh next time."""
@@ -117,14 +133,17 @@ class DeviceCache:
             self._devices.pop(uuid, None)
 
     def keep_only(self, uuids: Collection[str]) -> None:
-        """Drop the entries of domains no longer running."""
+        """Drop the entries (and change notices) of domains no longer running."""
         with self._lock:
             for uuid in self._devices.keys() - uuids:
                 del self._devices[uuid]
+            for uuid in self._changed.keys() - uuids:
+                del self._changed[uuid]
 
     def clear(self) -> None:
         with self._lock:
             self._devices.clear()
+            self._changed.clear()
 
 
 def _with_sizes(domain: Domain, devices: Devices) -> Devices:

@@ -79,12 +79,15 @@ class SpyConnection:
         self.extra_ids: list[int] = []  # IDs listDomainsID adds, as if they had just stopped
         self.bulk_supported = True
         self.stats_hook: StatsHook | None = None
+        self.list_stats_hook: StatsHook | None = None  # for domainListGetStats
+        self.stats_masks: list[int] = []  # the groups each bulk call asked for
         self.bulk_hook: Callable[[], None] | None = None
 
     def getAllDomainStats(self, stats: int, flags: int) -> list[tuple[Any, dict[str, Any]]]:
         if self.bulk_hook is not None:
             self.bulk_hook()
         self.calls["getAllDomainStats"] += 1
+        self.stats_masks.append(stats)
         if not self.bulk_supported:  # as raised by drivers without the bulk call
             raise _libvirt_error(libvirt.VIR_ERR_NO_SUPPORT, "getAllDomainStats")
         records = []
@@ -93,6 +96,29 @@ class SpyConnection:
                 values = self.stats_hook(domain, dict(values))
             records.append((SpyDomain(domain, self), values))
         return records
+
+    def domainListGetStats(
+        self, doms: list[Any], stats: int, flags: int = 0
+    ) -> list[tuple[Any, dict[str, Any]]]:
+        self.calls["domainListGetStats"] += 1
+        self.calls["domainListGetStats domains"] += len(doms)
+        real = [dom._domain if isinstance(dom, SpyDomain) else dom for dom in doms]
+        records = []
+        for domain, values in self.conn.domainListGetStats(real, stats, flags):
+            if self.list_stats_hook is not None:
+                values = self.list_stats_hook(domain, dict(values))
+            records.append((SpyDomain(domain, self), values))
+        return records
+
+    def domainEventRegisterAny(self, *args: Any) -> int:
+        self.calls["domainEventRegisterAny"] += 1
+        callback_id: int = self.conn.domainEventRegisterAny(*args)
+        return callback_id
+
+    def domainEventDeregisterAny(self, callback_id: int) -> int:
+        self.calls["domainEventDeregisterAny"] += 1
+        result: int = self.conn.domainEventDeregisterAny(callback_id)
+        return result
 
     def listDomainsID(self) -> list[int]:
         if self.bulk_hook is not None:

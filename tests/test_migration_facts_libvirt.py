@@ -15,7 +15,7 @@ from devkit.libvirt_nodexml import vm_name, write_node_xml
 from exporter.collector import VMCollector
 from exporter.libvirt import LibvirtBackend
 from exporter.libvirt_stats import SharedStorage, bulk_dirty_rate
-from tests.test_libvirt_backend import SpyOpener
+from tests.test_libvirt_backend import SpyOpener, _libvirt_error
 
 RBD_DISK = (
     "<disk type='network' device='disk'><driver name='qemu' type='raw'/>"
@@ -160,18 +160,33 @@ def test_an_old_reading_is_refreshed(node_uri: str) -> None:
         backend.close()
 
 
+def _qemu_like_nics(nics: dict[str, int]) -> Any:
+    def hook(domain: Any, stats: dict[str, Any]) -> dict[str, Any]:
+        return stats | {"net.count": nics["count"]}
+
+    return hook
+
+
+def _measured(names: set[str], mib_per_second: int) -> Any:
+    """What QEMU's dirty-rate group reports: a finished measurement for `names`, no
+    measurement started for the others."""
+
+    def hook(domain: Any, stats: dict[str, Any]) -> dict[str, Any]:
+        if domain.name() in names:
+            return stats | {"dirtyrate.calc_status": 2, "dirtyrate.calc_period": 1,
+                            "dirtyrate.megabytes_per_second": mib_per_second}  # fmt: skip
+        return stats | {"dirtyrate.calc_status": 0, "dirtyrate.calc_period": 0}
+
+    return hook
+
+
 def test_a_nic_count_change_in_the_bulk_stats_reads_the_xml_again(node_uri: str) -> None:
     opener = SpyOpener()
-    backend = LibvirtBackend(node_uri, opener=opener)
+    backend = LibvirtBackend(node_uri, opener=opener, xml_refresh=3600)
     nics = {"count": 1}
-
-    def qemu_like(domain: Any, stats: dict[str, Any]) -> dict[str, Any]:
-        return stats | {"net.count": nics["count"], "dirtyrate.calc_status": 2,
-                        "dirtyrate.megabytes_per_second": 3}  # fmt: skip
-
     try:
-        opener.spy.stats_hook = qemu_like
-        first = backend.scrape(10)
+        opener.spy.stats_hook = _qemu_like_nics(nics)
+        backend.scrape(10)
         backend.scrape(10)
         assert opener.spy.calls["XMLDesc"] == 4
         nics["count"] = 2
@@ -179,7 +194,63 @@ def test_a_nic_count_change_in_the_bulk_stats_reads_the_xml_again(node_uri: str)
         assert opener.spy.calls["XMLDesc"] == 8
     finally:
         backend.close()
-    assert {vm.dirty_rate_bytes_per_second for vm in first.vms} == {3 * 1024 * 1024}
+
+
+def test_the_dirty_rate_is_asked_only_where_a_measurement_was_started(node_uri: str) -> None:
+    opener = SpyOpener()
+    backend = LibvirtBackend(node_uri, opener=opener, dirty_rate_probe=3600)
+    try:
+        spy = opener.spy
+        spy.stats_hook = _qemu_like_nics({"count": 1})
+        spy.list_stats_hook = _measured({vm_name(1)}, 3)
+        first = {vm.vm: vm.dirty_rate_bytes_per_second for vm in backend.scrape(10).vms}
+        assert spy.calls["domainListGetStats domains"] == 4  # each domain asked at first sight
+        for _ in range(3):
+            again = {vm.vm: vm.dirty_rate_bytes_per_second for vm in backend.scrape(10).vms}
+            assert again == first
+        # From then on only the measured domain, in a call of its own.
+        assert spy.calls["domainListGetStats"] == 4
+        assert spy.calls["domainListGetStats domains"] == 4 + 3
+        dirty_group = libvirt.VIR_DOMAIN_STATS_DIRTYRATE
+        assert spy.stats_masks and not any(mask & dirty_group for mask in spy.stats_masks)
+    finally:
+        backend.close()
+    assert first == {vm_name(i): (3 * 1024 * 1024 if i == 1 else None) for i in range(4)}
+
+
+def test_a_measurement_started_later_shows_once_the_domain_is_due(node_uri: str) -> None:
+    opener = SpyOpener()
+    backend = LibvirtBackend(node_uri, opener=opener, dirty_rate_probe=0.0)
+    try:
+        spy = opener.spy
+        spy.stats_hook = _qemu_like_nics({"count": 1})
+        spy.list_stats_hook = _measured(set(), 0)
+        backend.scrape(10)
+        spy.list_stats_hook = _measured({vm_name(2)}, 7)
+        rates = {vm.vm: vm.dirty_rate_bytes_per_second for vm in backend.scrape(10).vms}
+    finally:
+        backend.close()
+    assert rates[vm_name(2)] == 7 * 1024 * 1024
+    assert {rate for vm, rate in rates.items() if vm != vm_name(2)} == {None}
+
+
+def test_a_driver_without_the_dirty_rate_group_is_not_asked_again(node_uri: str) -> None:
+    opener = SpyOpener()
+    backend = LibvirtBackend(node_uri, opener=opener, dirty_rate_probe=0.0)
+
+    def refuse(domain: Any, stats: dict[str, Any]) -> dict[str, Any]:
+        raise _libvirt_error(libvirt.VIR_ERR_NO_SUPPORT, "virDomainListGetStats")
+
+    try:
+        spy = opener.spy
+        spy.stats_hook = _qemu_like_nics({"count": 1})
+        spy.list_stats_hook = refuse
+        results = [backend.scrape(10) for _ in range(3)]
+    finally:
+        backend.close()
+    assert spy.calls["domainListGetStats"] == 1
+    assert all(r.up and len(r.vms) == 4 for r in results)
+    assert {vm.dirty_rate_bytes_per_second for r in results for vm in r.vms} == {None}
 
 
 @pytest.mark.parametrize(
