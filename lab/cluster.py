@@ -146,7 +146,10 @@ class Lab:
             self._start_exporter(
                 spec.libvirt_node,
                 ["--backend", "libvirt", "--libvirt-uri", self.libvirtd.uri,
-                 "--node-name", spec.libvirt_node],
+                 "--node-name", spec.libvirt_node,
+                 # The guests' disk files stand for shared storage, as the Proxmox-like
+                 # nodes' do: they do not pin a guest to the node.
+                 "--shared-path", str(self.libvirtd.images)],
             )  # fmt: skip
             if spec.peer_exporter:
                 self._start_peer(self.libvirtd.uri)

@@ -2,8 +2,9 @@
 vmbalance chain on top, checked end to end (`python -m lab.run`).
 
 1. Nine guests write and read their disks at their own rates: five on `lab-libvirt` (a
-   private libvirtd), three on `lab-pve`, one on `lab-pve2` (plain QEMU laid out like
-   Proxmox). `lab-libvirt` carries most of the I/O and is over its disk capacity.
+   private libvirtd), two on `lab-pve`, two on `lab-pve2` (plain QEMU laid out like
+   Proxmox). `lab-libvirt` carries most of the I/O and is over its disk capacity, and so is
+   the small `lab-pve2` with guest 103 on it.
 2. One vmbalance-exporter per node and a Prometheus scraping them; Debian's
    prometheus-libvirt-exporter on the same libvirtd.
 3. While the window fills: both libvirt exporters scraped in alternation; the counters must
@@ -11,10 +12,14 @@ vmbalance chain on top, checked end to end (`python -m lab.run`).
 4. Once every guest has run a full window: `vmbalance snapshot` must measure each guest's
    disk rate within 20 % of what it was configured to do, and `vmbalance plan` must move
    I/O off `lab-libvirt`.
-5. Guest 103 is live-migrated from `lab-pve` to `lab-pve2` over QMP. The next snapshot must
-   show it on `lab-pve2` with its migration time, its rate still within 20 %, Prometheus
-   must show its node label change, and the plan must leave it there because of the
-   cooldown, where the same snapshot planned without a cooldown moves it.
+5. `vmbalance apply` executes the plan's migrations between the Proxmox-like nodes (the
+   moves off `lab-libvirt` have no backend here: see `lab.execute`) through its Proxmox
+   backend, against Proxmox VE's migration API served over the real QEMU nodes
+   (`lab.pve_api`: each task a real live migration over QMP). The plan must move 103 off
+   `lab-pve2`; afterwards a PromQL query must show the imbalance of the Proxmox-like nodes
+   falling (printed before and after), the next snapshot must show 103 on `lab-pve` with its
+   migration time and its rate still within 20 %, Prometheus must show its node label
+   change, and the next plan must leave it there.
 
 Results go to `lab-out/results/` (snapshots, plans, report.json), logs to `lab-out/logs/`.
 The exit status is 0 only when every check passed.
@@ -39,6 +44,7 @@ from typing import Any
 
 from bench.docs_section import replace_section
 from lab.cluster import REPO, Lab, LabGuest, LabSpec, RateCheck
+from lab.execute import execute_plan
 from lab.guest import GuestBuildError, GuestImage, GuestLoad, default_cache_dir, ensure_guest
 from lab.scrape import PeerComparison, compare_with_peer, libvirt_call_costs
 
@@ -46,13 +52,13 @@ MIB = 1024 * 1024
 RATE_TOLERANCE = 0.20
 HEAVY_NODE = "lab-libvirt"
 MIGRATED_VM = "103"
-MIGRATION = ("lab-pve", "lab-pve2")
+MIGRATION = ("lab-pve2", "lab-pve")
 DOCS_HEADING = "Lab: real libvirtd, vmbalance-exporter vs prometheus-libvirt-exporter"
 COMMAND = "make lab  # .venv/bin/python -m lab.run"
 
 
 def full_spec(scrape_interval: int) -> LabSpec:
-    """Nine guests, three nodes; `lab-pve2` is small so the migrated guest overloads it."""
+    """Nine guests, three nodes; `lab-pve2` is small, so guest 103 on it overloads it."""
 
     def guest(vm: str, node: str, write: int, read: int, name: str = "") -> LabGuest:
         return LabGuest(vm=vm, node=node, load=GuestLoad(write_kib=write, read_kib=read), name=name)
@@ -65,7 +71,7 @@ def full_spec(scrape_interval: int) -> LabSpec:
         guest("lab-cache-1", HEAVY_NODE, 512, 256),
         guest("101", "lab-pve", 512, 256, "app-101"),
         guest("102", "lab-pve", 256, 256, "app-102"),
-        guest(MIGRATED_VM, "lab-pve", 2048, 512, "batch-103"),
+        guest(MIGRATED_VM, "lab-pve2", 2048, 512, "batch-103"),
         guest("201", "lab-pve2", 256, 128, "mon-201"),
     )
     block = 64 * 1024
@@ -161,31 +167,33 @@ def first_plan_checks(plan: dict[str, Any], report: Report) -> None:
 
 
 def migration_checks(
-    lab: Lab, report: Report, config: Path, nocooldown: Path, since: float
+    lab: Lab, report: Report, plan: dict[str, Any], config: Path, since: float
 ) -> None:
     source, target = MIGRATION
+    moves = {m["vm"]: (m["source"], m["target"]) for m in plan.get("migrations", [])}
+    report.check(
+        f"the plan moves {MIGRATED_VM} off the overloaded {source}",
+        moves.get(MIGRATED_VM, ("", ""))[0] == source,
+        f"{MIGRATED_VM}: {moves.get(MIGRATED_VM, 'not moved')}",
+    )
     slept = lab.wait_history_step(lab.io_seen_at)
     if slept:
         report.log(f"waited {slept:.0f}s for a history step to see {MIGRATED_VM} on {source}")
-    report.log(f"live-migrating {MIGRATED_VM} {source} -> {target} over QMP")
-    migration = lab.migrate(MIGRATED_VM, source, target)
-    report.data["migration"] = migration.as_dict()
-    report.log(
-        f"migrated in {migration.total_time_ms} ms (downtime {migration.downtime_ms} ms, "
-        f"{migration.transferred_bytes / MIB:.0f} MiB); target exporter listed it while "
-        f"incoming: {migration.target_reported_while_incoming}"
-    )
+    pve = lab.spec.config["capacity"]
+    capacities = {
+        node: float(pve.get("per_node", {}).get(node, {}).get("disk_bytes", pve["disk_bytes"]))
+        for node in lab.pve
+    }
+    done = execute_plan(lab, plan, {}, capacities, report)
+    target = next((r["to"] for r in done if r["vm"] == MIGRATED_VM), target)
+    qemu = report.data.get("apply_qemu_migrations", [])
+    report.data["migration"] = next((m for m in qemu if m["vm"] == MIGRATED_VM), None)
     snapshot_path, snapshot = lab.wait_placed(MIGRATED_VM, target, config, "after-migration")
     row = next(r for r in snapshot["vms"] if r["vm"] == MIGRATED_VM)
     report.check(
         "snapshot places the migrated VM on its new node with its migration time",
         row["node"] == target and row["last_migration"] is not None,
         f"node {row['node']}, last_migration {row['last_migration']}",
-    )
-    wait(
-        lab.spec.scrape_interval * 3,
-        report,
-        "so the migrated VM's window holds samples from both nodes",
     )
     history = lab.node_history(MIGRATED_VM, since)
     report.data["node_history"] = history
@@ -204,25 +212,15 @@ def migration_checks(
         rate_lines([moved])[0].strip(),
     )
     _, held = lab.plan("after-migration", config, snapshot_path)
-    _, free = lab.plan("after-migration-no-cooldown", nocooldown, snapshot_path)
     held_moves = [m["vm"] for m in held.get("migrations", [])]
-    held_back = [h for h in held.get("held_back", []) if h["vm"] == MIGRATED_VM]
-    free_moves = [m["vm"] for m in free.get("migrations", [])]
     report.data["plan_after_migration"] = {
         "migrations": held_moves,
         "held_back": held.get("held_back", []),
-        "migrations_without_cooldown": free_moves,
     }
     report.check(
-        "cooldown keeps the migrated VM where it is",
-        MIGRATED_VM not in held_moves
-        and any("cooldown" in h.get("blocked_by", []) for h in held_back),
-        f"migrations {held_moves}, held back {held_back}",
-    )
-    report.check(
-        "without the cooldown the same snapshot moves it",
-        MIGRATED_VM in free_moves,
-        f"migrations {free_moves}",
+        "the next plan leaves the migrated VM where apply put it",
+        MIGRATED_VM not in held_moves,
+        f"migrations {held_moves}",
     )
 
 
@@ -338,7 +336,8 @@ def docs_section(report: Report, peer: PeerComparison, rates: list[RateCheck]) -
         lines += [
             "",
             f"Live migration of guest {migration['vm']} from {migration['source']} to "
-            f"{migration['target']} over QMP: {migration['total_time_ms']} ms, downtime "
+            f"{migration['target']} by `vmbalance apply` (Proxmox API, QMP underneath): "
+            f"{migration['total_time_ms']} ms, downtime "
             f"{migration['downtime_ms']} ms; its rate over a window spanning the move: "
             + (f"{ratio:.3f} of configured." if ratio is not None else "not measured."),
         ]
@@ -414,7 +413,6 @@ def run_checks(
     lab.wait_for_io()
     report.log("every guest is writing")
     config = lab.write_config("lab")
-    nocooldown = lab.write_config("no-cooldown", {"balance": {"cooldown_seconds": 0}})
     window_full = lab.io_seen_at + 120 + 3 * spec.scrape_interval
 
     observed.peer = exporter_checks(lab, peer_rounds, report)
@@ -426,7 +424,7 @@ def run_checks(
         "imbalance": plan.get("imbalance"),
     }
     first_plan_checks(plan, report)
-    migration_checks(lab, report, config, nocooldown, since)
+    migration_checks(lab, report, plan, config, since)
 
 
 def exporter_checks(lab: Lab, rounds: int, report: Report) -> PeerComparison:

@@ -372,7 +372,8 @@ class AutomationSettings(StrictModel):
     windows: list[str] = Field(default_factory=list)
     timezone: str = "UTC"
     min_seconds_between_plans: Number = Field(3600.0, ge=0, le=MAX_QUANTITY)
-    # Migrations executed per day (in `timezone`), all plans together.
+    # Migrations executed per day (in `timezone`), all plans of a cluster (or of every
+    # cluster, `budget_scope: global`) together.
     daily_migration_budget: Count = Field(20, ge=0, le=1_000_000)
     # While this file exists, nothing is executed (as after POST /-/pause).
     pause_file: str | None = None
@@ -380,6 +381,13 @@ class AutomationSettings(StrictModel):
     # instance serving the cluster must name the same file (on a shared file system when
     # they run on different hosts).
     lock_file: str | None = None
+    # What survives a restart: the executed plans and moves (budget, interval, cooldown), a
+    # JSON file replaced atomically under the lock; none: `<lock_file>.state`.
+    state_file: str | None = None
+    # Whether the daily budget and the time between plans count each cluster on its own
+    # (`cluster`) or every cluster this instance serves together (`global`).
+    budget_scope: Literal["cluster", "global"] = "cluster"
+    interval_scope: Literal["cluster", "global"] = "cluster"
 
     @field_validator("windows")
     @classmethod

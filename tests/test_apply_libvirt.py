@@ -1,6 +1,7 @@
 """`vmbalance apply` live-migrates a real TCG guest between two libvirt daemons on this machine,
-each a node of its own (its own runtime directories and host UUID), and the exporter then
-reports the VM on the new node.
+each a node of its own (its own runtime directories and host UUID); the node's exporters then
+report the VM on the new node, and a Prometheus scraping both shows the node change in its
+history: the VM's series under the old node, then under the new one.
 
 The guest's disk is read-only and the guest reads it: libvirt 9 refuses to live-migrate a
 writable disk on a local file system between two daemons ("migration without shared storage
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from devkit.servers import ExporterProcess
+from devkit.servers import ExporterProcess, PrometheusServer
 from devkit.service import wait_until
 from recommender.config import Config
 from recommender.faces.cli import main
@@ -56,7 +57,7 @@ def two_nodes(tmp_path: Path) -> Iterator[tuple[object, object, Path]]:
         links.rmdir()
 
 
-def test_apply_live_migrates_a_guest_between_two_daemons(
+def test_apply_live_migrates_a_guest_and_prometheus_sees_the_node_change(
     tmp_path: Path,
     two_nodes: tuple[object, object, Path],
     exporter_factory: Callable[..., ExporterProcess],
@@ -76,6 +77,52 @@ def test_apply_live_migrates_a_guest_between_two_daemons(
         "the guest's start line on its serial console",
     )
 
+    exporters = {
+        name: exporter_factory(
+            "--backend", "libvirt", "--libvirt-uri", daemon.uri, "--node-name", name
+        )
+        for name, daemon in (("node-a", source), ("node-b", target))
+    }
+    targets = [e.address for e in exporters.values()]
+    prometheus = PrometheusServer(
+        tmp_path / "prometheus",
+        [{"job_name": "vmbalance", "static_configs": [{"targets": targets}]}],
+        interval="1s",
+    )
+    with prometheus:
+        before = prometheus.wait_for(
+            'vmbalance_vm_info{vm="guest-1"}', lambda r: len(r) == 1, timeout=60
+        )
+        assert before[0]["metric"]["node"] == "node-a"
+        code, audit = apply_plan(tmp_path, links)
+        assert code == 0
+        after = prometheus.wait_for(
+            'vmbalance_vm_info{vm="guest-1"}',
+            lambda r: [s["metric"]["node"] for s in r] == ["node-b"],
+            timeout=60,
+        )
+        assert after[0]["metric"]["instance"] == exporters["node-b"].address
+        history = prometheus.query('vmbalance_vm_info{vm="guest-1"}[10m]')
+    assert_migrated(audit, source, target)
+    # The history: node-a's series first, node-b's after it, and only node-b's at the end.
+    spans = {s["metric"]["node"]: [float(t) for t, _ in s["values"]] for s in history}
+    assert set(spans) == {"node-a", "node-b"}
+    assert min(spans["node-a"]) < min(spans["node-b"])
+    assert max(spans["node-a"]) < max(spans["node-b"])
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{exporters['node-a'].port}/metrics", timeout=30
+    ) as r:
+        assert 'vm="guest-1"' not in r.read().decode()
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{exporters['node-b'].port}/metrics", timeout=30
+    ) as r:
+        body = r.read().decode()
+    info = [line for line in body.splitlines() if line.startswith("vmbalance_vm_info{")]
+    assert len(info) == 1 and 'vm="guest-1"' in info[0] and 'node="node-b"' in info[0]
+
+
+def apply_plan(tmp_path: Path, links: Path) -> tuple[int, Path]:
+    """`vmbalance apply` of a one-step plan moving guest-1 from node-a to node-b."""
     uri = f"qemu+unix:///session?socket={links}/{{node}}.sock"
     (tmp_path / "config.yaml").write_text(
         json.dumps(
@@ -132,8 +179,13 @@ def test_apply_live_migrates_a_guest_between_two_daemons(
             str(audit),
         ]
     )
+    return code, audit
 
-    assert code == 0
+
+def assert_migrated(audit: Path, source: object, target: object) -> None:
+    from lab.libvirt_node import PrivateLibvirtd
+
+    assert isinstance(source, PrivateLibvirtd) and isinstance(target, PrivateLibvirtd)
     records = [json.loads(line) for line in audit.read_text().splitlines()]
     done = [r for r in records if r["result"] == "done"]
     assert [(r["vm"], r["from"], r["to"]) for r in done] == [("guest-1", "node-a", "node-b")]
@@ -141,11 +193,3 @@ def test_apply_live_migrates_a_guest_between_two_daemons(
     assert done[0]["downtime_seconds"] is not None
     assert [d.name() for d in target.conn.listAllDomains()] == ["guest-1"]
     assert source.conn.listAllDomains() == []
-
-    exporter = exporter_factory(
-        "--backend", "libvirt", "--libvirt-uri", target.uri, "--node-name", "node-b"
-    )
-    with urllib.request.urlopen(f"http://127.0.0.1:{exporter.port}/metrics", timeout=30) as r:
-        body = r.read().decode()
-    info = [line for line in body.splitlines() if line.startswith("vmbalance_vm_info{")]
-    assert len(info) == 1 and 'vm="guest-1"' in info[0] and 'node="node-b"' in info[0]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import fcntl
 import io
+import json
+import os
+import stat
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -12,7 +15,8 @@ from zoneinfo import ZoneInfo
 
 from prometheus_client import CollectorRegistry
 
-from recommender.apply.backend import Backend
+from recommender.apply.backend import Backend, Outcome, ProgressCallback
+from recommender.apply.steps import Step
 from recommender.config import AutomationSettings, BalanceSettings, Config
 from recommender.engine.rules import RuleSettings
 from recommender.faces.automation import Automation, in_windows
@@ -197,3 +201,140 @@ def test_a_vm_is_never_moved_back_within_its_cooldown(tmp_path: Path) -> None:
     assert decision.executed == 0
     assert "would move a VM back within its cooldown" in decision.reason
     assert backend.calls == ["101"]
+
+
+# --- what survives a restart ------------------------------------------------------------------
+
+
+def test_a_restart_does_not_reset_the_budget_or_the_time_between_plans(tmp_path: Path) -> None:
+    cfg = config(tmp_path, daily_migration_budget=1, min_seconds_between_plans=600)
+    snap = hot_nic_cluster()
+    plan = build_plan(snap, cfg)
+    backend = ScriptedBackend()
+    assert automation(cfg, snap, backend).consider(plan).executed == 1
+    # a new process: the same config, nothing in memory
+    restarted = automation(cfg, snap, backend, at=MONDAY_NOON + 60)
+    assert restarted.consider(plan).reason == "too soon after the last executed plan"
+    restarted.clock[0] += 3600  # type: ignore[attr-defined]
+    assert restarted.consider(plan).reason == "daily migration budget spent"
+    again = automation(cfg, snap, backend, at=MONDAY_NOON + 86400)  # the next day
+    assert again.consider(plan).executed == 1
+    assert len(backend.calls) == 2
+    document = json.loads((tmp_path / "apply.lock.state").read_text())
+    assert document["format"] == "vmbalance-automation-state"
+    assert [p["migrations"] for p in document["plans"]] == [1, 1]
+
+
+def test_the_cooldown_holds_across_a_restart(tmp_path: Path) -> None:
+    cfg = config(tmp_path, min_seconds_between_plans=0)
+    snap = evacuation()
+    plan = build_plan(snap, cfg)
+    backend = ScriptedBackend()
+    assert automation(cfg, snap, backend).consider(plan).executed == 1
+    target = plan.migrations[0].target
+    back = snapshot(
+        {"pve1": node(), "pve2": node(), "pve3": node()},
+        {"101": vm(target), "102": vm("pve2"), "103": vm("pve3")},
+    )
+    reverse = build_plan(back, cfg)
+    reverse.migrations = [replace(plan.migrations[0], source=target, target="pve1", kind="balance")]
+    cooldown = cfg.balance.cooldown_seconds
+    restarted = automation(cfg, back, backend, at=MONDAY_NOON + cooldown / 2)
+    decision = restarted.consider(reverse)
+    assert decision.executed == 0
+    assert "would move a VM back within its cooldown" in decision.reason
+    # the same VM id in another cluster is another VM
+    assert restarted.consider(reverse, "other").executed == 1
+    assert backend.calls == ["101", "101"]
+    later = automation(cfg, back, backend, at=MONDAY_NOON + cooldown + 1)
+    assert later.consider(reverse).executed == 1
+
+
+def test_the_budget_and_the_interval_per_cluster_or_global(tmp_path: Path) -> None:
+    snap = hot_nic_cluster()
+    per_cluster = config(tmp_path / "a", daily_migration_budget=1, min_seconds_between_plans=600)
+    (tmp_path / "a").mkdir()
+    plan = build_plan(snap, per_cluster)
+    backend = ScriptedBackend()
+    auto = automation(per_cluster, snap, backend)
+    assert auto.consider(plan, "east").executed == 1
+    assert auto.consider(plan, "west").executed == 1  # its own budget and interval
+    assert auto.consider(plan, "east").reason == "too soon after the last executed plan"
+
+    (tmp_path / "b").mkdir()
+    interval = config(tmp_path / "b", min_seconds_between_plans=600, interval_scope="global")
+    auto = automation(interval, snap, backend)
+    assert auto.consider(plan, "east").executed == len(plan.migrations)
+    assert auto.consider(plan, "west").reason == "too soon after the last executed plan"
+
+    (tmp_path / "c").mkdir()
+    budget = config(
+        tmp_path / "c",
+        daily_migration_budget=1,
+        min_seconds_between_plans=0,
+        budget_scope="global",
+    )
+    auto = automation(budget, snap, backend)
+    assert auto.consider(plan, "east").executed == 1
+    assert auto.consider(plan, "west").reason == "daily migration budget spent"
+
+
+def test_the_state_file_is_only_ever_a_regular_file(tmp_path: Path) -> None:
+    snap = evacuation()
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text("{}")
+    link = tmp_path / "state-link"
+    link.symlink_to(elsewhere)
+    fifo = tmp_path / "state-fifo"
+    os.mkfifo(fifo)
+    for path, kind in ((link, "a symbolic link"), (fifo, "a FIFO"), (tmp_path, "a directory")):
+        cfg = config(tmp_path, state_file=str(path))
+        backend = ScriptedBackend()
+        decision = automation(cfg, snap, backend).consider(build_plan(snap, cfg))
+        assert decision.executed == 0 and f"is {kind}" in decision.reason
+        assert backend.calls == []
+    assert elsewhere.read_text() == "{}" and link.is_symlink()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_an_unreadable_state_file_executes_nothing(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    state.write_text("{not json")
+    cfg = config(tmp_path, state_file=str(state))
+    snap = evacuation()
+    backend = ScriptedBackend()
+    decision = automation(cfg, snap, backend).consider(build_plan(snap, cfg))
+    assert decision.executed == 0 and decision.reason.startswith(f"state file: {state}: not JSON")
+    assert backend.calls == []
+
+
+def test_a_state_file_that_cannot_be_written_stops_execution_until_it_can(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state.json"
+    cfg = config(tmp_path, state_file=str(state), min_seconds_between_plans=0)
+    snap = hot_nic_cluster()
+    plan = build_plan(snap, cfg)
+
+    class Obstructing(ScriptedBackend):
+        """Someone puts a directory where the state file goes while the plan executes."""
+
+        obstruct = True
+
+        def migrate(self, step: Step, progress: ProgressCallback) -> Outcome:
+            if self.obstruct:
+                state.mkdir(exist_ok=True)
+            return super().migrate(step, progress)
+
+    backend = Obstructing()
+    first = automation(cfg, snap, backend)
+    decision = first.consider(plan)
+    assert decision.executed == len(plan.migrations)
+    assert f"state file: {state}: is a directory" in decision.reason
+    assert "state file:" in first.consider(plan).reason  # nothing more until it is written
+    assert len(backend.calls) == len(plan.migrations)
+    state.rmdir()
+    backend.obstruct = False
+    assert first.consider(plan).reason == ""
+    document = json.loads(state.read_text())
+    assert len(document["plans"]) == 2

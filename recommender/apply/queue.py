@@ -28,8 +28,9 @@ from recommender.text import one_line
 # A live check: the reason to skip `step` now, or None; it is shown the steps already done
 # and those in flight, whose effect the live state may not show yet.
 LiveCheck = Callable[[Step, Sequence[Step], Sequence[Step]], str | None]
-# What the queue tells the terminal: an event name, the step, and a line of detail.
-Report = Callable[[str, Step, str], None]
+# What the queue tells the terminal: an event name, the step, a line of detail, and the
+# migration's latest progress.
+Report = Callable[[str, Step, str, Progress], None]
 
 
 @dataclass
@@ -62,8 +63,8 @@ class QueueResult:
         return self.stopped is None and not self.of("failed") and not self.of("not-started")
 
 
-def _silent(event: str, step: Step, detail: str) -> None:
-    del event, step, detail
+def _silent(event: str, step: Step, detail: str, progress: Progress) -> None:
+    del event, step, detail, progress
 
 
 class Queue:
@@ -188,7 +189,7 @@ class Queue:
         with self._cond:
             self._audit.record("started", step)
             self._metrics.in_flight.inc()
-            self._report("started", step, f"{step.source} → {step.target}")
+            self._report("started", step, f"{step.source} → {step.target}", state.progress)
         try:
             outcome = self._backend.migrate(step, lambda p: self._progress(state, p))
         except Exception as exc:  # a backend bug or a lost connection: never "done"
@@ -203,7 +204,7 @@ class Queue:
     def _progress(self, state: StepState, progress: Progress) -> None:
         with self._cond:
             state.progress = progress
-            self._report("progress", state.step, "")
+            self._report("progress", state.step, "", progress)
 
     def _finish(self, state: StepState, result: Result, reason: str) -> None:
         """Record the end of a step (under the lock) and wake the scheduler."""
@@ -222,7 +223,7 @@ class Queue:
             reason=reason,
         )
         self._metrics.migrations.labels(result).inc()
-        self._report(result, state.step, reason)
+        self._report(result, state.step, reason, state.progress)
         if result == "failed":
             why = f"step {state.step.step} ({state.step.vm}) failed: {reason}"
             if self._continue:
@@ -243,10 +244,10 @@ class Queue:
             reason = f"running {elapsed:.0f} s against an estimate of {estimate:.0f} s"
             self._audit.record("overdue", state.step, duration=elapsed, reason=reason)
             self._metrics.overdue.inc()
-            self._report("overdue", state.step, reason)
+            self._report("overdue", state.step, reason, state.progress)
             if self._settings.cancel_overdue:
                 self._audit.record("cancel", state.step, duration=elapsed, reason=reason)
-                self._report("cancel", state.step, reason)
+                self._report("cancel", state.step, reason, state.progress)
                 self._backend.cancel(state.step)
 
 

@@ -16,7 +16,6 @@ import json
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
@@ -33,6 +32,7 @@ from recommender.apply.queue import Queue, QueueResult
 from recommender.apply.steps import Step, dependencies, steps_of_document, steps_of_plan
 from recommender.config import Config
 from recommender.errors import CommandError
+from recommender.faces.apply_progress import LineProgress, LiveProgress
 from recommender.model import Snapshot
 from recommender.output_file import append_output, write_output
 from recommender.quoting import display
@@ -145,30 +145,13 @@ def _confirm(count: int) -> None:
         raise CommandError("not confirmed; nothing was migrated")
 
 
-class Reporter:
-    """One line on the terminal per event of the queue; progress at most every 10 s."""
-
-    def __init__(self, console: Console, config: Config) -> None:
-        self._console = console
-        self._config = config
-        self._started: dict[int, float] = {}
-        self._last_progress: dict[int, float] = {}
-
-    def __call__(self, event: str, step: Step, detail: str) -> None:
-        now = time.monotonic()
-        if event == "started":
-            self._started[step.step] = now
-        elif event == "progress":
-            if now - self._last_progress.get(step.step, 0.0) < 10:
-                return
-            self._last_progress[step.step] = now
-        elapsed = now - self._started.get(step.step, now)
-        estimate = step.estimate_seconds(self._config.apply)
-        text = (
-            f"step {step.step} {display(step.vm)} {display(step.source)} → "
-            f"{display(step.target)}: {event}, {elapsed:.0f} s of ~{estimate:.0f} s"
-        )
-        self._console.print(text + (f": {display(detail)}" if detail else ""), markup=False)
+def progress_view(
+    console: Console, config: Config, steps: Sequence[Step], live: bool
+) -> LineProgress | LiveProgress:
+    """The live table on a terminal, plain lines elsewhere."""
+    if live:
+        return LiveProgress(console, config.apply, steps)
+    return LineProgress(console, config.apply)
 
 
 @contextlib.contextmanager
@@ -215,6 +198,7 @@ def run_apply(args: argparse.Namespace, out: TextIO) -> int:
     if not args.yes:
         _confirm(len(steps))
     metrics = ApplyMetrics()
+    view = progress_view(console, config, steps, live=sys.stderr.isatty())
     queue = Queue(
         steps,
         backend,
@@ -223,9 +207,9 @@ def run_apply(args: argparse.Namespace, out: TextIO) -> int:
         audit=AuditLog(audit_path),
         metrics=metrics,
         continue_on_error=args.continue_on_error,
-        report=Reporter(console, config),
+        report=view,
     )
-    with stopping_on_signals(queue):
+    with stopping_on_signals(queue), view:
         result = queue.run()
     if args.metrics_file:
         write_output(args.metrics_file, metrics.text())

@@ -6,8 +6,12 @@ maintenance and repair broken rules; `full` executes balancing plans too. Both e
 inside the maintenance windows, at least `min_seconds_between_plans` after the last executed
 plan, within the daily migration budget, while not paused (the pause file, or POST
 /-/pause on serve's port), and while holding the lock file (flock), so that one instance
-executes for a cluster at a time. A migration that would take a VM back to the node this
-instance moved it off within the cooldown is dropped from the plan.
+executes for a cluster at a time. A migration that would take a VM back to a node it was
+moved off within the cooldown is dropped from the plan.
+
+The budget, the time of the last plan and the moves are kept in the state file
+(`recommender.apply.state`), read and written under the lock: a restart, or another
+instance sharing the lock, sees what was executed before.
 """
 
 from __future__ import annotations
@@ -31,7 +35,15 @@ from recommender.apply.audit import AuditLog
 from recommender.apply.backend import Backend
 from recommender.apply.live import live_check
 from recommender.apply.metrics import ApplyMetrics
-from recommender.apply.queue import Queue
+from recommender.apply.queue import Queue, QueueResult
+from recommender.apply.state import (
+    AutomationState,
+    ExecutedPlan,
+    Move,
+    StateFileError,
+    load_state,
+    save_state,
+)
 from recommender.apply.steps import Step, steps_of_plan
 from recommender.config import Config, parse_window
 from recommender.faces.errors import known_error
@@ -107,9 +119,9 @@ class Automation:
         self._lock = threading.Lock()
         self._paused_by_http = False
         self._queue: Queue | None = None
-        self._last_executed: float | None = None
-        self._spent: dict[str, int] = {}  # day (in the schedule's zone) → migrations executed
-        self._left: dict[str, tuple[str, float]] = {}  # vm → (node it left, when)
+        lock = self.settings.lock_file or ""
+        self.state_file = self.settings.state_file or f"{lock}.state"
+        self._unsaved: AutomationState | None = None
         self.decisions = 0
         self.last_reason = ""
 
@@ -138,22 +150,14 @@ class Automation:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._wall(), ZoneInfo(self.settings.timezone))
 
-    def _eligible(self, plan: Plan) -> tuple[list[Step], str]:
+    def _eligible(self, plan: Plan) -> list[Step]:
         steps = steps_of_plan(plan)
         if self.settings.level == "partial":
             steps = [s for s in steps if s.kind in FORCED_KINDS]
-        now = self._wall()
-        cooldown = self.config.balance.cooldown_seconds
-        back = [s for s in steps if self._moves_back(s, now, cooldown)]
-        kept = [s for s in steps if s not in back]
-        note = f"{len(back)} migration(s) would move a VM back within its cooldown" if back else ""
-        return kept, note
-
-    def _moves_back(self, step: Step, now: float, cooldown: float) -> bool:
-        left = self._left.get(step.vm)
-        return left is not None and left[0] == step.target and now - left[1] < cooldown
+        return steps
 
     def _refusal(self, steps: list[Step]) -> str | None:
+        """Why nothing may execute now, from what needs no state."""
         if self.settings.level == "manual":
             return "automation level manual"
         if not steps:
@@ -162,36 +166,77 @@ class Automation:
             return "paused"
         if not in_windows(self.settings.windows, self._now()):
             return "outside the maintenance windows"
-        last = self._last_executed
+        return None
+
+    def _scope(self, scope: str, cluster: str) -> str | None:
+        return None if scope == "global" else cluster
+
+    def _state_refusal(self, state: AutomationState, cluster: str) -> str | None:
+        last = state.last_executed(self._scope(self.settings.interval_scope, cluster))
         if last is not None and self._wall() - last < self.settings.min_seconds_between_plans:
             return "too soon after the last executed plan"
-        if self._budget_left() <= 0:
+        if self._budget_left(state, cluster) <= 0:
             return "daily migration budget spent"
         return None
 
-    def _budget_left(self) -> int:
-        return self.settings.daily_migration_budget - self._spent.get(self._day(), 0)
+    def _budget_left(self, state: AutomationState, cluster: str) -> int:
+        zone = ZoneInfo(self.settings.timezone)
+        scope = self._scope(self.settings.budget_scope, cluster)
+        return self.settings.daily_migration_budget - state.spent(scope, self._day(), zone)
 
     def _day(self) -> str:
         return self._now().date().isoformat()
 
-    def consider(self, plan: Plan) -> Decision:
-        """Execute what this level allows of `plan` now, and say what was done and why not."""
-        steps, note = self._eligible(plan)
+    def _not_back(
+        self, steps: list[Step], state: AutomationState, cluster: str
+    ) -> tuple[list[Step], str]:
+        """The steps that take no VM back to a node it left within its cooldown."""
+        now, cooldown = self._wall(), self.config.balance.cooldown_seconds
+        kept = [
+            s for s in steps if s.target not in state.left_recently(cluster, s.vm, now, cooldown)
+        ]
+        dropped = len(steps) - len(kept)
+        note = f"{dropped} migration(s) would move a VM back within its cooldown" if dropped else ""
+        return kept, note
+
+    def consider(self, plan: Plan, cluster: str = "") -> Decision:
+        """Execute what this level allows of `plan` (of `cluster`) now, and say what was done
+        and why not."""
+        steps = self._eligible(plan)
         refusal = self._refusal(steps)
         if refusal is not None:
-            return self._decided(0, "; ".join(r for r in (refusal, note) if r))
-        budget = self._budget_left()
-        if len(steps) > budget:
-            note = "; ".join(n for n in (note, f"budget: {budget} of {len(steps)}") if n)
-            steps = steps[:budget]
+            return self._decided(0, refusal)
         assert self.settings.lock_file is not None  # checked by AutomationSettings
         with execution_lock(self.settings.lock_file) as held:
             if not held:
                 return self._decided(0, "another instance holds the lock")
-            return self._execute(plan, steps, note)
+            try:
+                state = self._load_state()
+            except StateFileError as exc:  # what was executed is unknown: execute nothing
+                return self._decided(0, f"state file: {exc}")
+            steps, note = self._not_back(steps, state, cluster)
+            refusal = self._state_refusal(state, cluster) if steps else None
+            if not steps or refusal is not None:
+                reason = refusal or "nothing to execute at this level"
+                return self._decided(0, "; ".join(r for r in (reason, note) if r))
+            budget = self._budget_left(state, cluster)
+            if len(steps) > budget:
+                note = "; ".join(n for n in (note, f"budget: {budget} of {len(steps)}") if n)
+                steps = steps[:budget]
+            result = self._execute(plan, steps)
+            return self._remember(state, cluster, result, note)
 
-    def _execute(self, plan: Plan, steps: list[Step], note: str) -> Decision:
+    def _load_state(self) -> AutomationState:
+        """The state file's memory; one this instance could not write yet is written first,
+        and until it is, nothing executes."""
+        unsaved = self._unsaved
+        if unsaved is None:
+            return load_state(self.state_file)
+        save_state(self.state_file, unsaved)
+        self._unsaved = None
+        return unsaved
+
+    def _execute(self, plan: Plan, steps: list[Step]) -> QueueResult:
         queue = Queue(
             steps,
             self._backend_factory(plan, self.config),
@@ -205,18 +250,31 @@ class Automation:
         if self.paused():
             queue.stop("paused")
         try:
-            result = queue.run()
+            return queue.run()
         finally:
             with self._lock:
                 self._queue = None
+
+    def _remember(
+        self, state: AutomationState, cluster: str, result: QueueResult, note: str
+    ) -> Decision:
+        """Write down what was executed (under the lock), then say so."""
         started = [s for s in result.states if s.started is not None and s.result != "skipped"]
-        self._last_executed = self._wall()
-        day = self._day()
-        self._spent[day] = self._spent.get(day, 0) + len(started)
-        for state in result.of("done"):
-            self._left[state.step.vm] = (state.step.source, self._wall())
-        reason = "; ".join(r for r in (result.stopped or "", note) if r)
-        return self._decided(len(started), reason)
+        now = self._wall()
+        moves = [
+            Move(now, cluster, s.step.vm, s.step.source, s.step.target) for s in result.of("done")
+        ]
+        state.add(ExecutedPlan(now, cluster, len(started)), moves)
+        keep = max(self.config.balance.cooldown_seconds, self.settings.min_seconds_between_plans)
+        reasons = [result.stopped or "", note]
+        state = state.pruned(now, keep)
+        try:
+            save_state(self.state_file, state)
+        except StateFileError as exc:  # kept in memory, written before anything else executes
+            self._unsaved = state
+            log.error("automation: %s", exc)
+            reasons.append(f"state file: {exc}")
+        return self._decided(len(started), "; ".join(r for r in reasons if r))
 
     def _decided(self, executed: int, reason: str) -> Decision:
         self.decisions += 1
@@ -274,13 +332,13 @@ def automation_for(config: Config, snapshot_source: Callable[[], Snapshot]) -> A
     return Automation(config, backend, snapshot_source)
 
 
-def after_plan(automation: Automation) -> Callable[[Plan], None]:
+def after_plan(automation: Automation) -> Callable[[Plan, str], None]:
     """The hook serve calls after each successful planning run; a failure to execute is
     logged and counted, never the end of serve."""
 
-    def hook(plan: Plan) -> None:
+    def hook(plan: Plan, cluster: str = "") -> None:
         try:
-            automation.consider(plan)
+            automation.consider(plan, cluster)
         except Exception as exc:
             message = known_error(exc)
             if message is None:

@@ -128,7 +128,7 @@ class Recommender:
         self,
         config: Config,
         snapshot_source: Callable[[Config], Snapshot] | None = None,
-        after_plan: Callable[[Plan], None] | None = None,
+        after_plan: Callable[[Plan, str], None] | None = None,
     ) -> None:
         self.config = config
         self._source = snapshot_source or _prometheus_snapshot
@@ -173,7 +173,7 @@ class Recommender:
                 finite_or_none(plan.overall_after) or 0.0,
             )
             if self._after_plan is not None:
-                self._after_plan(plan)
+                self._after_plan(plan, cluster)
         return True
 
     def _failed(self, exc: Exception, duration: float) -> None:
