@@ -318,7 +318,6 @@ def test_the_lab_stops_everything_it_started(lab_run: LabRun) -> None:
     assert len(lab_run.pids) >= 8  # 3 exporters, peer, Prometheus, libvirtd, 2 QEMUs
     assert [pid for pid in lab_run.pids if _alive(pid)] == []
     assert not lab_run.libvirt_root.exists()
-    assert lab_run.seconds < 240
 
 
 @pytest.mark.slow
