@@ -116,8 +116,8 @@ def _utilisation(inst: Instance, final: dict[str, str]) -> dict[str, float]:
     return out
 
 
-def evaluate(task: tuple[int, bool, str]) -> dict[str, Any]:
-    seed, small, python = task
+def evaluate(job: tuple[int, bool, str]) -> dict[str, Any]:
+    seed, small, python = job
     inst = instance(seed, small)
     problem = build_problem(inst.snapshot, inst.config)
     with tempfile.TemporaryDirectory(prefix="bench-proxlb-") as tmp:
@@ -259,9 +259,9 @@ def main() -> None:
     except RuntimeError as error:
         raise SystemExit(f"ProxLB could not be installed: {error}") from None
     rows = []
-    tasks = [(seed, args.small, str(python)) for seed in range(args.clusters)]
+    jobs = [(seed, args.small, str(python)) for seed in range(args.clusters)]
     with multiprocessing.Pool(max(args.jobs, 1)) as pool:
-        for row in pool.imap(evaluate, tasks):
+        for row in pool.imap(evaluate, jobs):
             rows.append(row)
             print(
                 f"seed {row['seed']:3d}: {row['vms']} VMs, migrations "
