@@ -1,5 +1,5 @@
 """`vmbalance apply` on Proxmox VE: proxmoxer against a loopback fake of the documented API
-(tests/fake_pve.py), the run's calls, outcomes, audit log and exit status asserted."""
+(devkit/fake_pve.py), the run's calls, outcomes, audit log and exit status asserted."""
 
 from __future__ import annotations
 
