@@ -22,6 +22,7 @@ missed scrape.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from recommender.config import QuerySettings, duration_seconds
@@ -81,6 +82,69 @@ class SampleGrid:
         return (-(self.at % step)) % self.spacing
 
 
+def _offset(seconds: float) -> str:
+    return f" offset {round(seconds * 1000):d}ms" if seconds > 0 else ""
+
+
+def step_increase(counter: str, step: float, grid: SampleGrid, offset: float = 0.0) -> str:
+    """PromQL of each series' work in the report step `(T - step, T]` (T: the step's time,
+    less `offset`), the same on Prometheus and VictoriaMetrics.
+
+    A series with a sample on both edges of the step gives the same `increase()` on both
+    servers. One that ends or starts inside the step (a VM that migrated, a VM stopped or
+    started) does not: Prometheus extrapolates toward the edges, VictoriaMetrics counts a
+    new series from zero when its first value is small. Those series take the difference of
+    their own samples instead: the last sample in the step less the one on its left edge (an
+    ending series), or less the first in the step (a starting one). The work between the old
+    node's last sample and the new node's first (under one scrape interval) is then seen by
+    neither server. Without a known spacing, plain `increase()`.
+    """
+    whole = f"increase({counter}[{step:.0f}s]{_offset(offset)})"
+    if not grid.known:
+        return whole
+    edge = f"{round(grid.edge_margin() * 1000):d}ms"
+    inside = f"{counter}[{grid.level_range(step)}]{_offset(offset)}"
+    right = f"last_over_time({counter}[{edge}]{_offset(offset)})"
+    left = f"last_over_time({counter}[{edge}]{_offset(offset + step)})"
+    return (
+        f"(({whole} and {right}) and {left})"
+        f" or clamp_min(last_over_time({inside}) - {left}, 0)"
+        f" or (last_over_time({inside}) - min_over_time({inside}))"
+    )
+
+
+def step_sum(
+    counters: Sequence[str], step: float, by: str, grid: SampleGrid, offset: float = 0.0
+) -> str:
+    """`step_increase` of several counters summed per `by` labels (each counter aggregated on
+    its own, `(a + b) or a or b` keeping a group that has only one of them)."""
+    parts = [f"sum by ({by}) ({step_increase(c, step, grid, offset)})" for c in counters]
+    if len(parts) == 1:
+        return parts[0]
+    return f"({' + '.join(parts)}) or " + " or ".join(parts)
+
+
+# A rate needs two samples of one series; a VM with fewer has a rate nobody can compute.
+MIN_RATE_SAMPLES = 2
+
+
+def rate_samples_query(
+    counters: Mapping[str, Sequence[str]], window: float, grid: SampleGrid
+) -> str:
+    """Per (node, vm, resource) the most samples one series of the resource's counters has in
+    the window (without its edge sample, so both servers count alike). A VM whose series
+    hold fewer than MIN_RATE_SAMPLES (one sample; several series all from one scrape) has a
+    rate that is unknown, not zero: Prometheus answers no `increase()` for it and
+    VictoriaMetrics answers 0."""
+    parts = [
+        f'label_replace(count_over_time({c}[{grid.level_range(window)}]), "resource", '
+        f'"{resource}", "", "")'
+        for resource, names in counters.items()
+        for c in names
+    ]
+    return f"max by (node, vm, resource) ({' or '.join(parts)})"
+
+
 def latest_sample(answer: Answer, requested: float) -> float:
     values = [sample(item) for item in answer]
     finite = [v for v in values if math.isfinite(v) and v <= requested + 1e-3]
@@ -131,11 +195,15 @@ def adapted_query(query: QuerySettings, grid: SampleGrid) -> tuple[QuerySettings
 __all__ = [
     "GRID_QUERIES",
     "LATEST_QUERY",
+    "MIN_RATE_SAMPLES",
     "MIN_SPACINGS",
     "SPACING_QUERY",
     "SampleGrid",
     "adapted_query",
     "latest_sample",
+    "rate_samples_query",
     "spacing_of",
+    "step_increase",
+    "step_sum",
     "wide_enough",
 ]
