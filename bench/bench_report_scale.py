@@ -104,9 +104,7 @@ def report_once(tree: Path, url: str, at: float, period: str, out: Path) -> Meas
     return Measured([wall], [usage.ru_maxrss / 1024], markdown.stat().st_size / 1024)
 
 
-def measure(
-    tree: Path, url: str, at: float, period: str, runs: int, tmp: Path
-) -> Measured:
+def measure(tree: Path, url: str, at: float, period: str, runs: int, tmp: Path) -> Measured:
     total = Measured()
     for _ in range(runs):
         one = report_once(tree, url, at, period, tmp / "report")
