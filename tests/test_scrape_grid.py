@@ -37,7 +37,9 @@ from recommender.source.grid import (
     SampleGrid,
     adapted_query,
     latest_sample,
+    rate_samples_query,
     spacing_of,
+    step_increase,
     wide_enough,
 )
 from recommender.source.prometheus import PrometheusSource
@@ -95,6 +97,24 @@ def test_report_steps_are_multiples_of_the_spacing() -> None:
     assert report_window(86400, at, 15.0).step == 300.0
     assert report_window(86400, at, 45.0).step == 360.0
     assert report_window(86400, at, 300.0).end == at
+
+
+def test_step_loads_use_increase_only_where_a_series_spans_the_step() -> None:
+    grid = SampleGrid(at=1_800_000_150.0, spacing=300.0)
+    query = step_increase("c", 900.0, grid, 100.0)
+    # Samples on both edges: increase(); else the series' own samples, edges left out.
+    whole = (
+        "((increase(c[900s] offset 100000ms) and last_over_time(c[150000ms] offset 100000ms))"
+        " and last_over_time(c[150000ms] offset 1000000ms))"
+    )
+    assert query.startswith(whole)
+    assert "clamp_min(last_over_time(c[750000ms] offset 100000ms) - last_over_time(" in query
+    assert query.endswith("- min_over_time(c[750000ms] offset 100000ms))")
+    # Spacing unknown: plain increase().
+    assert step_increase("c", 900.0, SampleGrid(at=0.0)) == "increase(c[900s])"
+    counted = rate_samples_query({"cpu": ("a",), "network": ("b", "c")}, 3600.0, grid)
+    assert counted.startswith("max by (node, vm, resource) (")
+    assert counted.count("count_over_time(") == 3 and '"resource", "network"' in counted
 
 
 # --- both servers ------------------------------------------------------------------------------
