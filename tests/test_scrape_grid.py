@@ -99,17 +99,13 @@ def test_report_steps_are_multiples_of_the_spacing() -> None:
     assert report_window(86400, at, 300.0).end == at
 
 
-def test_step_loads_use_increase_only_where_a_series_spans_the_step() -> None:
+def test_step_loads_are_differences_of_a_series_own_samples() -> None:
     grid = SampleGrid(at=1_800_000_150.0, spacing=300.0)
-    query = step_increase("c", 900.0, grid, 100.0)
-    # Samples on both edges: increase(); else the series' own samples, edges left out.
-    whole = (
-        "((increase(c[900s] offset 100000ms) and last_over_time(c[150000ms] offset 100000ms))"
-        " and last_over_time(c[150000ms] offset 1000000ms))"
+    # The last sample in the step less the one on its left edge, or its first in the step.
+    assert step_increase("c", 900.0, grid, 100.0) == (
+        "clamp_min(last_over_time(c[750000ms] offset 100000ms) - (last_over_time(c[150000ms] "
+        "offset 1000000ms) or min_over_time(c[750000ms] offset 100000ms)), 0)"
     )
-    assert query.startswith(whole)
-    assert "clamp_min(last_over_time(c[750000ms] offset 100000ms) - last_over_time(" in query
-    assert query.endswith("- min_over_time(c[750000ms] offset 100000ms))")
     # Spacing unknown: plain increase().
     assert step_increase("c", 900.0, SampleGrid(at=0.0)) == "increase(c[900s])"
     counted = rate_samples_query({"cpu": ("a",), "network": ("b", "c")}, 3600.0, grid)
