@@ -39,7 +39,6 @@ from recommender.source.grid import (
     latest_sample,
     rate_samples_query,
     spacing_of,
-    step_increase,
     wide_enough,
 )
 from recommender.source.prometheus import PrometheusSource
@@ -99,18 +98,14 @@ def test_report_steps_are_multiples_of_the_spacing() -> None:
     assert report_window(86400, at, 300.0).end == at
 
 
-def test_step_loads_are_differences_of_a_series_own_samples() -> None:
+def test_rate_samples_are_counted_per_resource_without_the_edge_sample() -> None:
     grid = SampleGrid(at=1_800_000_150.0, spacing=300.0)
-    # The last sample in the step less the one on its left edge, or its first in the step.
-    assert step_increase("c", 900.0, grid, 100.0) == (
-        "clamp_min(last_over_time(c[750000ms] offset 100000ms) - (last_over_time(c[150000ms] "
-        "offset 1000000ms) or min_over_time(c[750000ms] offset 100000ms)), 0)"
-    )
-    # Spacing unknown: plain increase().
-    assert step_increase("c", 900.0, SampleGrid(at=0.0)) == "increase(c[900s])"
     counted = rate_samples_query({"cpu": ("a",), "network": ("b", "c")}, 3600.0, grid)
-    assert counted.startswith("max by (node, vm, resource) (")
+    # Over every node a VM ran on: a VM that just migrated has a rate; only the few under two
+    # samples are answered.
+    assert counted.startswith("max by (cluster, vm, resource) (") and counted.endswith(") < 2")
     assert counted.count("count_over_time(") == 3 and '"resource", "network"' in counted
+    assert "[3450000ms]" in counted
 
 
 # --- both servers ------------------------------------------------------------------------------
@@ -249,9 +244,10 @@ def test_reports_agree_on_both_servers_at_any_time_between_samples(
     prometheus, victoria = found["prometheus"], found["victoriametrics"]
     assert len(prometheus.presence) == len(victoria.presence) > 0
     assert (prometheus.presence["samples"] == victoria.presence["samples"]).all()
-    # A step in which a VM moved holds a series that starts and one that ends inside it,
-    # which the two servers' increase() treats differently; the report reads those from their
-    # own samples (`grid.step_increase`), so those steps agree to 1 % like every other.
+    # A step in which a VM moved holds a series that starts and one that ends inside it:
+    # Prometheus extrapolates them, VictoriaMetrics counts the new one from zero. Those steps
+    # agree to within about one scrape interval of the moving VM's load (docs/imbalance.md:
+    # why the queries keep increase() there); every other step to 1 %, the totals to 1 %.
     times = prometheus.load["cpu"].index.to_numpy()
     step = prometheus.window.step
     moving = np.zeros(len(times), dtype=bool)
@@ -262,12 +258,12 @@ def test_reports_agree_on_both_servers_at_any_time_between_samples(
         load, other = prometheus.load[resource], victoria.load[resource]
         assert (load.sum(axis=1) > 0).all()
         np.testing.assert_allclose(load[~moving], other[~moving], rtol=0.01, err_msg=resource)
-        np.testing.assert_allclose(load[moving], other[moving], rtol=0.01, err_msg=resource)
+        np.testing.assert_allclose(load[moving], other[moving], rtol=0.2, err_msg=resource)
         np.testing.assert_allclose(load.sum(), other.sum(), rtol=0.01, err_msg=resource)
     pairs = prometheus.pairs.sort_index()
     np.testing.assert_allclose(pairs, victoria.pairs.loc[pairs.index], rtol=0.01)
-    imbalance = imbalance_series(prometheus, config)
-    np.testing.assert_allclose(imbalance, imbalance_series(victoria, config), rtol=0.01)
+    imbalance = imbalance_series(prometheus, config)[~moving]
+    np.testing.assert_allclose(imbalance, imbalance_series(victoria, config)[~moving], rtol=0.01)
 
 
 def test_quantiles_interpolate_as_prometheus_does() -> None:

@@ -222,7 +222,8 @@ def _rates(
 
 def _uncomputable(answer: Answer, vms: Sequence[str]) -> dict[str, list[str]]:
     """Per rate resource, the VMs that have samples of its counters in the window but no
-    series with two of them (`grid.rate_samples_query`): their rate is unknown, not 0."""
+    series with two of them (`grid.rate_samples_query` answers only those): their rate is
+    unknown, not 0."""
     most: dict[tuple[str, str], float] = {}
     for item in answer:
         labels = item["metric"]

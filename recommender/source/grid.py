@@ -86,40 +86,6 @@ def _offset(seconds: float) -> str:
     return f" offset {round(seconds * 1000):d}ms" if seconds > 0 else ""
 
 
-def step_increase(counter: str, step: float, grid: SampleGrid, offset: float = 0.0) -> str:
-    """PromQL of each series' work in the report step `(T - step, T]` (T: the step's time,
-    less `offset`), the same on Prometheus and VictoriaMetrics.
-
-    `increase()` of a series that ends or starts inside the step (a VM that migrated, a VM
-    stopped or started) differs between the servers: Prometheus extrapolates toward the
-    step's edges, VictoriaMetrics counts a new series from zero when its first value is small.
-    So each series takes the difference of its own samples: the last in the step less the one
-    on the step's left edge, or, for a series that starts inside the step, less its first in
-    the step. Every sample read is one both servers hold in the same range. The work between
-    the old node's last sample and the new node's first (under one scrape interval) is then
-    in neither step's load, and a step in which a counter is reset (a VM restarted on its
-    node) counts 0 for that series. Three selectors per counter, against one for a plain
-    `increase()`. Without a known spacing, plain `increase()`.
-    """
-    if not grid.known:
-        return f"increase({counter}[{step:.0f}s]{_offset(offset)})"
-    edge = f"{round(grid.edge_margin() * 1000):d}ms"
-    inside = f"{counter}[{grid.level_range(step)}]{_offset(offset)}"
-    left = f"last_over_time({counter}[{edge}]{_offset(offset + step)})"
-    return f"clamp_min(last_over_time({inside}) - ({left} or min_over_time({inside})), 0)"
-
-
-def step_sum(
-    counters: Sequence[str], step: float, by: str, grid: SampleGrid, offset: float = 0.0
-) -> str:
-    """`step_increase` of several counters summed per `by` labels (each counter aggregated on
-    its own, `(a + b) or a or b` keeping a group that has only one of them)."""
-    parts = [f"sum by ({by}) ({step_increase(c, step, grid, offset)})" for c in counters]
-    if len(parts) == 1:
-        return parts[0]
-    return f"({' + '.join(parts)}) or " + " or ".join(parts)
-
-
 # A rate needs two samples of one series; a VM with fewer has a rate nobody can compute.
 MIN_RATE_SAMPLES = 2
 
@@ -127,18 +93,18 @@ MIN_RATE_SAMPLES = 2
 def rate_samples_query(
     counters: Mapping[str, Sequence[str]], window: float, grid: SampleGrid
 ) -> str:
-    """Per (node, vm, resource) the most samples one series of the resource's counters has in
-    the window (without its edge sample, so both servers count alike). A VM whose series
-    hold fewer than MIN_RATE_SAMPLES (one sample; several series all from one scrape) has a
-    rate that is unknown, not zero: Prometheus answers no `increase()` for it and
-    VictoriaMetrics answers 0."""
+    """The (vm, resource) pairs whose counters have samples in the window (without its edge
+    sample, so both servers count alike) but no series, on any node, with MIN_RATE_SAMPLES of
+    them (one sample; several series all from one scrape): that rate is unknown, not zero.
+    Prometheus answers no `increase()` for it and VictoriaMetrics answers 0."""
     parts = [
         f'label_replace(count_over_time({c}[{grid.level_range(window)}]), "resource", '
         f'"{resource}", "", "")'
         for resource, names in counters.items()
         for c in names
     ]
-    return f"max by (node, vm, resource) ({' or '.join(parts)})"
+    # Only the pairs under the minimum are answered: a few, not one row per VM and resource.
+    return f"max by (cluster, vm, resource) ({' or '.join(parts)}) < {MIN_RATE_SAMPLES}"
 
 
 def latest_sample(answer: Answer, requested: float) -> float:
@@ -199,7 +165,5 @@ __all__ = [
     "latest_sample",
     "rate_samples_query",
     "spacing_of",
-    "step_increase",
-    "step_sum",
     "wide_enough",
 ]

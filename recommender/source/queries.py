@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from recommender.config import Config, HostSettings, QuerySettings, duration_seconds
 from recommender.history import Window
 from recommender.quoting import promql_regex_alternatives
-from recommender.source.grid import SampleGrid, rate_samples_query, step_sum
+from recommender.source.grid import SampleGrid, rate_samples_query
 from recommender.source.migration import migration_queries
 
 # Counters behind each rate resource (summed).
@@ -325,7 +325,7 @@ class ReportQueries:
         }
         for resource, counters in RATE_COUNTERS.items():
             ranges[f"load_{resource}"] = (
-                f"({step_sum(counters, window.step, 'node', grid, shift)}) / {window.step:.0f}"
+                f"({counter_sum(counters, step, 'node', shift)}) / {window.step:.0f}"
             )
         memory_column = config.balance.memory_column
         # The sample at each step's time only: a series that ended (a VM that left) is not
