@@ -10,7 +10,7 @@ adds, for the largest size, an in-process run of this tree's report under cProfi
 tracemalloc: the stages' wall time and the functions that took the most.
 
     .venv/bin/python bench/bench_report_scale.py [--sizes 500 2000 10000] [--period 1d]
-        [--step 300] [--runs 3] [--baseline-tree DIR] [--profile] [--no-docs]
+        [--step 300] [--runs 3] [--baseline-tree DIR] [--keep-data DIR] [--profile] [--no-docs]
 """
 
 from __future__ import annotations
