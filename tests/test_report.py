@@ -525,6 +525,10 @@ def test_the_plan_its_commands_and_what_held_it_back(reported: Reported) -> None
     assert all("pin" in text(row[5]) for row in held[1:] if text(row[0]) == "105")
     (before_after,) = table_with(tokens, "node", "VMs")
     assert len(before_after) == 1 + len(reported.history.nodes)
+    # The trade-off: a row per point of the frontier, the knee among them, and its chart.
+    (frontier,) = table_with(tokens, "migrations", "overall imbalance", "proven lower bound")
+    assert len(frontier) > 1 and any(text(row[3]).startswith("knee") for row in frontier[1:])
+    assert f"]({CHARTS['frontier']})" in reported.markdown
 
 
 @pytest.mark.slow
@@ -533,17 +537,19 @@ def test_without_a_current_snapshot_the_report_says_so(reported: Reported, tmp_p
     later = datetime.fromtimestamp(reported.history.end + 3600, UTC)
     stale = tmp_path / CHARTS["plan"]
     stale.write_bytes(b"an old chart")
+    (tmp_path / CHARTS["frontier"]).write_bytes(b"an old chart")
     path = write_report(reported.config, period="1d", out_dir=tmp_path, at=later)
     markdown = path.read_text(encoding="utf-8")
     tokens = parser().parse(markdown)
     assert headings(tokens, 2) == SECTIONS
     assert "No plan: no VM has data in the last 5m" in markdown
     assert "steps have no load data" in markdown
-    assert not stale.exists()
+    assert not stale.exists() and not (tmp_path / CHARTS["frontier"]).exists()
     images = [
         c for t in tokens if t.type == "inline" for c in t.children or [] if c.type == "image"
     ]
-    assert len(images) == len(CHARTS) - 1
+    # No plan: neither its before and after nor its trade-off curve.
+    assert len(images) == len(CHARTS) - 2
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from recommender.outputs.report.analysis import Analysis, analyse
 from recommender.outputs.report.charts import (
     CHARTS,
     chart_forecast,
+    chart_frontier,
     chart_imbalance,
     chart_plan,
     chart_utilisation,
@@ -93,6 +94,9 @@ def draw_charts(
     # An empty plan has no before and after to compare.
     if plan is not None and plan.migrations:
         paths["plan"] = chart_plan(plan, out_dir / CHARTS["plan"])
+    # The trade-off curve exists only where balancing ran.
+    if plan is not None and plan.frontier is not None and plan.frontier.points:
+        paths["frontier"] = chart_frontier(plan, config, out_dir / CHARTS["frontier"])
     for key, name in CHARTS.items():
         stale = out_dir / name
         if key not in paths and stale.is_file():

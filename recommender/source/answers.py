@@ -72,7 +72,9 @@ def quantiles(answer: Answer, q: float) -> Answer:
     return out
 
 
-def step_positions(stamps: Sequence[float], times: np.ndarray, shift: float = 0.0) -> np.ndarray:
+def step_positions(
+    stamps: Sequence[float] | np.ndarray, times: np.ndarray, shift: float = 0.0
+) -> np.ndarray:
     """The index into `times` of each answered timestamp less `shift`, -1 where it is not
     within a hundredth of a step of one: a server that rounds or shifts the times of a range
     answer still lands each value on its step."""
@@ -102,29 +104,68 @@ def node_matrix(answer: Answer, times: np.ndarray, shift: float = 0.0) -> pd.Dat
     return pd.DataFrame(columns, index=index, dtype=float)
 
 
+def _range_values(item: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(timestamps, values) of one series of a range answer, as floats (NaN: not a number)."""
+    pairs = item.get("values") or []
+    try:
+        table = np.array(pairs, dtype=float).reshape(-1, 2)
+    except (TypeError, ValueError):
+        table = np.array([[number(t), number(v)] for t, v in pairs], dtype=float).reshape(-1, 2)
+    return table[:, 0], table[:, 1]
+
+
+PRESENCE_COLUMNS = ["vm", "node", "step", "time", "samples", "name"]
+
+
 def presence_frame(answer: Answer, times: np.ndarray, shift: float = 0.0) -> pd.DataFrame:
-    """Rows (vm, node, step, time, samples, name) from the presence range answer: `step`
-    indexes `times`, `time` is its value, `samples` the VM's samples on the node in that step
-    (a rename inside a step adds up; the name is the latest seen)."""
-    rows = []
+    """Rows (vm, node, step, time, samples, name) from the presence range answer, sorted by
+    (vm, node, step): `step` indexes `times`, `time` is its value, `samples` the VM's samples
+    on the node in that step (a rename inside a step adds up; the name is the latest seen).
+
+    Built from one array per series: at fleet size the answer holds a point per VM and step,
+    and a Python tuple per point would cost more than the rest of the report."""
+    series = []
     for item in answer:
         labels = item["metric"]
         if "vm" not in labels or "node" not in labels:
             continue
-        at = step_positions([number(v[0]) for v in item["values"]], times, shift)
-        for k, (_stamp, value) in zip(at.tolist(), item["values"], strict=True):
-            samples = number(value)
-            if k >= 0 and math.isfinite(samples) and samples > 0:
-                rows.append((labels["vm"], labels["node"], k, samples, labels.get("name", "")))
-    columns = ["vm", "node", "step", "samples", "name"]
-    frame = pd.DataFrame(rows, columns=columns).astype(
-        {"vm": object, "node": object, "step": int, "samples": float, "name": object}
+        stamps, values = _range_values(item)
+        at = step_positions(stamps, times, shift)
+        keep = (at >= 0) & np.isfinite(values) & (values > 0)
+        if keep.any():
+            key = (str(labels["vm"]), str(labels["node"]))
+            series.append((key, str(labels.get("name", "")), at[keep], values[keep]))
+    if not series:
+        return pd.DataFrame(
+            {
+                "vm": pd.Series(dtype=object),
+                "node": pd.Series(dtype=object),
+                "step": pd.Series(dtype=int),
+                "time": pd.Series(dtype=float),
+                "samples": pd.Series(dtype=float),
+                "name": pd.Series(dtype=object),
+            }
+        )
+    series.sort(key=lambda s: s[0])
+    lengths = [len(s[2]) for s in series]
+    frame = pd.DataFrame(
+        {
+            "vm": np.repeat(np.array([s[0][0] for s in series], dtype=object), lengths),
+            "node": np.repeat(np.array([s[0][1] for s in series], dtype=object), lengths),
+            "step": np.concatenate([s[2] for s in series]).astype(int),
+            "samples": np.concatenate([s[3] for s in series]),
+            "name": np.repeat(np.array([s[1] for s in series], dtype=object), lengths),
+        }
     )
-    frame = frame.groupby(["vm", "node", "step"], as_index=False, sort=True).agg(
-        samples=("samples", "sum"), name=("name", "last")
-    )
+    keys = [s[0] for s in series]
+    # Sorted already (series by key, each series' points in time order), unless a VM was
+    # renamed on a node in the period: then several series share its (vm, node).
+    if len(set(keys)) < len(keys):
+        frame = frame.groupby(["vm", "node", "step"], as_index=False, sort=True).agg(
+            samples=("samples", "sum"), name=("name", "last")
+        )
     frame.insert(3, "time", np.asarray(times, dtype=float)[frame["step"].to_numpy(dtype=int)])
-    return frame
+    return frame[PRESENCE_COLUMNS]
 
 
 __all__ = [

@@ -19,6 +19,7 @@ from recommender.config import Config, duration_seconds
 from recommender.engine.rules.maintenance import MaintenanceSettings
 from recommender.model import Snapshot, make_nodes, make_vms
 from recommender.source.answers import Answer, by_label, by_node_vm, sample
+from recommender.source.grid import MIN_RATE_SAMPLES
 from recommender.source.host import host_background
 from recommender.source.http import SourceError
 from recommender.source.migration import apply_migration_facts
@@ -219,6 +220,22 @@ def _rates(
     return rates
 
 
+def _uncomputable(answer: Answer, vms: Sequence[str]) -> dict[str, list[str]]:
+    """Per rate resource, the VMs that have samples of its counters in the window but no
+    series with two of them (`grid.rate_samples_query` answers only those): their rate is
+    unknown, not 0."""
+    most: dict[tuple[str, str], float] = {}
+    for item in answer:
+        labels = item["metric"]
+        if "vm" in labels and "resource" in labels:
+            key = (labels["resource"], labels["vm"])
+            most[key] = max(most.get(key, 0.0), sample(item))
+    return {
+        resource: [vm for vm in vms if most.get((resource, vm), math.inf) < MIN_RATE_SAMPLES]
+        for resource in RATE_COUNTERS
+    }
+
+
 def _on_current_node(answer: Answer, places: Mapping[str, VMPlace]) -> dict[str, float]:
     """Each VM's value on the node it runs on now (a level, not a rate)."""
     values = by_node_vm(answer)
@@ -239,6 +256,8 @@ def _vms(
     memory_used = _on_current_node(answers["load_memory"], places)
     memory_max = _on_current_node(answers["memory_max"], places)
     vm_ids = sorted(places)
+    # Samples but no computable rate (one sample in the window): unknown, never 0.
+    uncomputable = _uncomputable(answers.get("rate_samples", []), vm_ids)
     rows: dict[str, dict[str, object]] = {}
     for vm in vm_ids:
         place = places[vm]
@@ -247,6 +266,9 @@ def _vms(
         row["cpu"] = rates.loads["cpu"].get(vm, math.nan)
         for resource in ("disk_bytes", "disk_ops", "network"):
             row[resource] = rates.loads[resource].get(vm, 0.0)
+        for resource, unknown in uncomputable.items():
+            if vm in unknown:
+                row[resource] = math.nan
         row["memory"] = memory_used.get(vm, math.nan)
         row["memory_max_bytes"] = memory_max.get(vm, math.nan)
         row["last_migration"] = place.last_migration
@@ -256,11 +278,18 @@ def _vms(
         ("memory", "vmbalance_vm_memory_used_bytes", memory_used),
         ("assigned memory", "vmbalance_vm_memory_max_bytes", memory_max),
     ):
-        missing = [vm for vm in vm_ids if vm not in mapping]
+        said = set(uncomputable.get(label, []))
+        missing = [vm for vm in vm_ids if vm not in mapping and vm not in said]
         if missing:
             warnings.append(
                 f"VMs without {family} in the last {config.query.window} ({label} unknown): "
                 f"{_ids(missing)}"
+            )
+    for resource, unknown in uncomputable.items():
+        if unknown:
+            warnings.append(
+                f"VMs with fewer than {MIN_RATE_SAMPLES} samples of their {resource} counters "
+                f"in the last {config.query.window} ({resource} rate unknown): {_ids(unknown)}"
             )
     return make_vms(rows)
 

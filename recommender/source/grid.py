@@ -22,6 +22,7 @@ missed scrape.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from recommender.config import QuerySettings, duration_seconds
@@ -81,6 +82,31 @@ class SampleGrid:
         return (-(self.at % step)) % self.spacing
 
 
+def _offset(seconds: float) -> str:
+    return f" offset {round(seconds * 1000):d}ms" if seconds > 0 else ""
+
+
+# A rate needs two samples of one series; a VM with fewer has a rate nobody can compute.
+MIN_RATE_SAMPLES = 2
+
+
+def rate_samples_query(
+    counters: Mapping[str, Sequence[str]], window: float, grid: SampleGrid
+) -> str:
+    """The (vm, resource) pairs whose counters have samples in the window (without its edge
+    sample, so both servers count alike) but no series, on any node, with MIN_RATE_SAMPLES of
+    them (one sample; several series all from one scrape): that rate is unknown, not zero.
+    Prometheus answers no `increase()` for it and VictoriaMetrics answers 0."""
+    parts = [
+        f'label_replace(count_over_time({c}[{grid.level_range(window)}]), "resource", '
+        f'"{resource}", "", "")'
+        for resource, names in counters.items()
+        for c in names
+    ]
+    # Only the pairs under the minimum are answered: a few, not one row per VM and resource.
+    return f"max by (cluster, vm, resource) ({' or '.join(parts)}) < {MIN_RATE_SAMPLES}"
+
+
 def latest_sample(answer: Answer, requested: float) -> float:
     values = [sample(item) for item in answer]
     finite = [v for v in values if math.isfinite(v) and v <= requested + 1e-3]
@@ -131,11 +157,13 @@ def adapted_query(query: QuerySettings, grid: SampleGrid) -> tuple[QuerySettings
 __all__ = [
     "GRID_QUERIES",
     "LATEST_QUERY",
+    "MIN_RATE_SAMPLES",
     "MIN_SPACINGS",
     "SPACING_QUERY",
     "SampleGrid",
     "adapted_query",
     "latest_sample",
+    "rate_samples_query",
     "spacing_of",
     "wide_enough",
 ]

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from recommender.config import Config, HostSettings, QuerySettings, duration_seconds
 from recommender.history import Window
 from recommender.quoting import promql_regex_alternatives
-from recommender.source.grid import SampleGrid
+from recommender.source.grid import SampleGrid, rate_samples_query
 from recommender.source.migration import migration_queries
 
 # Counters behind each rate resource (summed).
@@ -257,6 +257,7 @@ class SnapshotQueries:
         queries = {
             **_presence_queries(q.window, presence, history_range),
             **_rate_queries(q, window_s, short_s, grid),
+            "rate_samples": rate_samples_query(RATE_COUNTERS, window_s, grid),
             **_level_queries(q, window_s, grid),
             **_host_queries(config.host, q.window, window_s),
             **migration_queries(q),

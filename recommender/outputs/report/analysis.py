@@ -252,10 +252,19 @@ def vm_contributions(history: History) -> pd.DataFrame:
     return pairs
 
 
-def top_vms(history: History, resource: str, count: int = TOP_VMS) -> list[TopVM]:
-    """The VMs with the largest mean load of `resource` over the period."""
-    contributions = vm_contributions(history)
-    homes = vm_homes(history.presence)
+def top_vms(
+    history: History,
+    resource: str,
+    count: int = TOP_VMS,
+    contributions: pd.DataFrame | None = None,
+    homes: pd.DataFrame | None = None,
+) -> list[TopVM]:
+    """The VMs with the largest mean load of `resource` over the period (`contributions`
+    and `homes`: `vm_contributions` and `vm_homes` of the history, when already known)."""
+    if contributions is None:
+        contributions = vm_contributions(history)
+    if homes is None:
+        homes = vm_homes(history.presence)
     if contributions.empty or homes.empty:
         return []
     column = contributions[resource].dropna()
@@ -308,13 +317,14 @@ def analyse(history: History, config: Config, now: Mapping[str, float] | None) -
     series = imbalance_series(history, config)
     cluster = cluster_utilisation(history)
     observed = detect_migrations(history.presence, window.step)
+    contributions, homes = vm_contributions(history), vm_homes(history.presence)
     return Analysis(
         series=series,
         cluster=cluster,
         summary=summarise_imbalance(series, config.balance.trigger, window.step, now),
         nodes={r: busiest_nodes(node_statistics(history, r)) for r in RESOURCES},
         edge_label="day" if edge_seconds(window) >= DAY else "half",
-        top={r: top_vms(history, r) for r in TOP_ORDER},
+        top={r: top_vms(history, r, TOP_VMS, contributions, homes) for r in TOP_ORDER},
         migrations=migration_effects(observed, series["overall"], window.step),
         forecasts=capacity_forecasts(cluster, config, window.end),
     )

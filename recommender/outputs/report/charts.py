@@ -1,5 +1,5 @@
 """The report's charts (matplotlib, PNG): imbalance over the period, node utilisation, the
-plan before and after, the capacity forecast.
+plan before and after, the trade-off frontier, the capacity forecast.
 
 Every label a tenant or an admin chose goes through `chart_label`: one line, no mathtext.
 Each chart is written through `recommender.output_file`, like every file the product writes.
@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import dates as mdates
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from recommender.config import Config
 from recommender.history import History
@@ -45,6 +46,7 @@ CHARTS: dict[str, str] = {
     "imbalance": "imbalance.png",
     "utilisation": "utilisation.png",
     "plan": "plan.png",
+    "frontier": "frontier.png",
     "forecast": "forecast.png",
 }
 
@@ -203,6 +205,67 @@ def chart_plan(plan: Plan, path: Path) -> Path:
     return _save(fig, path)
 
 
+def chart_frontier(plan: Plan, config: Config, path: Path) -> Path:
+    """The trade-off curve (`draw_frontier`) as a PNG."""
+    fig = _figure()
+    draw_frontier(fig.add_subplot(), plan, config)
+    return _save(fig, path)
+
+
+def draw_frontier(ax: Any, plan: Plan, config: Config) -> None:
+    """Per number of migrations the lowest overall imbalance known (filled where proven
+    optimal), its proven lower bound where one is above zero and not reached, the knee, the
+    plan itself, and the trigger and target; k = 0 is the cluster now."""
+    frontier = plan.frontier
+    points = frontier.points if frontier is not None else ()
+    k = np.array([p.migrations for p in points], dtype=float)
+    imbalance = np.array([p.imbalance for p in points], dtype=float)
+    exact = np.array([p.exact for p in points], dtype=bool)
+    bound = np.array([p.lower_bound for p in points], dtype=float)
+    ax.plot(
+        np.r_[0.0, k],
+        np.r_[plan.overall_before, imbalance],
+        color="black",
+        linewidth=1.5,
+        label="lowest imbalance found",
+    )
+    ax.plot([0.0], [plan.overall_before], "s", color="tab:grey", label="now (no migration)")
+    if exact.any():
+        ax.plot(k[exact], imbalance[exact], "o", color="black", label="proven optimal")
+    if (~exact).any():
+        ax.plot(k[~exact], imbalance[~exact], "o", mfc="white", color="black", label="best found")
+    proven = np.isfinite(bound) & (bound > 0) & ~exact
+    if proven.any():
+        ax.plot(k[proven], bound[proven], "v--", color="tab:purple", label="proven lower bound")
+    if frontier is not None:
+        knee = frontier.at(frontier.knee)
+        at = plan.overall_before if knee is None else knee.imbalance
+        label = f"knee ({frontier.knee} migrations)"
+        ax.plot([frontier.knee], [at], "*", color="tab:red", ms=16, label=label)
+    if plan.migrations:
+        label = f"the plan ({len(plan.migrations)} migrations)"
+        ax.plot(
+            [len(plan.migrations)],
+            [plan.overall_after],
+            "D",
+            mfc="none",
+            color="tab:blue",
+            ms=11,
+            label=label,
+        )
+    ax.axhline(config.balance.trigger, color="tab:red", linestyle="--", label="trigger")
+    ax.axhline(config.balance.target, color="tab:green", linestyle=":", label="target")
+    ax.set_xlabel("migrations (k)")
+    ax.set_ylabel("overall imbalance (max node utilisation − cluster mean)")
+    ax.set_title("Trade-off: the lowest overall imbalance reachable with k migrations")
+    ax.set_xlim(-0.5, float(np.r_[1.0, k].max()) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
+    if not np.isfinite(imbalance).any():
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center")
+    ax.legend(fontsize=8, loc="upper right")
+
+
 def chart_forecast(
     cluster: pd.DataFrame, forecasts: Sequence[ResourceForecast], end: float, path: Path
 ) -> Path:
@@ -260,9 +323,11 @@ __all__ = [
     "CHARTS",
     "RESOURCE_LABELS",
     "chart_forecast",
+    "chart_frontier",
     "chart_imbalance",
     "chart_label",
     "chart_nodes",
     "chart_plan",
     "chart_utilisation",
+    "draw_frontier",
 ]

@@ -19,8 +19,8 @@ def scrape_intervals(presence: pd.DataFrame, step: float) -> pd.Series:
     the steps it was on the node throughout (also there in the steps before and after)."""
     if presence.empty:
         return pd.Series(dtype=float)
-    ordered = presence.sort_values(["vm", "node", "step"])
-    pair = ordered["vm"].astype(str) + "\0" + ordered["node"].astype(str)
+    ordered = presence.sort_values(["vm", "node", "step"], kind="stable")
+    pair = ordered.groupby(["vm", "node"], sort=False).ngroup()
     steps = ordered["step"]
     same_before = (pair == pair.shift(1)) & (steps - steps.shift(1) == 1)
     same_after = (pair == pair.shift(-1)) & (steps.shift(-1) - steps == 1)
@@ -74,7 +74,10 @@ def detect_migrations(presence: pd.DataFrame, step: float) -> list[ObservedMigra
         return out
     intervals = scrape_intervals(presence, step)
     fallback = float(intervals.median()) if len(intervals) else math.nan
-    for vm, rows in presence.groupby("vm", sort=True):
+    # Only a VM seen on more than one node can have moved: at fleet size a few in thousands.
+    nodes_per_vm = presence.groupby("vm", sort=False)["node"].nunique()
+    moved = presence[presence["vm"].isin(nodes_per_vm.index[nodes_per_vm > 1])]
+    for vm, rows in moved.groupby("vm", sort=True):
         by_step: dict[int, dict[str, tuple[float, str]]] = {}
         for node, k, t, samples, name in rows[
             ["node", "step", "time", "samples", "name"]
