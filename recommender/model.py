@@ -122,8 +122,7 @@ def make_nodes(rows: Mapping[str, Mapping[str, float | bool | str]]) -> pd.DataF
         # One frame from columns: adding the rows one at a time costs quadratic time.
         entries = list(rows.values())
         columns: dict[str, pd.Series] = {
-            r: pd.Series([float(e.get(r, np.nan)) for e in entries], dtype=float)
-            for r in RESOURCES
+            r: pd.Series([float(e.get(r, np.nan)) for e in entries], dtype=float) for r in RESOURCES
         }
         columns["maintenance"] = pd.Series(
             [bool(e.get("maintenance", False)) for e in entries], dtype=bool
