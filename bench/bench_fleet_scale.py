@@ -1,19 +1,25 @@
-"""Snapshot and plan time at fleet size: N clusters x 32 nodes x 40 VMs of generated history in
-one store (Prometheus, VictoriaMetrics), and a single 10,000-VM cluster with a day of history.
+"""Snapshot, plan and serve time at fleet size: N clusters x 32 nodes x 40 VMs of generated
+history in one store (Prometheus, VictoriaMetrics), and a single 10,000-VM cluster of 400 nodes
+with a day of history.
 
-Each cluster is `devkit.simulate` (seeded; about 2 % of its VMs migrate during the day) with
-`cluster` on every series and node names and VM ids unique across the fleet. The whole day of
-`vmbalance_vm_info` is written (that is what the history queries read); the other families
-only for the last `--recent` seconds, which is all a snapshot reads of them (window 1h). The
-history goes to Prometheus through `promtool tsdb create-blocks-from openmetrics` (one file per
-2 h block) and to VictoriaMetrics through `/api/v1/import/prometheus`.
+Each cluster is `devkit.simulate` (seeded; about 2 % of its VMs migrate within the history)
+with `cluster` on every series and node names and VM ids unique across the fleet.
+`vmbalance_vm_info` is written for `--history` seconds in the fleets (a day in the single
+cluster; that is what the history queries read), the other families only for the last
+`--recent` seconds (a snapshot reads the last hour of them). The history goes to Prometheus
+through `promtool tsdb create-blocks-from openmetrics` (one file per 2 h block) and to
+VictoriaMetrics through `/api/v1/import/prometheus`; with `--data-dir` the stores are kept
+and reused by the next run (`--build-only` only builds them).
 
-Per size and server: the snapshot (`PrometheusSource.build_snapshot`, wall time and PromQL
-queries sent), `vmbalance plan -o json` end to end as a subprocess (wall time, peak RSS from
-wait4) and the server's peak RSS (VmHWM), and, for comparison, the two 24-hour subqueries
-the snapshot used before (`--old-up-to` VMs at most; they are what made it slow).
+Per size and server: the whole store's snapshot in process (`PrometheusSource.build_snapshot`,
+wall time and PromQL queries sent), `vmbalance plan -o json` end to end as a subprocess
+(`--cluster c00` in the fleets; wall time, peak RSS from wait4), one `vmbalance serve --once`
+over every cluster (wall time, peak RSS, the queries the server answered for it), the
+server's peak RSS (VmHWM), and (`--old-up-to` VMs at most) the two 24-hour subqueries the
+snapshot once sent.
 
-    .venv/bin/python bench/bench_fleet_scale.py [--clusters 1 2 5 10] [--single 10000] [--no-docs]
+    .venv/bin/python bench/bench_fleet_scale.py [--clusters 1 5 20 50] [--single 10000]
+        [--runs 3] [--data-dir DIR] [--no-docs]
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -169,13 +176,12 @@ def _vmbalance(args: list[str], timeout: float) -> tuple[float, float, int]:
     started = time.perf_counter()
     with tempfile.TemporaryFile() as errors:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        killer = threading.Timer(timeout, process.kill)  # wait4 reaps it, with its usage
+        killer.start()
         _, status, usage = os.wait4(process.pid, 0)
+        killer.cancel()
         wall = time.perf_counter() - started
-        code = os.waitstatus_to_exitcode(status) if process.returncode is None else -9
+        code = os.waitstatus_to_exitcode(status)
         process.returncode = code
         if code != 0:
             errors.seek(0)
@@ -372,7 +378,8 @@ def render(results: list[tuple[Fleet, dict[str, dict[str, Any]]]], args: argpars
         f"of {args.single // SINGLE_VMS_PER_NODE} nodes with a day of it; the other families "
         f"for the last {args.recent / 60:.0f} min (a snapshot reads 1 h of them), sampled "
         f"every {args.step:.0f} s; about 2 % of the VMs migrate within the history. "
-        f"Medians of {args.runs} runs: the snapshot of the whole store in process "
+        f"{f'Medians of {args.runs} runs' if args.runs > 1 else 'One run each'}: the snapshot "
+        "of the whole store in process "
         "(`PrometheusSource.build_snapshot`, with the PromQL queries it sends, "
         f"{PARALLEL_QUERIES} at a time); `vmbalance plan -o json` end to end as a subprocess "
         "(`--cluster c00` in the fleets: one 32-node cluster; its peak RSS from wait4); "
@@ -388,7 +395,7 @@ def render(results: list[tuple[Fleet, dict[str, dict[str, Any]]]], args: argpars
         f"- Machine: {os.cpu_count()} cores, shared; Python {platform.python_version()}; "
         "Prometheus 2.42 and VictoriaMetrics (Debian packages)",
         "",
-        "| fleet | VMs | server | snapshot s | of it in queries s | slowest query s | queries "
+        "| fleet | VMs | server | snapshot s | query times summed s | slowest query s | queries "
         "| plan s (end to end) | plan peak RSS MiB | serve run s | serve queries "
         "| serve peak RSS MiB | server peak RSS MiB | before: 2 history subqueries s |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
