@@ -1,19 +1,25 @@
-"""Snapshot and plan time at fleet size: N clusters x 32 nodes x 40 VMs of generated history in
-one store (Prometheus, VictoriaMetrics), and a single 10,000-VM cluster with a day of history.
+"""Snapshot, plan and serve time at fleet size: N clusters x 32 nodes x 40 VMs of generated
+history in one store (Prometheus, VictoriaMetrics), and a single 10,000-VM cluster of 400 nodes
+with a day of history.
 
-Each cluster is `devkit.simulate` (seeded; about 2 % of its VMs migrate during the day) with
-`cluster` on every series and node names and VM ids unique across the fleet. The whole day of
-`vmbalance_vm_info` is written (that is what the history queries read); the other families
-only for the last `--recent` seconds, which is all a snapshot reads of them (window 1h). The
-history goes to Prometheus through `promtool tsdb create-blocks-from openmetrics` (one file per
-2 h block) and to VictoriaMetrics through `/api/v1/import/prometheus`.
+Each cluster is `devkit.simulate` (seeded; about 2 % of its VMs migrate within the history)
+with `cluster` on every series and node names and VM ids unique across the fleet.
+`vmbalance_vm_info` is written for `--history` seconds in the fleets (a day in the single
+cluster; that is what the history queries read), the other families only for the last
+`--recent` seconds (a snapshot reads the last hour of them). The history goes to Prometheus
+through `promtool tsdb create-blocks-from openmetrics` (one file per 2 h block) and to
+VictoriaMetrics through `/api/v1/import/prometheus`; with `--data-dir` the stores are kept
+and reused by the next run (`--build-only` only builds them).
 
-Per size and server: the snapshot (`PrometheusSource.build_snapshot`, wall time and PromQL
-queries sent), `vmbalance plan -o json` end to end as a subprocess (wall time, peak RSS from
-wait4) and the server's peak RSS (VmHWM), and, for comparison, the two 24-hour subqueries
-the snapshot used before (`--old-up-to` VMs at most; they are what made it slow).
+Per size and server: the whole store's snapshot in process (`PrometheusSource.build_snapshot`,
+wall time and PromQL queries sent), `vmbalance plan -o json` end to end as a subprocess
+(`--cluster c00` in the fleets; wall time, peak RSS from wait4), one `vmbalance serve --once`
+over every cluster (wall time, peak RSS, the queries the server answered for it), the
+server's peak RSS (VmHWM), and (`--old-up-to` VMs at most) the two 24-hour subqueries the
+snapshot once sent.
 
-    .venv/bin/python bench/bench_fleet_scale.py [--clusters 1 2 5 10] [--single 10000] [--no-docs]
+    .venv/bin/python bench/bench_fleet_scale.py [--clusters 1 5 20 50] [--single 10000]
+        [--runs 3] [--data-dir DIR] [--no-docs]
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,9 +50,10 @@ sys.path.insert(0, str(ROOT))
 from devkit.servers import PrometheusServer, VictoriaMetricsServer, backfill  # noqa: E402
 from devkit.simulate import FAMILIES, ClusterHistory, simulate_cluster  # noqa: E402
 from recommender.config import Config  # noqa: E402
-from recommender.source.prometheus import PrometheusSource  # noqa: E402
+from recommender.source.prometheus import PARALLEL_QUERIES, PrometheusSource  # noqa: E402
 
 NODES, VMS_PER_NODE = 32, 40
+SINGLE_VMS_PER_NODE = 25  # the single 10,000-VM cluster: 400 nodes
 DAY = 86400.0
 BLOCK = 7200.0
 INFO = "vmbalance_vm_info"
@@ -69,12 +77,12 @@ class Fleet:
     migrations: int
 
 
-def _cluster(k: int, nodes: int, vms: int, end: float, step: float) -> ClusterHistory:
+def _cluster(k: int, nodes: int, vms: int, end: float, step: float, span: float) -> ClusterHistory:
     return simulate_cluster(
         1000 + k,
         nodes=nodes,
         vms=vms,
-        duration=DAY,
+        duration=span,
         step=step,
         end=end,
         migrations=max(3, vms // 50),
@@ -161,31 +169,48 @@ def _hwm_mib(pid: int) -> float:
     return math.nan
 
 
-def _plan_subprocess(url: str, at: float, tmp: Path) -> tuple[float, float, int]:
-    """`vmbalance plan -o json` against `url` at `at`: wall seconds, peak RSS MiB, exit code."""
-    out = tmp / "plan.json"
-    command = [
-        str(ROOT / ".venv" / "bin" / "vmbalance"),
-        "plan",
+def _vmbalance(args: list[str], timeout: float) -> tuple[float, float, int]:
+    """`vmbalance ARGS` as a subprocess: wall seconds, peak RSS MiB (wait4), exit code; its
+    stdout dropped, its stderr shown when it fails."""
+    command = [str(ROOT / ".venv" / "bin" / "vmbalance"), *args]
+    started = time.perf_counter()
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+        killer = threading.Timer(timeout, process.kill)  # wait4 reaps it, with its usage
+        killer.start()
+        _, status, usage = os.wait4(process.pid, 0)
+        killer.cancel()
+        wall = time.perf_counter() - started
+        code = os.waitstatus_to_exitcode(status)
+        process.returncode = code
+        if code != 0:
+            errors.seek(0)
+            tail = errors.read().decode(errors="replace").strip().splitlines()[-3:]
+            print(f"  {' '.join(args[:1])} failed ({code}): {' / '.join(tail)}", file=sys.stderr)
+    return wall, usage.ru_maxrss / 1024, code
+
+
+def _common(url: str, at: float) -> list[str]:
+    return [
         "--prometheus-url",
         url,
         "--timeout",
         str(QUERY_TIMEOUT),
         "--at",
         datetime.fromtimestamp(at, UTC).isoformat(),
-        "-o",
-        "json",
-        "--out-file",
-        str(out),
     ]
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0 and process.stderr is not None:
-        print(process.stderr.read().decode(errors="replace").strip(), file=sys.stderr)
-    return wall, usage.ru_maxrss / 1024, process.returncode
+
+
+def _queries_answered(url: str) -> float:
+    """Instant queries the server has answered so far (its own request counter)."""
+    text = requests.get(url + "/metrics", timeout=30).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(("prometheus_http_requests_total{", "vm_http_requests_total{")) and (
+            'handler="/api/v1/query"' in line or 'path="/api/v1/query"' in line
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def _timed_query(url: str, promql: str, at: float) -> float | None:
@@ -214,65 +239,121 @@ class TimedSource(PrometheusSource):
         return answer
 
 
-def measure(url: str, pid: int, at: float, vms: int, old_up_to: int, tmp: Path) -> dict[str, Any]:
+def _median(values: list[float]) -> float:
+    return float(np.median(values)) if values else math.nan
+
+
+def _snapshot(url: str, at: float, cluster: str | None) -> tuple[float, TimedSource, int]:
     config = Config.model_validate({"prometheus": {"url": url, "timeout_seconds": QUERY_TIMEOUT}})
     source = TimedSource(config.prometheus)
     started = time.perf_counter()
-    snapshot = source.build_snapshot(config, at=datetime.fromtimestamp(at, UTC))
-    snapshot_s = time.perf_counter() - started
-    plan_s, plan_rss, code = _plan_subprocess(url, at, tmp)
-    row: dict[str, Any] = {
-        "vms_seen": len(snapshot.vms),
-        "moved": int(np.isfinite(snapshot.vms["last_migration"].to_numpy(dtype=float)).sum()),
-        "snapshot_s": snapshot_s,
-        "queries": source.queries_issued,
-        "plan_s": plan_s if code == 0 else math.nan,
-        "plan_rss": plan_rss,
-        "old_s": None,
-        "slowest_s": source.slowest[0],
-        "slowest": source.slowest[1][:120],
-        "queries_s": source.seconds,
-    }
-    if vms <= old_up_to:
-        times = [_timed_query(url, promql, at) for promql in OLD_QUERIES.values()]
-        row["old_s"] = None if None in times else sum(t for t in times if t is not None)
+    snapshot = source.build_snapshot(config, at=datetime.fromtimestamp(at, UTC), cluster=cluster)
+    return time.perf_counter() - started, source, len(snapshot.vms)
+
+
+def measure(
+    url: str, pid: int, at: float, fleet: Fleet, args: argparse.Namespace, tmp: Path
+) -> dict[str, Any]:
+    """Medians over `args.runs`: the whole store's snapshot in process, one cluster's
+    `vmbalance plan` and (up to `--serve-up-to` clusters) one `vmbalance serve --once`."""
+    row: dict[str, Any] = {"old_s": None}
+    times, vms_seen = [], 0
+    for _ in range(args.runs):
+        seconds, source, vms_seen = _snapshot(url, at, None)
+        times.append(seconds)
+    row.update(
+        vms_seen=vms_seen,
+        snapshot_s=_median(times),
+        queries=source.queries_issued,
+        slowest_s=source.slowest[0],
+        slowest=source.slowest[1][:120],
+        queries_s=source.seconds,
+    )
+    cluster = ["--cluster", "c00"] if fleet.clusters > 1 else []
+    plans = [
+        _vmbalance(
+            [
+                "plan",
+                *_common(url, at),
+                *cluster,
+                "-o",
+                "json",
+                "--out-file",
+                str(tmp / "plan.json"),
+            ],
+            QUERY_TIMEOUT,
+        )
+        for _ in range(args.runs)
+    ]
+    ok = [p for p in plans if p[2] == 0]
+    row["plan_s"] = _median([p[0] for p in ok]) if ok else math.nan
+    row["plan_rss"] = max((p[1] for p in plans), default=math.nan)
+    row["serve_s"] = row["serve_rss"] = row["serve_queries"] = None
+    if fleet.clusters > 1 and fleet.clusters <= args.serve_up_to:
+        before = _queries_answered(url)
+        wall, rss, code = _vmbalance(["serve", "--once", *_common(url, at)], args.serve_timeout)
+        row["serve_queries"] = _queries_answered(url) - before
+        row["serve_s"] = wall if code == 0 else math.nan
+        row["serve_rss"] = rss
+    if fleet.vms <= args.old_up_to:
+        old = [_timed_query(url, promql, at) for promql in OLD_QUERIES.values()]
+        row["old_s"] = None if None in old else sum(t for t in old if t is not None)
     row["server_rss"] = _hwm_mib(pid)
     return row
 
 
-def run_size(fleet: Fleet, step: float, recent: float, old_up_to: int) -> dict[str, dict[str, Any]]:
+def build_store(fleet: Fleet, args: argparse.Namespace, where: Path) -> float:
+    """Generate and backfill `fleet` into `where` (prom-data/ and vm.txt) unless a finished
+    store is there already; returns the evaluation time (the history's end)."""
+    done = where / "end"
+    if done.exists():
+        return float(done.read_text())
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
     end = math.floor(time.time() / BLOCK) * BLOCK - 3600.0
+    span = DAY if fleet.clusters == 1 and fleet.vms > NODES * VMS_PER_NODE else args.history
+    started = time.perf_counter()
+    histories = [
+        (
+            k,
+            _cluster(
+                k, fleet.nodes // fleet.clusters, fleet.vms // fleet.clusters, end, args.step, span
+            ),
+        )
+        for k in range(fleet.clusters)
+    ]
+    fleet.migrations = sum(len(h.migrations) for _, h in histories)
+    samples = write_fleet(histories, end - args.recent, where / "om", where / "vm.txt")
+    del histories
+    generated = time.perf_counter() - started
+    started = time.perf_counter()
+    backfill(where / "om", where / "prom-data")
+    shutil.rmtree(where / "om")
+    print(
+        f"{fleet.name}: {samples:,} samples ({span / 3600:g} h of {INFO}), generated "
+        f"{generated:.0f} s, promtool {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
+    done.write_text(repr(end))
+    return end
+
+
+def run_size(fleet: Fleet, args: argparse.Namespace, data: Path) -> dict[str, dict[str, Any]]:
+    where = data / fleet.name.replace(" ", "")
+    end = build_store(fleet, args, where)
     tmp = Path(tempfile.mkdtemp(prefix="vmbalance-fleet-"))
     try:
-        started = time.perf_counter()
-        histories = [
-            (k, _cluster(k, fleet.nodes // fleet.clusters, fleet.vms // fleet.clusters, end, step))
-            for k in range(fleet.clusters)
-        ]
-        fleet.migrations = sum(len(h.migrations) for _, h in histories)
-        samples = write_fleet(histories, end - recent, tmp / "om", tmp / "vm.txt")
-        del histories
-        generated = time.perf_counter() - started
-        started = time.perf_counter()
-        backfill(tmp / "om", tmp / "prom-data")
-        shutil.rmtree(tmp / "om")
-        backfilled = time.perf_counter() - started
-        print(
-            f"{fleet.name}: {samples:,} samples, generated {generated:.0f} s, "
-            f"promtool {backfilled:.0f} s",
-            flush=True,
-        )
         rows: dict[str, dict[str, Any]] = {}
-        with PrometheusServer(tmp, data_dir=tmp / "prom-data") as prometheus:
+        with PrometheusServer(tmp, data_dir=where / "prom-data") as prometheus:
             assert prometheus.process is not None
             rows["Prometheus"] = measure(
-                prometheus.url, prometheus.process.pid, end, fleet.vms, old_up_to, tmp
+                prometheus.url, prometheus.process.pid, end, fleet, args, tmp
             )
         with VictoriaMetricsServer(tmp) as victoria:
             assert victoria.process is not None
-            victoria.import_prometheus(tmp / "vm.txt")
+            victoria.import_prometheus(where / "vm.txt")
             rows["VictoriaMetrics"] = measure(
-                victoria.url, victoria.process.pid, end, fleet.vms, old_up_to, tmp
+                victoria.url, victoria.process.pid, end, fleet, args, tmp
             )
         for server, row in rows.items():
             print(f"  {server}: {row}", flush=True)
@@ -292,30 +373,33 @@ def _cell(value: float | None, fmt: str = "{:.2f}") -> str:
 def render(results: list[tuple[Fleet, dict[str, dict[str, Any]]]], args: argparse.Namespace) -> str:
     clusters = " ".join(map(str, args.clusters))
     lines = [
-        "Snapshot and plan from one store holding N clusters x 32 nodes x 40 VMs (and one "
-        "10,000-VM cluster of 250 nodes), each with a day of `vmbalance_vm_info` history and the "
-        "last 2 h of every other family, sampled every "
-        f"{args.step:.0f} s; about 2 % of the VMs migrate during the day. The snapshot is timed "
-        "in process (`PrometheusSource.build_snapshot`, with the PromQL queries it sends); "
-        "`vmbalance plan -o json` end to end as a subprocess (its peak RSS from wait4); the "
-        'server\'s peak RSS is its VmHWM after both. "before" is the two 24-hour subqueries '
-        "the snapshot sent until now (`max_over_time(timestamp(vmbalance_vm_info)[24h:1m])` "
-        'and its `min_over_time` twin), summed; "-" where not measured. VictoriaMetrics '
-        "runs with the devkit's flags (`-search.latencyOffset=0s -search.disableCache`, "
-        "otherwise its defaults); Prometheus with its defaults (2-minute query timeout, 5 m "
-        "lookback). The planning is fleet-wide over one snapshot (nodes and VM ids are "
-        "unique across the fleet).",
+        "One store per size holding N clusters x 32 nodes x 40 VMs, with "
+        f"{args.history / 3600:g} h of `vmbalance_vm_info` history, and one 10,000-VM cluster "
+        f"of {args.single // SINGLE_VMS_PER_NODE} nodes with a day of it; the other families "
+        f"for the last {args.recent / 60:.0f} min (a snapshot reads 1 h of them), sampled "
+        f"every {args.step:.0f} s; about 2 % of the VMs migrate within the history. "
+        f"{f'Medians of {args.runs} runs' if args.runs > 1 else 'One run each'}: the snapshot "
+        "of the whole store in process "
+        "(`PrometheusSource.build_snapshot`, with the PromQL queries it sends, "
+        f"{PARALLEL_QUERIES} at a time); `vmbalance plan -o json` end to end as a subprocess "
+        "(`--cluster c00` in the fleets: one 32-node cluster; its peak RSS from wait4); "
+        "`vmbalance serve --once` (one run planning every cluster; once, its queries counted "
+        "by the server's own request counter). The server's peak RSS is its VmHWM after all "
+        'of them. "before" is the two 24-hour subqueries the snapshot once sent, summed; "-" '
+        "where not measured. Prometheus and VictoriaMetrics with their default flags.",
         "",
         f"- Command: `.venv/bin/python bench/bench_fleet_scale.py --clusters {clusters} "
-        f"--single {args.single} --step {args.step:.0f}`",
+        f"--single {args.single} --step {args.step:.0f} --history {args.history:.0f} "
+        f"--runs {args.runs} --serve-up-to {args.serve_up_to}`",
         f"- Date: {date.today().isoformat()}",
         f"- Machine: {os.cpu_count()} cores, shared; Python {platform.python_version()}; "
         "Prometheus 2.42 and VictoriaMetrics (Debian packages)",
         "",
-        "| fleet | VMs | server | snapshot s | of it in queries s | slowest query s | queries "
-        "| plan s (end to end) | plan peak RSS MiB | server peak RSS MiB "
-        "| before: 2 history subqueries s |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| fleet | VMs | server | snapshot s | query times summed s | slowest query s | queries "
+        "| plan s (end to end) | plan peak RSS MiB | serve run s | serve queries "
+        "| serve peak RSS MiB | server peak RSS MiB | before: 2 history subqueries s |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: |",
     ]
     for fleet, rows in results:
         for server, row in rows.items():
@@ -323,6 +407,8 @@ def render(results: list[tuple[Fleet, dict[str, dict[str, Any]]]], args: argpars
                 f"| {fleet.name} | {fleet.vms:,} | {server} | {_cell(row['snapshot_s'])} | "
                 f"{_cell(row['queries_s'])} | {_cell(row['slowest_s'])} | "
                 f"{row['queries']} | {_cell(row['plan_s'])} | {_cell(row['plan_rss'], '{:.0f}')} | "
+                f"{_cell(row['serve_s'], '{:.1f}')} | {_cell(row['serve_queries'], '{:.0f}')} | "
+                f"{_cell(row['serve_rss'], '{:.0f}')} | "
                 f"{_cell(row['server_rss'], '{:.0f}')} | {_cell(row['old_s'])} |"
             )
     return "\n".join(lines) + "\n"
@@ -330,31 +416,55 @@ def render(results: list[tuple[Fleet, dict[str, dict[str, Any]]]], args: argpars
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clusters", type=int, nargs="*", default=[1, 2, 5, 10])
+    parser.add_argument("--clusters", type=int, nargs="*", default=[1, 5, 20, 50])
     parser.add_argument(
         "--single", type=int, default=10_000, help="VMs of the single cluster (0: none)"
     )
     parser.add_argument("--step", type=float, default=60.0, help="sample interval, seconds")
-    parser.add_argument("--recent", type=float, default=BLOCK, help="seconds of the other families")
     parser.add_argument(
-        "--old-up-to", type=int, default=1_300, help="time the old subqueries up to this many VMs"
+        "--history",
+        type=float,
+        default=4 * 3600.0,
+        help="seconds of vmbalance_vm_info in the fleets (the single cluster has a day)",
+    )
+    parser.add_argument(
+        "--recent", type=float, default=4200.0, help="seconds of the other families"
+    )
+    parser.add_argument("--runs", type=int, default=3, help="runs per measurement (median)")
+    parser.add_argument(
+        "--serve-up-to", type=int, default=50, help="run serve up to this many clusters"
+    )
+    parser.add_argument("--serve-timeout", type=float, default=1800.0)
+    parser.add_argument(
+        "--old-up-to", type=int, default=0, help="time the old subqueries up to this many VMs"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="keep the generated stores here and reuse them (default: a temporary directory)",
     )
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument(
+        "--build-only", action="store_true", help="only generate the stores (with --data-dir)"
+    )
     args = parser.parse_args()
     fleets = [
         Fleet(f"{n} x 32 x 40", n, n * NODES, n * NODES * VMS_PER_NODE, 0) for n in args.clusters
     ]
     if args.single:
-        fleets.append(
-            Fleet(
-                f"1 x {args.single // VMS_PER_NODE} x 40",
-                1,
-                args.single // VMS_PER_NODE,
-                args.single,
-                0,
-            )
-        )
-    results = [(fleet, run_size(fleet, args.step, args.recent, args.old_up_to)) for fleet in fleets]
+        nodes = args.single // SINGLE_VMS_PER_NODE
+        fleets.append(Fleet(f"1 x {nodes} x {SINGLE_VMS_PER_NODE}", 1, nodes, args.single, 0))
+    data = args.data_dir or Path(tempfile.mkdtemp(prefix="vmbalance-fleet-data-"))
+    if args.build_only:
+        for fleet in fleets:
+            build_store(fleet, args, data / fleet.name.replace(" ", ""))
+        return
+    try:
+        results = [(fleet, run_size(fleet, args, data)) for fleet in fleets]
+    finally:
+        if args.data_dir is None:
+            shutil.rmtree(data, ignore_errors=True)
     body = render(results, args)
     print(body)
     if not args.no_docs:

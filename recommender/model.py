@@ -118,12 +118,18 @@ def make_nodes(rows: Mapping[str, Mapping[str, float | bool | str]]) -> pd.DataF
     "cluster": str}}; with `"background_<resource>": load` in any row, the frame has every
     background column (missing values 0)."""
     frame = empty_nodes()
-    for node, values in rows.items():
-        frame.loc[node] = [float(values.get(r, np.nan)) for r in RESOURCES] + [
-            bool(values.get("maintenance", False)),
-            str(values.get("cluster", "")),
-        ]
-    frame["maintenance"] = frame["maintenance"].astype(bool)
+    if rows:
+        # One frame from columns: adding the rows one at a time costs quadratic time.
+        entries = list(rows.values())
+        columns: dict[str, pd.Series] = {
+            r: pd.Series([float(e.get(r, np.nan)) for e in entries], dtype=float) for r in RESOURCES
+        }
+        columns["maintenance"] = pd.Series(
+            [bool(e.get("maintenance", False)) for e in entries], dtype=bool
+        )
+        columns["cluster"] = pd.Series([str(e.get("cluster", "")) for e in entries])
+        frame = pd.DataFrame(columns)
+        frame.index = pd.Index(list(rows), name="node")
     if any(c in values for values in rows.values() for c in BACKGROUND_COLUMNS.values()):
         for column in BACKGROUND_COLUMNS.values():
             frame[column] = [float(values.get(column, 0.0)) for values in rows.values()]

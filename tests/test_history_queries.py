@@ -81,7 +81,7 @@ def test_moved_vms_and_their_departures(servers: tuple[float, dict[str, str]], s
     assert sorted(item["metric"]["vm"] for item in moved) == sorted(MOVED)
 
     (departures,) = plan.departures([item["metric"]["vm"] for item in moved])
-    answer = source.query(departures, end)
+    answer = source.departed(departures, end)
     seen = {(item["metric"]["vm"], item["metric"]["node"]) for item in answer}
     assert seen == {(vm, node) for vm in MOVED for node in ("pve1", "pve2")}
     left = end - (SAMPLES - SAMPLES // 2) * STEP

@@ -382,7 +382,7 @@ def cmd_snapshot(args: argparse.Namespace, out: TextIO) -> int:
     from recommender.snapshot import snapshot_text
 
     config = effective_config(args)
-    snapshot = _prometheus_snapshot(config, evaluation_time(args))
+    snapshot = _prometheus_snapshot(config, evaluation_time(args), args.cluster)
     if args.cluster is not None:
         from recommender.preflight import select_cluster
 
@@ -407,10 +407,22 @@ def _write_file(path: str, text: str, out: TextIO) -> None:
     write_output(path, text, fd_aliases={1: out.fileno()})
 
 
-def _prometheus_snapshot(config: Config, at: datetime | None) -> Snapshot:
+def _prometheus_snapshot(
+    config: Config, at: datetime | None, cluster: str | None = None
+) -> Snapshot:
+    """The snapshot from Prometheus; with `cluster`, of that cluster's series only (and, when
+    it has none, of all of them, so that the refusal names the clusters there are)."""
+    from recommender.preflight import select_cluster
+    from recommender.source.cluster import NoVMData
     from recommender.source.prometheus import PrometheusSource
 
-    return PrometheusSource(config.prometheus).build_snapshot(config, at=at)
+    source = PrometheusSource(config.prometheus)
+    if cluster is None:
+        return source.build_snapshot(config, at=at)
+    try:
+        return source.build_snapshot(config, at=at, cluster=cluster)
+    except NoVMData:
+        return select_cluster(source.build_snapshot(config, at=at), cluster)
 
 
 def load_plan_input(args: argparse.Namespace) -> tuple[Snapshot, Config]:
@@ -426,7 +438,7 @@ def load_plan_input(args: argparse.Namespace) -> tuple[Snapshot, Config]:
         snapshot, embedded = load_snapshot(source)
         return snapshot, effective_config(args, base=embedded)
     config = effective_config(args)
-    return _prometheus_snapshot(config, at), config
+    return _prometheus_snapshot(config, at, getattr(args, "cluster", None)), config
 
 
 def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:

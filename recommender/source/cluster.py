@@ -40,6 +40,10 @@ def _ids(ids: Sequence[str]) -> str:
     return and_more(sorted(ids), WARN_IDS)
 
 
+class NoVMData(SourceError):
+    """No VM was seen in the short window (of the cluster asked for, if one was)."""
+
+
 @dataclass
 class VMPlace:
     node: str
@@ -47,6 +51,23 @@ class VMPlace:
     last_seen: float
     first_seen_anywhere: float
     last_migration: float
+
+
+def last_samples(answer: Answer, at: float) -> Answer:
+    """A range answer (raw samples per series, `SnapshotQueries.departures`) as an instant
+    answer at `at` holding the time of each series' last sample, labelled by (cluster, node,
+    vm, name) as the other presence answers are."""
+    out: Answer = []
+    for item in answer:
+        times = [float(point[0]) for point in item.get("values", ()) if point]
+        if times:
+            labels = {
+                key: value
+                for key, value in item["metric"].items()
+                if key in ("cluster", "node", "vm", "name")
+            }
+            out.append({"metric": labels, "value": [at, repr(max(times))]})
+    return out
 
 
 def placements(
@@ -309,7 +330,7 @@ def assemble_snapshot(
     last_seen = answers["vm_departed"] + answers["vm_seen_recently"] + answers["vm_seen_now"]
     places = placements(last_seen, answers["vm_first_seen"], at, plan)
     if not places:
-        raise SourceError(
+        raise NoVMData(
             f"no VM has data in the last {q.short_window} at "
             f"{when.astimezone(UTC).isoformat(timespec='seconds')} "
             f"(no vmbalance_vm_info series at {source})"
@@ -342,4 +363,4 @@ def assemble_snapshot(
     )
 
 
-__all__ = ["VMPlace", "assemble_snapshot", "burst_ratios", "placements"]
+__all__ = ["NoVMData", "VMPlace", "assemble_snapshot", "burst_ratios", "last_samples", "placements"]

@@ -31,12 +31,16 @@ history: a subquery evaluates its expression at every step for every series, so
 `max_over_time(timestamp(vmbalance_vm_info)[24h:1m])` costs 1,440 evaluations per VM (at
 10,000 VMs with a day of history, longer than Prometheus's 2-minute query timeout). Instead
 `vm_moved` reads the raw samples once (`last_over_time(...[24h])`, no steps) and answers only
-the VMs seen on more than one node; the per-minute subquery that dates their departures is
-then asked for those VMs alone (`SnapshotQueries.departures`, one more query, or one per
-~1,000 VMs that moved). The current node comes from the short window, the first sample
-(only a VM younger than the window is scaled) from the window: both a few steps at most.
-Aggregations keep `cluster` (`by (cluster, node, vm)`), so VMs of different clusters stay
-apart where the label is present.
+the VMs seen on more than one node; their departures are then dated from the raw samples of
+those VMs alone (`SnapshotQueries.departures`: `vmbalance_vm_info{vm=~...}[24h]`, one more
+query, or one per ~1,000 VMs that moved), the last sample of each series being the last time
+the VM was on that node. Neither server steps through anything for it, and a series that a
+staleness marker ended is dated by its last real sample, not by the last step that saw it.
+The current node comes from the short window, the first sample (only a VM younger than the
+window is scaled) from the window: both a few steps at most. Aggregations keep `cluster`
+(`by (cluster, node, vm)`), so VMs of different clusters stay apart where the label is
+present; `SnapshotQueries.for_cluster` puts `cluster="NAME"` on every selector, so one
+cluster's snapshot reads only its own series from a store holding a whole fleet.
 
 Server settings that matter: `timestamp(vmbalance_vm_info)` inside the history subqueries
 sees a sample only within the lookback (Prometheus `--query.lookback-delta`, default 5m), so
@@ -55,12 +59,13 @@ its first step on a node dates its arrival to within a scrape interval, without 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from recommender.config import Config, HostSettings, QuerySettings, duration_seconds
 from recommender.history import Window
-from recommender.quoting import promql_regex_alternatives
+from recommender.quoting import promql_regex_alternatives, promql_string
 from recommender.source.grid import SampleGrid, rate_samples_query
 from recommender.source.migration import migration_queries
 
@@ -95,6 +100,26 @@ _LOADS = tuple(f"load_{resource}" for resource in RATE_COUNTERS)
 
 # The longest list of VM ids one departures query carries (its regex, in characters).
 DEPARTURE_QUERY_CHARS = 12_000
+
+
+# A selector of a family the recommender reads (the exporter's `vmbalance_*`, node_exporter's
+# `node_*`; no label it aggregates by starts so) with its matchers, if any: quoted values may
+# hold braces.
+_SELECTOR = re.compile(r'\b((?:vmbalance|node)_[A-Za-z0-9_]*)(\{(?:[^}"]|"(?:[^"\\]|\\.)*")*\})?')
+
+
+def in_cluster(promql: str, cluster: str) -> str:
+    """`promql` with `cluster="<cluster>"` on every selector: the same answers for the series
+    of that cluster, none of the others read (`cluster=""` is the series without the label)."""
+    matcher = f"cluster={promql_string(cluster)}"
+
+    def scoped(match: re.Match[str]) -> str:
+        name, braces = match.group(1), match.group(2)
+        if braces is None or braces == "{}":
+            return f"{name}{{{matcher}}}"
+        return f"{name}{{{matcher},{braces[1:]}"
+
+    return _SELECTOR.sub(scoped, promql)
 
 
 def seconds_text(seconds: float) -> str:
@@ -243,6 +268,15 @@ class SnapshotQueries:
     history_range: float
     # Queries answered with the points of a subquery, of which the source takes the quantile.
     quantiles: frozenset[str] = frozenset()
+    # Only this cluster's series are read (`in_cluster`); None: every cluster's.
+    cluster: str | None = None
+
+    def for_cluster(self, cluster: str | None) -> SnapshotQueries:
+        """The same queries reading only `cluster`'s series (all of them for None)."""
+        if cluster is None:
+            return self
+        queries = {name: in_cluster(promql, cluster) for name, promql in self.queries.items()}
+        return replace(self, queries=queries, cluster=cluster)
 
     @classmethod
     def for_config(cls, config: Config, grid: SampleGrid | None = None) -> SnapshotQueries:
@@ -276,10 +310,11 @@ class SnapshotQueries:
         )
 
     def departures(self, moved: Sequence[str]) -> list[str]:
-        """When each of the `moved` VMs (the `vm_moved` answer) was last seen on each node
-        within the history: the per-minute subquery of old, asked for these VMs only, in
-        queries of at most `DEPARTURE_QUERY_CHARS` (VictoriaMetrics refuses a query longer
-        than 16 KiB by default), so one query in all unless thousands moved."""
+        """The raw `vmbalance_vm_info` samples within the history of the `moved` VMs (the
+        `vm_moved` answer), whose last sample per series is when the VM was last on that
+        node (`recommender.source.cluster.last_samples`), in queries of at most
+        `DEPARTURE_QUERY_CHARS` (VictoriaMetrics refuses a query longer than 16 KiB by
+        default), so one query in all unless thousands moved."""
         history_range = f"{self.history_range:.0f}s"
         batches: list[list[str]] = []
         size = DEPARTURE_QUERY_CHARS
@@ -290,11 +325,11 @@ class SnapshotQueries:
                 size = 0
             batches[-1].append(vm)
             size += length
-        return [
-            f"max by (cluster, node, vm, name) (max_over_time(timestamp("
-            f"{INFO}{{vm=~{promql_regex_alternatives(batch)}}})[{history_range}:{HISTORY_STEP}]))"
+        queries = [
+            f"{INFO}{{vm=~{promql_regex_alternatives(batch)}}}[{history_range}]"
             for batch in batches
         ]
+        return queries if self.cluster is None else [in_cluster(q, self.cluster) for q in queries]
 
 
 @dataclass(frozen=True)
@@ -367,4 +402,5 @@ __all__ = [
     "ReportQueries",
     "SnapshotQueries",
     "counter_sum",
+    "in_cluster",
 ]
