@@ -33,6 +33,7 @@ from pydantic import (
 from recommender.config import MAX_QUANTITY, Config, validation_problems
 from recommender.model import (
     BACKGROUND_COLUMNS,
+    PRESSURE_COLUMNS,
     RESOURCES,
     Disk,
     Snapshot,
@@ -81,6 +82,10 @@ class NodeEntry(_Model):
     maintenance: StrictBool = False
     # Load besides the VMs (cpu, network); absent in files written before it existed: 0.
     background: dict[str, StrictFloat | None] = Field(default_factory=dict)
+    # Pressure stall share per PSI kind (cpu, memory, io); absent: not read.
+    pressure: dict[str, Annotated[StrictFloat, Field(ge=0, le=1e6)] | None] = Field(
+        default_factory=dict
+    )
     cluster: str = ""
 
     _resources = field_validator("capacity", "background")(_check_resources)
@@ -93,6 +98,14 @@ class NodeEntry(_Model):
                 raise ValueError(
                     f"background: {resource!r} has none (known: {', '.join(BACKGROUND_COLUMNS)})"
                 )
+        return value
+
+    @field_validator("pressure")
+    @classmethod
+    def _pressure_kinds(cls, value: dict[str, float | None]) -> dict[str, float | None]:
+        for kind in value:
+            if kind not in PRESSURE_COLUMNS:
+                raise ValueError(f"{kind!r} is no PSI kind (known: {', '.join(PRESSURE_COLUMNS)})")
         return value
 
 
@@ -162,6 +175,12 @@ def _background_entry(row: pd.Series) -> dict[str, dict[str, float | None]]:
     return {"background": {r: finite_or_none(row[c]) for r, c in BACKGROUND_COLUMNS.items()}}
 
 
+def _pressure_entry(row: pd.Series) -> dict[str, dict[str, float | None]]:
+    """`{"pressure": {...}}` for a node whose frame has pressure columns, else {}."""
+    kinds = {k: c for k, c in PRESSURE_COLUMNS.items() if c in row.index}
+    return {"pressure": {k: finite_or_none(row[c]) for k, c in kinds.items()}} if kinds else {}
+
+
 def _cluster_name(value: object) -> str:
     return value if isinstance(value, str) else ""
 
@@ -192,6 +211,7 @@ def _document(snapshot: Snapshot, config: Config | None) -> dict[str, Any]:
             "capacity": {r: finite_or_none(row[r]) for r in RESOURCES},
             "maintenance": bool(row["maintenance"]),
             **_background_entry(row),
+            **_pressure_entry(row),
             "cluster": _cluster_name(row.get("cluster", "")),
         }
         for node, row in snapshot.nodes.iterrows()
@@ -284,6 +304,10 @@ def parse_snapshot(document: Any, name: str = "snapshot") -> tuple[Snapshot, Con
                 **{
                     BACKGROUND_COLUMNS[r]: 0.0 if v is None else v
                     for r, v in entry.background.items()
+                },
+                **{
+                    PRESSURE_COLUMNS[k]: np.nan if v is None else v
+                    for k, v in entry.pressure.items()
                 },
                 "cluster": entry.cluster,
             }

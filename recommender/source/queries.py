@@ -62,6 +62,7 @@ from recommender.config import Config, HostSettings, QuerySettings, duration_sec
 from recommender.history import Window
 from recommender.quoting import promql_regex_alternatives
 from recommender.source.grid import SampleGrid
+from recommender.source.host import pressure_queries
 from recommender.source.migration import migration_queries
 
 # Counters behind each rate resource (summed).
@@ -259,6 +260,7 @@ class SnapshotQueries:
             **_rate_queries(q, window_s, short_s, grid),
             **_level_queries(q, window_s, grid),
             **_host_queries(config.host, q.window, window_s),
+            **pressure_queries(config.host, q.window),
             **migration_queries(q),
         }
         return cls(
