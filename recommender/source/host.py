@@ -29,7 +29,6 @@ from recommender.resources import PRESSURE
 from recommender.source.answers import Answer, by_label, sample
 from recommender.text import and_more
 
-
 HOST_PRESSURE = "node_pressure_{kind}_waiting_seconds_total"
 
 
