@@ -12,8 +12,9 @@ Pressure stall information (PSI) comes from node_exporter's pressure collector, 
 publishes the "some" line of `/proc/pressure/{cpu,memory,io}` as the counters
 `node_pressure_<kind>_waiting_seconds_total` (seconds some task waited). Their rate over the
 window is the share of time at least one task stalled on that kind: the kernel's `avg10` /
-`avg60` / `avg300`, over the window instead. It is a host counter that lives as long as the
-host, so `rate()` reads the same on Prometheus and VictoriaMetrics.
+`avg60` / `avg300`, over the window instead. Host counters are divided by the time
+node_exporter's own samples span (`host_elapsed`), so a node_exporter younger than the window
+is not read as idle.
 """
 
 from __future__ import annotations
@@ -32,15 +33,34 @@ from recommender.text import and_more
 HOST_PRESSURE = "node_pressure_{kind}_waiting_seconds_total"
 
 
-def pressure_queries(host: HostSettings, window: str) -> dict[str, str]:
+def host_elapsed(window: str) -> str:
+    """Per node, the seconds node_exporter's samples span inside the window: all CPU time over
+    the CPUs. A host counter divided by it is its rate also for a series younger than the
+    window (a node_exporter started or a node added inside it), where `increase / window` and
+    Prometheus' `rate()` would read short; both come from the same scrapes."""
+    cpu = 'node_cpu_seconds_total{node!=""}'
+    idle = 'node_cpu_seconds_total{node!="",mode="idle"}'  # one series per CPU
+    return (
+        f"(sum by (cluster, node) (increase({cpu}[{window}])) "
+        f"/ count by (cluster, node) (last_over_time({idle}[{window}])))"
+    )
+
+
+def per_host_second(increase: str, window: str, window_s: float) -> str:
+    """`increase` (summed by cluster, node) per second the host's samples span, or per second
+    of the window where node_exporter publishes no CPU time."""
+    return f"({increase}) / {host_elapsed(window)} or ({increase}) / {window_s:g}"
+
+
+def pressure_queries(host: HostSettings, window: str, window_s: float) -> dict[str, str]:
     """One query for every PSI kind read: per node and kind (a `kind` label), the "some"
     stall share over the window; none when `host.pressure` is empty."""
-    parts = [
-        f"label_replace(sum by (cluster, node) (rate("
-        f'{HOST_PRESSURE.format(kind=kind)}{{node!=""}}[{window}])), "kind", "{kind}", "", "")'
-        for kind in host.pressure
-    ]
-    return {"host_pressure": " or ".join(parts)} if parts else {}
+    parts = []
+    for kind in host.pressure:
+        waited = f'sum by (cluster, node) (increase({HOST_PRESSURE.format(kind=kind)}{{node!=""}}[{window}]))'
+        share = per_host_second(waited, window, window_s)
+        parts.append(f'label_replace({share}, "kind", "{kind}", "", "")')
+    return {"host_pressure": " or ".join(f"({p})" for p in parts)} if parts else {}
 
 
 def host_pressure(
@@ -119,4 +139,12 @@ def host_background(
     return frame
 
 
-__all__ = ["HOST_PRESSURE", "VM_LOAD_ONLY", "host_background", "host_pressure", "pressure_queries"]
+__all__ = [
+    "HOST_PRESSURE",
+    "VM_LOAD_ONLY",
+    "host_elapsed",
+    "per_host_second",
+    "host_background",
+    "host_pressure",
+    "pressure_queries",
+]

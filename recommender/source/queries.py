@@ -62,7 +62,7 @@ from recommender.config import Config, HostSettings, QuerySettings, duration_sec
 from recommender.history import Window
 from recommender.quoting import promql_regex_alternatives
 from recommender.source.grid import SampleGrid
-from recommender.source.host import pressure_queries
+from recommender.source.host import per_host_second, pressure_queries
 from recommender.source.migration import migration_queries
 
 # Counters behind each rate resource (summed).
@@ -227,8 +227,8 @@ def _host_queries(host: HostSettings, window: str, window_s: float) -> dict[str,
     if host.interfaces:
         devices = promql_regex_alternatives(host.interfaces)
         selectors = [f'{c}{{node!="",device=~{devices}}}' for c in HOST_NETWORK]
-        queries["host_network"] = (
-            f"({counter_sum(selectors, window, 'cluster, node')}) / {seconds_text(window_s)}"
+        queries["host_network"] = per_host_second(
+            counter_sum(selectors, window, "cluster, node"), window, window_s
         )
     return queries
 
@@ -260,7 +260,7 @@ class SnapshotQueries:
             **_rate_queries(q, window_s, short_s, grid),
             **_level_queries(q, window_s, grid),
             **_host_queries(config.host, q.window, window_s),
-            **pressure_queries(config.host, q.window),
+            **pressure_queries(config.host, q.window, window_s),
             **migration_queries(q),
         }
         return cls(
