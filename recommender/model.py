@@ -17,7 +17,9 @@ untrusted), `node` (where its latest sample was), one column per resource holdin
 unknown), `last_migration` (unix seconds of the last node change seen, NaN if none), and what
 decides whether and how it can move: `blockers` (tuple of reasons it cannot be live-migrated),
 `disks` (tuple of `Disk`), `ha_managed` (bool) and `dirty_rate` (bytes of memory dirtied per
-second, NaN when unknown).
+second, NaN when unknown); `cluster` (str) only where a node name is in more than one cluster
+of the data (`nodes` then repeats that name, once per cluster, and `cluster_snapshot` parts
+them).
 """
 
 from __future__ import annotations
@@ -185,7 +187,10 @@ def cluster_snapshot(snapshot: Snapshot, cluster: str) -> Snapshot:
     column = nodes["cluster"] if "cluster" in nodes.columns else pd.Series("", index=nodes.index)
     names = [c if isinstance(c, str) else "" for c in column]
     kept = nodes[[name == cluster for name in names]]
-    vms = snapshot.vms[snapshot.vms["node"].astype(str).isin(set(map(str, kept.index)))]
+    vms = snapshot.vms
+    if "cluster" in vms.columns:  # node names repeat across clusters: each VM says its own
+        vms = vms[[c == cluster for c in vms["cluster"]]]
+    vms = vms[vms["node"].astype(str).isin(set(map(str, kept.index)))]
     return Snapshot(
         nodes=kept.copy(),
         vms=vms.copy(),

@@ -309,7 +309,7 @@ def test_nic_traffic_beyond_the_vms_is_background_and_keeps_the_node_from_being_
         {"kvm1": HostLoad(), "kvm2": HostLoad(nic_bytes_per_second=CEPH_NIC), "kvm3": HostLoad()}
     )
     node_xml = {node: _node_xml(tmp_path, node, n) for node, n in (("kvm1", 6), ("kvm2", 1),
-                                                                   ("kvm3", 1))}  # fmt: skip
+                                                                   ("kvm3", 0))}  # fmt: skip
     nic = NIC_CONFIG + "host:\n  interfaces: [eth0]\n"
     configs = {"nic": nic, "vm-nic-only": NIC_CONFIG}
     scraped = _scrape_and_plan(tmp_path, exporter_factory, node_xml, ports, configs)
@@ -326,7 +326,8 @@ def test_nic_traffic_beyond_the_vms_is_background_and_keeps_the_node_from_being_
     plan, _ = scraped.plans["nic"]
     moved = plan["migrations"]
     assert moved, plan
-    assert all(m["target"] == "kvm3" for m in moved), moved
+    shown = [(m["vm"], m["source"], m["target"], m["reason"]) for m in moved]
+    assert all(m["target"] == "kvm3" for m in moved), (shown, plan["nodes"])
     assert any(m["source"] == "kvm1" for m in moved), moved
     by_node = {node["node"]: node for node in plan["nodes"]}
     network = by_node["kvm2"]["resources"]["network"]

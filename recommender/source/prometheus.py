@@ -13,6 +13,7 @@ from recommender.history import History, Window
 from recommender.model import Snapshot
 from recommender.source.answers import Answer, quantiles
 from recommender.source.cluster import assemble_snapshot
+from recommender.source.clusters import per_cluster_config, qualify, unqualify
 from recommender.source.grid import (
     LATEST_QUERY,
     SPACING_QUERY,
@@ -124,7 +125,10 @@ class PrometheusSource:
             item for promql in plan.departures(moved) for item in self.query(promql, t)
         ]
         taken = datetime.fromtimestamp(t, UTC)
-        snapshot = assemble_snapshot(config, plan, answers, taken, self.display_url)
+        apart = qualify(answers)
+        within = per_cluster_config(config, apart) if apart.any else config
+        assembled = assemble_snapshot(within, plan, apart.answers, taken, self.display_url)
+        snapshot = unqualify(assembled, apart)
         snapshot.warnings[:0] = notes
         return snapshot
 
