@@ -57,7 +57,8 @@ def pressure_queries(host: HostSettings, window: str, window_s: float) -> dict[s
     stall share over the window; none when `host.pressure` is empty."""
     parts = []
     for kind in host.pressure:
-        waited = f'sum by (cluster, node) (increase({HOST_PRESSURE.format(kind=kind)}{{node!=""}}[{window}]))'
+        counter = f'{HOST_PRESSURE.format(kind=kind)}{{node!=""}}'
+        waited = f"sum by (cluster, node) (increase({counter}[{window}]))"
         share = per_host_second(waited, window, window_s)
         parts.append(f'label_replace({share}, "kind", "{kind}", "", "")')
     return {"host_pressure": " or ".join(f"({p})" for p in parts)} if parts else {}
@@ -142,9 +143,9 @@ def host_background(
 __all__ = [
     "HOST_PRESSURE",
     "VM_LOAD_ONLY",
-    "host_elapsed",
-    "per_host_second",
     "host_background",
+    "host_elapsed",
     "host_pressure",
+    "per_host_second",
     "pressure_queries",
 ]
