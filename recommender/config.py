@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, get_args
 from urllib.parse import urlsplit
 
 import yaml
@@ -29,7 +29,7 @@ from recommender.engine.measure import needed_resources
 from recommender.engine.rules import RuleSettings
 from recommender.engine.rules.base import RulesPart
 from recommender.listen import parse_listen
-from recommender.resources import GIB, RESOURCES
+from recommender.resources import BALANCED_RESOURCES, GIB, RESOURCES
 from recommender.strict_model import StrictModel
 from recommender.text import one_line
 
@@ -200,8 +200,9 @@ class BalanceSettings(StrictModel):
     @classmethod
     def _known_weights(cls, value: dict[str, float]) -> dict[str, float]:
         for resource, weight in value.items():
-            if resource not in RESOURCES:
-                raise ValueError(f"unknown resource {resource!r} (known: {', '.join(RESOURCES)})")
+            if resource not in BALANCED_RESOURCES:
+                known = ", ".join(BALANCED_RESOURCES)
+                raise ValueError(f"unknown resource {resource!r} (known: {known})")
             if not 0 <= weight <= 1e6:
                 raise ValueError(f"{resource}: weight must be >= 0 and <= 1e6")
         if sum(value.values()) <= 0:
@@ -218,7 +219,7 @@ class BalanceSettings(StrictModel):
     def needed_resources(self) -> tuple[str, ...]:
         """Resources a node's capacity must be known of for it to count: the weighted ones,
         and CPU and memory (which the fit rules check) always."""
-        return tuple(needed_resources(self.weights, RESOURCES))
+        return tuple(needed_resources(self.weights, BALANCED_RESOURCES))
 
     @model_validator(mode="after")
     def _target_below_trigger(self) -> BalanceSettings:
@@ -250,6 +251,9 @@ class OutputSettings(StrictModel):
     libvirt_uri: str = "qemu+ssh://{node}/system"
 
 
+PressureKind = Literal["cpu", "memory", "io"]
+
+
 class HostSettings(StrictModel):
     """Host load beside VM load, from node_exporter (docs/deploy.md joins its series to the
     `node` label). `interfaces`: the NIC devices whose bytes count as the node's network load
@@ -257,6 +261,14 @@ class HostSettings(StrictModel):
 
     cpu: bool = True
     interfaces: list[str] = Field(default_factory=list)
+    # Pressure stall information (node_exporter's pressure collector, /proc/pressure): the
+    # "some" share of each kind read over the window (seconds per second some task waited).
+    pressure: list[PressureKind] = Field(default_factory=lambda: list(get_args(PressureKind)))
+    # A node whose share of a kind exceeds its threshold here triggers a plan even when the
+    # imbalance is under the trigger (empty: pressure triggers nothing).
+    pressure_trigger: dict[PressureKind, Annotated[Number, Field(gt=0, le=1)]] = Field(
+        default_factory=dict
+    )
 
     @field_validator("interfaces")
     @classmethod
@@ -265,6 +277,20 @@ class HostSettings(StrictModel):
             if not device or len(device) > 64 or any(c.isspace() or c == "/" for c in device):
                 raise ValueError(f"{device!r} is not a network device name")
         return value
+
+    @field_validator("pressure")
+    @classmethod
+    def _distinct_kinds(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a pressure kind twice")
+        return value
+
+    @model_validator(mode="after")
+    def _trigger_kinds_read(self) -> HostSettings:
+        unread = sorted(set(self.pressure_trigger) - set(self.pressure))
+        if unread:
+            raise ValueError(f"pressure_trigger: {', '.join(unread)} is not in host.pressure")
+        return self
 
 
 class ServeSettings(StrictModel):

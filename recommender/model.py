@@ -7,7 +7,8 @@ this, so they are tested and benchmarked without any server.
 resource's unit (NaN: unknown), `maintenance` (bool), `cluster` (str, "" when the data
 names none), and `background_cpu` / `background_network`: the load the host carries besides
 its VMs (Ceph, the host itself), counted in the node's load (present when the source read host
-load; absent means 0).
+load; absent means 0); `pressure_cpu` / `pressure_memory` / `pressure_io`: the node's pressure
+stall share of each kind (present when the source read PSI; NaN: not seen).
 
 `vms` — index `vm` (str: Proxmox VMID or libvirt domain name); `name` (display only,
 untrusted), `node` (where its latest sample was), one column per resource holding the VM's
@@ -16,7 +17,9 @@ untrusted), `node` (where its latest sample was), one column per resource holdin
 unknown), `last_migration` (unix seconds of the last node change seen, NaN if none), and what
 decides whether and how it can move: `blockers` (tuple of reasons it cannot be live-migrated),
 `disks` (tuple of `Disk`), `ha_managed` (bool) and `dirty_rate` (bytes of memory dirtied per
-second, NaN when unknown).
+second, NaN when unknown); `cluster` (str) only where a node name is in more than one cluster
+of the data (`nodes` then repeats that name, once per cluster, and `cluster_snapshot` parts
+them).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import pandas as pd
 from recommender.resources import CPU as CPU
 from recommender.resources import GIB as GIB
 from recommender.resources import MEM as MEM
+from recommender.resources import PRESSURE_KINDS
 from recommender.resources import RESOURCE_UNITS as RESOURCE_UNITS
 from recommender.resources import RESOURCES as RESOURCES
 from recommender.resources import utilisation as array_utilisation
@@ -44,6 +48,9 @@ Loads = TypeVar("Loads", np.ndarray, pd.DataFrame, pd.Series)
 # Load a node carries besides its VMs (host total minus the VMs' sum, from node_exporter;
 # 0 when unknown): resource -> nodes-frame column.
 BACKGROUND_COLUMNS: dict[str, str] = {"cpu": "background_cpu", "network": "background_network"}
+# Each node's pressure stall share per PSI kind over the window (node_exporter's "some" line:
+# seconds per second at least one task waited), NaN where not read: kind -> nodes-frame column.
+PRESSURE_COLUMNS: dict[str, str] = {kind: f"pressure_{kind}" for kind in PRESSURE_KINDS}
 NODE_COLUMNS: tuple[str, ...] = (*RESOURCES, "maintenance", "cluster")
 # The snapshot's warning when the source found no host load; every plan from it repeats it.
 VM_LOAD_ONLY = (
@@ -116,7 +123,8 @@ _VM_NUMBERS = (*RESOURCES, "memory_max_bytes", "burst_ratio", "last_migration", 
 def make_nodes(rows: Mapping[str, Mapping[str, float | bool | str]]) -> pd.DataFrame:
     """Build a nodes frame from {node: {resource: capacity, "maintenance": bool,
     "cluster": str}}; with `"background_<resource>": load` in any row, the frame has every
-    background column (missing values 0)."""
+    background column (missing values 0), with `"pressure_<kind>": share` in any row that
+    kind's column (missing values NaN)."""
     frame = empty_nodes()
     if rows:
         # One frame from columns: adding the rows one at a time costs quadratic time.
@@ -133,6 +141,9 @@ def make_nodes(rows: Mapping[str, Mapping[str, float | bool | str]]) -> pd.DataF
     if any(c in values for values in rows.values() for c in BACKGROUND_COLUMNS.values()):
         for column in BACKGROUND_COLUMNS.values():
             frame[column] = [float(values.get(column, 0.0)) for values in rows.values()]
+    for column in PRESSURE_COLUMNS.values():
+        if any(column in values for values in rows.values()):
+            frame[column] = [float(values.get(column, np.nan)) for values in rows.values()]
     return frame
 
 
@@ -182,7 +193,10 @@ def cluster_snapshot(snapshot: Snapshot, cluster: str) -> Snapshot:
     column = nodes["cluster"] if "cluster" in nodes.columns else pd.Series("", index=nodes.index)
     names = [c if isinstance(c, str) else "" for c in column]
     kept = nodes[[name == cluster for name in names]]
-    vms = snapshot.vms[snapshot.vms["node"].astype(str).isin(set(map(str, kept.index)))]
+    vms = snapshot.vms
+    if "cluster" in vms.columns:  # node names repeat across clusters: each VM says its own
+        vms = vms[[c == cluster for c in vms["cluster"]]]
+    vms = vms[vms["node"].astype(str).isin(set(map(str, kept.index)))]
     return Snapshot(
         nodes=kept.copy(),
         vms=vms.copy(),

@@ -37,7 +37,8 @@ from recommender.engine.result import (
 )
 from recommender.engine.rules import Constraint, prepare_constraints, violations
 from recommender.engine.rules.migratable import immovable_on_busy_nodes
-from recommender.model import Snapshot, utilisation
+from recommender.model import PRESSURE_COLUMNS, Snapshot, utilisation
+from recommender.pressure import PressuredNode, pressure_kinds, pressured_nodes
 
 if TYPE_CHECKING:
     from recommender.config import Config
@@ -109,6 +110,15 @@ class Plan:
     # VMs the hypervisor would not live-migrate, on the nodes balancing takes VMs from.
     immovable: list[Unplaceable] = field(default_factory=list)
     frontier: Frontier | None = None  # what k migrations could reach (engine.frontier)
+    # Nodes over `host.pressure_trigger` (they made this run plan), and every node's pressure
+    # stall share per PSI kind read (node x kind; no columns when the snapshot has none).
+    pressured: list[PressuredNode] = field(default_factory=list)
+    pressure: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def pressure_kinds(self) -> list[str]:
+        """The PSI kinds the snapshot held (none: no pressure column in any output)."""
+        return list(next(iter(self.pressure.values()), {}))
 
     @property
     def memory_bytes(self) -> float:
@@ -130,8 +140,9 @@ class Plan:
 
 def build_plan(snapshot: Snapshot, config: Config, result: EngineResult | None = None) -> Plan:
     """Sequence the engine's moves (planning them first when `result` is None)."""
+    pressured = pressured_nodes(snapshot.nodes, config.host.pressure_trigger)
     if result is None:
-        result = plan_moves(snapshot, config)
+        result = plan_moves(snapshot, _relieving(config) if pressured else config)
     problem = result.problem
     constraints = prepare_constraints(problem)
     start = State.initial(problem)
@@ -174,7 +185,7 @@ def build_plan(snapshot: Snapshot, config: Config, result: EngineResult | None =
         overall_before=before.overall,
         overall_after=after.overall,
         triggered=result.triggered,
-        target_reached=reaches(after.overall, problem.balance.target),
+        target_reached=reaches(after.overall, config.balance.target),
         unplaceable=list(result.unplaceable),
         held_back=list(result.held_back),
         unsequenced=unsequenced,
@@ -187,7 +198,27 @@ def build_plan(snapshot: Snapshot, config: Config, result: EngineResult | None =
         estimator=snapshot.estimator,
         immovable=_immovable(problem),
         frontier=result.frontier,
+        pressured=pressured,
+        pressure=_node_pressure(snapshot),
     )
+
+
+def _relieving(config: Config) -> Config:
+    """The config a run over a pressure trigger plans with: triggered whatever the imbalance,
+    and balancing as far as its moves pay (`min_gain`), not only down to the target."""
+    balance = config.balance.model_copy(update={"trigger": 0.0, "target": 0.0})
+    return config.model_copy(update={"balance": balance})
+
+
+def _node_pressure(snapshot: Snapshot) -> dict[str, dict[str, float]]:
+    kinds = pressure_kinds(snapshot.nodes)
+    if not kinds:
+        return {}
+    columns = {kind: snapshot.nodes[PRESSURE_COLUMNS[kind]].to_numpy(float) for kind in kinds}
+    return {
+        str(node): {kind: float(columns[kind][i]) for kind in kinds}
+        for i, node in enumerate(snapshot.nodes.index)
+    }
 
 
 def _immovable(problem: Problem) -> list[Unplaceable]:
@@ -363,4 +394,5 @@ def _settings(config: Config, rule_types: Sequence[type[Constraint]]) -> dict[st
         "rules": config.rules.model_dump(mode="json"),
         "rule_counts": rules,
         "query": config.query.model_dump(mode="json"),
+        "host": config.host.model_dump(mode="json"),
     }

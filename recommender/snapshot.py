@@ -33,6 +33,7 @@ from pydantic import (
 from recommender.config import MAX_QUANTITY, Config, validation_problems
 from recommender.model import (
     BACKGROUND_COLUMNS,
+    PRESSURE_COLUMNS,
     RESOURCES,
     Disk,
     Snapshot,
@@ -81,6 +82,10 @@ class NodeEntry(_Model):
     maintenance: StrictBool = False
     # Load besides the VMs (cpu, network); absent in files written before it existed: 0.
     background: dict[str, StrictFloat | None] = Field(default_factory=dict)
+    # Pressure stall share per PSI kind (cpu, memory, io); absent: not read.
+    pressure: dict[str, Annotated[StrictFloat, Field(ge=0, le=1e6)] | None] = Field(
+        default_factory=dict
+    )
     cluster: str = ""
 
     _resources = field_validator("capacity", "background")(_check_resources)
@@ -93,6 +98,14 @@ class NodeEntry(_Model):
                 raise ValueError(
                     f"background: {resource!r} has none (known: {', '.join(BACKGROUND_COLUMNS)})"
                 )
+        return value
+
+    @field_validator("pressure")
+    @classmethod
+    def _pressure_kinds(cls, value: dict[str, float | None]) -> dict[str, float | None]:
+        for kind in value:
+            if kind not in PRESSURE_COLUMNS:
+                raise ValueError(f"{kind!r} is no PSI kind (known: {', '.join(PRESSURE_COLUMNS)})")
         return value
 
 
@@ -115,6 +128,8 @@ class VMEntry(_Model):
     disks: list[DiskEntry] = Field(default_factory=list)
     ha_managed: StrictBool = False
     dirty_rate_bytes_per_second: Quantity | None = None
+    # The cluster of its node; written where a node name is in several clusters.
+    cluster: str | None = None
 
     _resources = field_validator("load")(_check_resources)
 
@@ -135,19 +150,37 @@ class SnapshotFile(_Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> SnapshotFile:
-        names = [n.name for n in self.nodes]
-        if len(set(names)) != len(names):
-            dup = next(n for n in names if names.count(n) > 1)
-            raise ValueError(f"nodes: duplicate node {dup!r}")
-        ids = [v.vm for v in self.vms]
-        if len(set(ids)) != len(ids):
-            dup = next(v for v in ids if ids.count(v) > 1)
-            raise ValueError(f"vms: duplicate vm {dup!r}")
-        known = set(names)
+        """Nodes unique per cluster, each VM on a node (named by its cluster where the node's
+        name is in several), VM ids unique per cluster."""
+        keys = [(n.cluster, n.name) for n in self.nodes]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            where = f" in cluster {dup[0]!r}" if dup[0] else ""
+            raise ValueError(f"nodes: duplicate node {dup[1]!r}{where}")
+        clusters: dict[str, list[str]] = {}
+        for cluster, name in keys:
+            clusters.setdefault(name, []).append(cluster)
+        vm_keys = []
         for i, entry in enumerate(self.vms):
-            if entry.node not in known:
+            found = clusters.get(entry.node, [])
+            if entry.cluster is not None and entry.cluster not in found:
+                where = f" in cluster {entry.cluster!r}" if entry.cluster else ""
+                raise ValueError(f"vms.{i}.node: {entry.node!r}{where} is not in nodes")
+            if not found:
                 raise ValueError(f"vms.{i}.node: {entry.node!r} is not in nodes")
+            if entry.cluster is None and len(found) > 1:
+                raise ValueError(
+                    f"vms.{i}.cluster: node {entry.node!r} is in several clusters; name the VM's"
+                )
+            vm_keys.append((found[0] if entry.cluster is None else entry.cluster, entry.vm))
+        if len(set(vm_keys)) != len(vm_keys):
+            dup = next(k for k in vm_keys if vm_keys.count(k) > 1)
+            raise ValueError(f"vms: duplicate vm {dup[1]!r}")
         return self
+
+    def repeats_node_names(self) -> bool:
+        names = [n.name for n in self.nodes]
+        return len(set(names)) != len(names)
 
 
 def _timestamp(value: float | None) -> datetime | None:
@@ -160,6 +193,12 @@ def _background_entry(row: pd.Series) -> dict[str, dict[str, float | None]]:
     if not all(c in row.index for c in BACKGROUND_COLUMNS.values()):
         return {}
     return {"background": {r: finite_or_none(row[c]) for r, c in BACKGROUND_COLUMNS.items()}}
+
+
+def _pressure_entry(row: pd.Series) -> dict[str, dict[str, float | None]]:
+    """`{"pressure": {...}}` for a node whose frame has pressure columns, else {}."""
+    kinds = {k: c for k, c in PRESSURE_COLUMNS.items() if c in row.index}
+    return {"pressure": {k: finite_or_none(row[c]) for k, c in kinds.items()}} if kinds else {}
 
 
 def _cluster_name(value: object) -> str:
@@ -192,6 +231,7 @@ def _document(snapshot: Snapshot, config: Config | None) -> dict[str, Any]:
             "capacity": {r: finite_or_none(row[r]) for r in RESOURCES},
             "maintenance": bool(row["maintenance"]),
             **_background_entry(row),
+            **_pressure_entry(row),
             "cluster": _cluster_name(row.get("cluster", "")),
         }
         for node, row in snapshot.nodes.iterrows()
@@ -209,6 +249,7 @@ def _document(snapshot: Snapshot, config: Config | None) -> dict[str, Any]:
                 "burst_ratio": finite_or_none(row["burst_ratio"]),
                 "last_migration": migrated.isoformat() if migrated else None,
                 **_migration_fields(row),
+                **({"cluster": _cluster_name(row["cluster"])} if "cluster" in row.index else {}),
             }
         )
     taken_at = snapshot.taken_at
@@ -261,22 +302,18 @@ def _validation_message(name: str, exc: ValidationError) -> str:
     return one_line(f"{name}: {'; '.join(parts[:3])}{more}")
 
 
-def parse_snapshot(document: Any, name: str = "snapshot") -> tuple[Snapshot, Config | None]:
-    """Validate an already-decoded snapshot document (see `load_snapshot`)."""
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise SnapshotError(f'{name}: not a vmbalance snapshot (no "format": "{FORMAT}")')
-    version = document.get("version")
-    if version != VERSION:
-        raise SnapshotError(
-            f"{name}: snapshot version {version!r} is not supported (this vmbalance reads "
-            f"version {VERSION})"
-        )
-    try:
-        parsed = SnapshotFile.model_validate(document)
-    except ValidationError as exc:
-        raise SnapshotError(_validation_message(name, exc)) from None
+def _cluster_vms(parsed: SnapshotFile, cluster: str) -> list[VMEntry]:
+    """The VMs of one cluster of a file whose node names repeat across clusters."""
+    node_cluster = {n.name: n.cluster for n in parsed.nodes}
+    return [
+        v
+        for v in parsed.vms
+        if (v.cluster if v.cluster is not None else node_cluster[v.node]) == cluster
+    ]
 
-    nodes = make_nodes(
+
+def _nodes_frame(entries: list[NodeEntry]) -> pd.DataFrame:
+    return make_nodes(
         {
             entry.name: {
                 **{r: np.nan if v is None else v for r, v in entry.capacity.items()},
@@ -285,12 +322,19 @@ def parse_snapshot(document: Any, name: str = "snapshot") -> tuple[Snapshot, Con
                     BACKGROUND_COLUMNS[r]: 0.0 if v is None else v
                     for r, v in entry.background.items()
                 },
+                **{
+                    PRESSURE_COLUMNS[k]: np.nan if v is None else v
+                    for k, v in entry.pressure.items()
+                },
                 "cluster": entry.cluster,
             }
-            for entry in parsed.nodes
+            for entry in entries
         }
     )
-    vms = make_vms(
+
+
+def _vms_frame(entries: list[VMEntry]) -> pd.DataFrame:
+    return make_vms(
         {
             entry.vm: {
                 "name": entry.vm if entry.name is None else entry.name,
@@ -314,9 +358,35 @@ def parse_snapshot(document: Any, name: str = "snapshot") -> tuple[Snapshot, Con
                 "ha_managed": entry.ha_managed,
                 "dirty_rate": entry.dirty_rate_bytes_per_second,
             }
-            for entry in parsed.vms
+            for entry in entries
         }
     )
+
+
+def parse_snapshot(document: Any, name: str = "snapshot") -> tuple[Snapshot, Config | None]:
+    """Validate an already-decoded snapshot document (see `load_snapshot`)."""
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise SnapshotError(f'{name}: not a vmbalance snapshot (no "format": "{FORMAT}")')
+    version = document.get("version")
+    if version != VERSION:
+        raise SnapshotError(
+            f"{name}: snapshot version {version!r} is not supported (this vmbalance reads "
+            f"version {VERSION})"
+        )
+    try:
+        parsed = SnapshotFile.model_validate(document)
+    except ValidationError as exc:
+        raise SnapshotError(_validation_message(name, exc)) from None
+
+    if parsed.repeats_node_names():
+        parts = sorted({n.cluster for n in parsed.nodes})
+        nodes = pd.concat(
+            [_nodes_frame([n for n in parsed.nodes if n.cluster == c]) for c in parts]
+        )
+        vms = pd.concat([_vms_frame(_cluster_vms(parsed, c)) for c in parts])
+        vms["cluster"] = [c for c in parts for _ in _cluster_vms(parsed, c)]
+    else:
+        nodes, vms = _nodes_frame(parsed.nodes), _vms_frame(parsed.vms)
     snapshot = Snapshot(
         nodes=nodes,
         vms=vms,

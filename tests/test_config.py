@@ -109,7 +109,7 @@ def test_every_error_is_listed_in_line_order(tmp_path: Path) -> None:
     assert problems(path) == [
         f"{path}:1: query: short_window (2h) must be shorter than window (1h)",
         f"{path}:5: balance.weights: unknown resource 'gpu' "
-        "(known: cpu, memory, disk_bytes, disk_ops, network)",
+        "(known: cpu, memory, disk_bytes, disk_ops, network, pressure)",
         f"{path}:8: balance.bogus: Extra inputs are not permitted",
         f"{path}:10: capacity.per_node: pve1.disk_bytes: capacity must be > 0 and <= 1e18",
         f"{path}:14: rules.affinity.0.vms: Field required",

@@ -64,7 +64,7 @@ def test_query_plan_is_fixed_and_follows_the_config() -> None:
     assert "[2h:1m]" in plan.queries["vm_first_seen"] and plan.history == 1800
     assert "[2h]" in plan.queries["vm_moved"]
     # The twelve 10-minute rates of the 2 h window, whose quantile the source takes.
-    assert plan.queries["load_cpu"].startswith("((sum by (vm) (increase(")
+    assert plan.queries["load_cpu"].startswith("((sum by (cluster, vm) (increase(")
     assert plan.queries["load_cpu"].endswith(") / 600)[6600000ms:10m]")
     assert {"load_cpu", "load_memory"} <= plan.quantiles and "mean_cpu" not in plan.quantiles
 

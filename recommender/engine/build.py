@@ -25,7 +25,9 @@ from recommender.engine.measure import needed_resources, weight_vector
 from recommender.engine.migration_cost import migration_facts
 from recommender.engine.problem import CountedSets, Problem, Units
 from recommender.engine.rules.base import Constraint, RulesPart
-from recommender.model import BACKGROUND_COLUMNS, MEM, RESOURCES, VM_LOAD_ONLY, Snapshot
+from recommender.model import BACKGROUND_COLUMNS, MEM, VM_LOAD_ONLY, Snapshot
+from recommender.pressure import PRESSURE_BACKGROUND, pressure_frames
+from recommender.resources import PRESSURE, balanced_resources
 from recommender.text import and_more
 
 if TYPE_CHECKING:
@@ -61,10 +63,14 @@ def build_problem(
     kinds = tuple(registry.RULES if rule_types is None else rule_types)
     balance, settings = config.balance, config.rules
     warnings: list[str] = [w for w in snapshot.warnings if w == VM_LOAD_ONLY]
-    weights = weight_vector(balance.weights, RESOURCES)
-    needed = np.isin(RESOURCES, needed_resources(balance.weights, RESOURCES))
-    nodes = _nodes(snapshot.nodes, settings, kinds, needed, warnings)
-    vms = _vms(snapshot.vms, nodes.names, balance, needed, warnings)
+    resources = balanced_resources(balance.weights)
+    weights = weight_vector(balance.weights, resources)
+    needed = np.isin(resources, needed_resources(balance.weights, resources))
+    node_frame, vm_frame = snapshot.nodes, snapshot.vms
+    if PRESSURE in resources:
+        node_frame, vm_frame = pressure_frames(node_frame, vm_frame, balance.memory_column)
+    nodes = _nodes(node_frame, settings, kinds, (resources, needed), warnings)
+    vms = _vms(vm_frame, nodes.names, balance, (resources, needed), warnings)
     node_data_ok = _node_data_ok(nodes, vms, warnings)
 
     taken_at = snapshot.taken_at.timestamp()
@@ -85,7 +91,7 @@ def build_problem(
         rules=settings,
         rule_types=kinds,
         taken_at=taken_at,
-        resources=RESOURCES,
+        resources=resources,
         weights=weights,
         nodes=nodes.names,
         capacity=nodes.capacity,
@@ -114,38 +120,40 @@ def _nodes(
     frame: pd.DataFrame,
     settings: RulesPart,
     kinds: tuple[type[Constraint], ...],
-    needed: np.ndarray,
+    measured: tuple[tuple[str, ...], np.ndarray],
     warnings: list[str],
 ) -> _Nodes:
     """Capacity, maintenance (the snapshot's flag or a rule's), which nodes count."""
     names = tuple(str(n) for n in frame.index)
     node_pos = {name: i for i, name in enumerate(names)}
-    raw = frame[list(RESOURCES)].to_numpy(dtype=float).reshape(-1, len(RESOURCES))
+    resources, needed = measured
+    raw = frame[list(resources)].to_numpy(dtype=float).reshape(-1, len(resources))
     maintenance = frame["maintenance"].fillna(False).to_numpy(dtype=bool).copy()
     for rule in kinds:
         maintenance[rule.evacuated_nodes(settings, node_pos, warnings)] = True
     capacity_ok = np.isfinite(raw) & (raw > 0)
     known = np.all(capacity_ok | ~needed, axis=1)
     for i in np.flatnonzero(~known & ~maintenance):
-        missing = [r for j, r in enumerate(RESOURCES) if needed[j] and not capacity_ok[i, j]]
+        missing = [r for j, r in enumerate(resources) if needed[j] and not capacity_ok[i, j]]
         warnings.append(
             f"node {names[i]}: capacity unknown ({', '.join(missing)}); its VMs are left "
             "where they are and it receives none"
         )
     capacity = np.where(capacity_ok, raw, 0.0)
     return _Nodes(
-        names, capacity, maintenance, known, known & ~maintenance, _background(frame, len(names))
+        names, capacity, maintenance, known, known & ~maintenance, _background(frame, resources)
     )
 
 
-def _background(frame: pd.DataFrame, n_nodes: int) -> np.ndarray:
+def _background(frame: pd.DataFrame, resources: tuple[str, ...]) -> np.ndarray:
     """(N, R) load each node carries besides its VMs: the snapshot's `background_*` columns
     (a frame built without them, or a NaN, counts 0; never negative)."""
-    background = np.zeros((n_nodes, len(RESOURCES)))
-    for resource, column in BACKGROUND_COLUMNS.items():
-        if column in frame.columns:
+    background = np.zeros((len(frame.index), len(resources)))
+    columns = {**BACKGROUND_COLUMNS, PRESSURE: PRESSURE_BACKGROUND}
+    for resource, column in columns.items():
+        if column in frame.columns and resource in resources:
             values = frame[column].to_numpy(dtype=float)
-            background[:, RESOURCES.index(resource)] = np.where(
+            background[:, resources.index(resource)] = np.where(
                 np.isfinite(values) & (values > 0), values, 0.0
             )
     return background
@@ -155,7 +163,7 @@ def _vms(
     frame: pd.DataFrame,
     node_names: tuple[str, ...],
     balance: BalanceSettings,
-    needed: np.ndarray,
+    measured: tuple[tuple[str, ...], np.ndarray],
     warnings: list[str],
 ) -> _Vms:
     """Where the VMs are, what they weigh, what is unknown."""
@@ -172,7 +180,8 @@ def _vms(
             f"{len(lost)} VM(s) on nodes missing from the snapshot are ignored: "
             f"{and_more([names[i] for i in lost])}"
         )
-    load = frame[list(RESOURCES)].to_numpy(dtype=float).reshape(-1, len(RESOURCES)).copy()
+    resources, needed = measured
+    load = frame[list(resources)].to_numpy(dtype=float).reshape(-1, len(resources)).copy()
     memory_column = balance.memory_column
     other_column = "memory" if memory_column == "memory_max_bytes" else "memory_max_bytes"
     memory = frame[memory_column].to_numpy(dtype=float)

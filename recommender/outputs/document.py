@@ -14,7 +14,7 @@ from recommender import __version__
 from recommender.config import Config
 from recommender.model import finite_or_none
 from recommender.outputs.commands import PlanCommands, plan_commands
-from recommender.outputs.explain import held_kind, no_migration_reason
+from recommender.outputs.explain import held_kind, no_migration_reason, pressure_trigger_text
 from recommender.plan import Plan
 from recommender.quoting import json_text
 
@@ -72,6 +72,11 @@ def plan_document(
             for m in plan.unsequenced
         ],
         "frontier": frontier_document(plan),
+        "pressure_trigger": [
+            {"node": p.node, "kind": p.kind, "share": p.share, "threshold": p.threshold}
+            for p in plan.pressured
+        ],
+        "pressure_reason": pressure_trigger_text(plan),
         "warnings": list(plan.warnings),
         "explanation": None if plan.migrations or not plan.triggered else no_migration_reason(plan),
         "settings": plan.settings,
@@ -94,16 +99,18 @@ def _node_entries(plan: Plan) -> list[dict[str, Any]]:
             }
             for r in plan.resources
         }
-        nodes.append(
-            {
-                "node": str(node),
-                "maintenance": bool(before["maintenance"]),
-                "active": bool(before["active"]),
-                "vms_before": int(before["vms"]),
-                "vms_after": int(after["vms"]),
-                "resources": resources,
-            }
-        )
+        entry = {
+            "node": str(node),
+            "maintenance": bool(before["maintenance"]),
+            "active": bool(before["active"]),
+            "vms_before": int(before["vms"]),
+            "vms_after": int(after["vms"]),
+            "resources": resources,
+        }
+        if plan.pressure:
+            shares = plan.pressure.get(str(node), {})
+            entry["pressure"] = {k: finite_or_none(shares.get(k)) for k in plan.pressure_kinds}
+        nodes.append(entry)
     return nodes
 
 

@@ -58,4 +58,35 @@ def no_migration_reason(plan: Plan) -> str:
     return "No migration lowers the imbalance."
 
 
-__all__ = ["SHOWN_HELD_BACK", "basis", "held_kind", "needed_text", "no_migration_reason"]
+def pressure_trigger_text(plan: Plan) -> str | None:
+    """Which nodes' pressure made this run plan, in one sentence (None: none did)."""
+    if not plan.pressured:
+        return None
+    over = ", ".join(
+        f"{p.node} {p.kind} {100 * p.share:.0f}% > {100 * p.threshold:.0f}%" for p in plan.pressured
+    )
+    return (
+        f"Pressure over host.pressure_trigger ({over}): planned whatever the imbalance, as far "
+        "as each move pays for itself."
+    )
+
+
+def pressure_cell(plan: Plan, node: str) -> str:
+    """A node's pressure stall share per PSI kind read, e.g. `cpu 12% memory 0% io 40%`."""
+    shares = plan.pressure.get(node, {})
+    return " ".join(
+        f"{kind} {100 * shares[kind]:.0f}%" if math.isfinite(shares.get(kind, math.nan))
+        else f"{kind} n/a"
+        for kind in plan.pressure_kinds
+    )  # fmt: skip
+
+
+__all__ = [
+    "SHOWN_HELD_BACK",
+    "basis",
+    "held_kind",
+    "needed_text",
+    "no_migration_reason",
+    "pressure_cell",
+    "pressure_trigger_text",
+]

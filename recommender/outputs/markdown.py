@@ -20,7 +20,7 @@ from recommender.config import Config
 from recommender.model import RESOURCE_UNITS, finite_or_none
 from recommender.outputs.commands import commands_refusal, plan_commands, render_commands
 from recommender.outputs.document import plan_document
-from recommender.outputs.explain import SHOWN_HELD_BACK, basis
+from recommender.outputs.explain import SHOWN_HELD_BACK, basis, pressure_cell
 from recommender.plan import Plan
 from recommender.quoting import display
 from recommender.text import in_duration
@@ -94,6 +94,8 @@ def render_markdown(plan: Plan, config: Config) -> str:
         units=RESOURCE_UNITS,
         basis=basis(plan),
         shown_held_back=SHOWN_HELD_BACK,
+        pressure_kinds=plan.pressure_kinds,
+        pressure_cell=pressure_cell,
     )
 
 

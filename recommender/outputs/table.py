@@ -18,6 +18,8 @@ from recommender.outputs.explain import (
     held_kind,
     needed_text,
     no_migration_reason,
+    pressure_cell,
+    pressure_trigger_text,
 )
 from recommender.plan import Plan
 from recommender.quoting import display
@@ -60,6 +62,9 @@ def _node_table(plan: Plan) -> Table:
     nodes.add_column("VMs", justify="right")
     for resource in plan.resources:
         nodes.add_column(resource, justify="right")
+    with_pressure = bool(plan.pressure)
+    if with_pressure:
+        nodes.add_column("pressure (PSI some)", justify="right")
     for node in plan.nodes_before.index:
         before = plan.nodes_before.loc[node]
         after = plan.nodes_after.loc[node]
@@ -69,6 +74,8 @@ def _node_table(plan: Plan) -> Table:
         cells = [
             f"{_pct(before[f'{r}_util'])} → {_pct(after[f'{r}_util'])}" for r in plan.resources
         ]
+        if with_pressure:
+            cells.append(pressure_cell(plan, str(node)))
         nodes.add_row(label, f"{int(before['vms'])} → {int(after['vms'])}", *cells)
     return nodes
 
@@ -142,6 +149,9 @@ def render_table(plan: Plan, config: Config, console: Console) -> None:
     console.print(_text(f"Loads {basis(plan)}."))
     console.print(_imbalance_table(plan))
     console.print(_node_table(plan))
+    pressure = pressure_trigger_text(plan)
+    if pressure is not None:
+        console.print(Text("pressure ", style="bold yellow") + _text(pressure))
     if plan.migrations:
         console.print(_moves_table(plan))
     elif not plan.triggered:

@@ -20,7 +20,7 @@ from recommender.engine.rules.maintenance import MaintenanceSettings
 from recommender.model import Snapshot, make_nodes, make_vms
 from recommender.source.answers import Answer, by_label, by_node_vm, sample
 from recommender.source.grid import MIN_RATE_SAMPLES
-from recommender.source.host import host_background
+from recommender.source.host import host_background, host_pressure
 from recommender.source.http import SourceError
 from recommender.source.migration import apply_migration_facts
 from recommender.source.queries import (
@@ -351,6 +351,7 @@ def assemble_snapshot(
     }
     vm_node = {vm: place.node for vm, place in places.items()}
     nodes = host_background(answers, vm_means, vm_node, nodes, warnings)
+    nodes = host_pressure(answers, nodes, config, warnings)
     apply_migration_facts(vms, nodes, answers, warnings)
     return Snapshot(
         nodes=nodes,

@@ -15,6 +15,7 @@ from recommender.history import History, Window
 from recommender.model import Snapshot
 from recommender.source.answers import Answer, quantiles
 from recommender.source.cluster import assemble_snapshot, last_samples
+from recommender.source.clusters import per_cluster_config, qualify, unqualify
 from recommender.source.grid import (
     LATEST_QUERY,
     SPACING_QUERY,
@@ -167,7 +168,10 @@ class PrometheusSource:
         t = grid.at
         answers = self._answers(plan, t, query.quantile)
         taken = datetime.fromtimestamp(t, UTC)
-        snapshot = assemble_snapshot(config, plan, answers, taken, self.display_url)
+        apart = qualify(answers)
+        within = per_cluster_config(config, apart) if apart.any else config
+        assembled = assemble_snapshot(within, plan, apart.answers, taken, self.display_url)
+        snapshot = unqualify(assembled, apart)
         snapshot.warnings[:0] = notes
         return snapshot
 

@@ -3,7 +3,8 @@
 A snapshot uses only the standard instant-query API (`/api/v1/query` with `time=`), so the
 same queries read Prometheus, VictoriaMetrics, Thanos and Mimir. Their number is fixed by the
 config, whatever the number of VMs (plus the departures of the VMs that moved, below):
-every query is aggregated `by (node, vm)` or `by (vm)` and answered for all VMs at once. The
+every query is aggregated `by (cluster, node, vm)` or `by (cluster, vm)` and answered for all
+VMs at once (`recommender.source.clusters` keeps nodes and VMs of different clusters apart). The
 report adds range queries (`/api/v1/query_range`) aggregated `by (node)` or `by (node, vm)`.
 
 Why `increase(x[w]) / w` and not `rate(x[w])`: the two servers disagree on `rate()` of a
@@ -18,7 +19,7 @@ window, wherever it ran, on either server. The work between the last sample on t
 and the first on the new one (under one scrape interval) is not seen by VictoriaMetrics, and
 Prometheus extrapolates half an interval for it: under 0.5 % of a 1 h window at 15 s scrapes.
 
-The `quantile` estimator takes the quantile of the short-window rates, summed `by (vm)`
+The `quantile` estimator takes the quantile of the short-window rates, summed `by (cluster, vm)`
 inside the subquery so that a VM that moved is one series, not two halves.
 
 Every query is laid on the data's own grid (`recommender.source.grid`): evaluated at the
@@ -67,6 +68,7 @@ from recommender.config import Config, HostSettings, QuerySettings, duration_sec
 from recommender.history import Window
 from recommender.quoting import promql_regex_alternatives, promql_string
 from recommender.source.grid import SampleGrid, rate_samples_query
+from recommender.source.host import per_host_second, pressure_queries
 from recommender.source.migration import migration_queries
 
 # Counters behind each rate resource (summed).
@@ -186,11 +188,13 @@ def _rate_queries(
     window, short = q.window, q.short_window
     phase = grid.phase_offset(short_s)
     for resource, counters in RATE_COUNTERS.items():
-        mean = f"({counter_sum(counters, window, 'node, vm')}) / {seconds_text(window_s)}"
+        mean = f"({counter_sum(counters, window, 'cluster, node, vm')}) / {seconds_text(window_s)}"
         if q.estimator == "mean":
             queries[f"load_{resource}"] = mean
             continue
-        short_rate = f"({counter_sum(counters, short, 'vm', phase)}) / {seconds_text(short_s)}"
+        short_rate = (
+            f"({counter_sum(counters, short, 'cluster, vm', phase)}) / {seconds_text(short_s)}"
+        )
         queries[f"load_{resource}"] = (
             f"({short_rate})[{grid.subquery_range(window_s, short_s)}:{short}]"
         )
@@ -199,7 +203,7 @@ def _rate_queries(
     for resource in BURST_RESOURCES:
         counters = RATE_COUNTERS[resource]
         queries[f"short_{resource}"] = (
-            f"({counter_sum(counters, short, 'vm')}) / {seconds_text(short_s)}"
+            f"({counter_sum(counters, short, 'cluster, vm')}) / {seconds_text(short_s)}"
         )
     return queries
 
@@ -209,20 +213,22 @@ def _level_queries(q: QuerySettings, window_s: float, grid: SampleGrid) -> dict[
     without the sample on the window's edge (`SampleGrid.level_range`)."""
     window, used = grid.level_range(window_s), MEMORY_FAMILIES["memory"]
     if q.estimator == "mean":
-        memory = f"max by (node, vm) (avg_over_time({used}[{window}]))"
+        memory = f"max by (cluster, node, vm) (avg_over_time({used}[{window}]))"
     else:
         # Sampled at the short window's steps, on the data's grid (see `_rate_queries`).
         short_s = duration_seconds(q.short_window)
         phase = offset_text(grid.phase_offset(short_s))
         points = grid.subquery_range(window_s, short_s)
-        memory = f"(max by (node, vm) ({used}{phase}))[{points}:{q.short_window}]"
+        memory = f"(max by (cluster, node, vm) ({used}{phase}))[{points}:{q.short_window}]"
     assigned = MEMORY_FAMILIES["memory_max_bytes"]
     return {
         "load_memory": memory,
-        "memory_max": f"max by (node, vm) (last_over_time({assigned}[{q.window}]))",
-        "node_cpus": f"max by (node) (last_over_time(vmbalance_node_cpus[{q.window}]))",
-        "node_memory": (f"max by (node) (last_over_time(vmbalance_node_memory_bytes[{q.window}]))"),
-        "node_up": f"min by (node) (last_over_time(vmbalance_up[{q.short_window}]))",
+        "memory_max": f"max by (cluster, node, vm) (last_over_time({assigned}[{q.window}]))",
+        "node_cpus": f"max by (cluster, node) (last_over_time(vmbalance_node_cpus[{q.window}]))",
+        "node_memory": (
+            f"max by (cluster, node) (last_over_time(vmbalance_node_memory_bytes[{q.window}]))"
+        ),
+        "node_up": f"min by (cluster, node) (last_over_time(vmbalance_up[{q.short_window}]))",
     }
 
 
@@ -251,8 +257,8 @@ def _host_queries(host: HostSettings, window: str, window_s: float) -> dict[str,
     if host.interfaces:
         devices = promql_regex_alternatives(host.interfaces)
         selectors = [f'{c}{{node!="",device=~{devices}}}' for c in HOST_NETWORK]
-        queries["host_network"] = (
-            f"({counter_sum(selectors, window, 'cluster, node')}) / {seconds_text(window_s)}"
+        queries["host_network"] = per_host_second(
+            counter_sum(selectors, window, "cluster, node"), window, window_s
         )
     return queries
 
@@ -294,6 +300,7 @@ class SnapshotQueries:
             "rate_samples": rate_samples_query(RATE_COUNTERS, window_s, grid),
             **_level_queries(q, window_s, grid),
             **_host_queries(config.host, q.window, window_s),
+            **pressure_queries(config.host, q.window, window_s),
             **migration_queries(q),
         }
         return cls(
