@@ -289,7 +289,13 @@ def _balance(
         levels = [ctx.target, plan.overall + EPSILON]
     for level in levels:
         result = solve_exact(
-            ctx.problem, ctx.constraints, start, units, level, hint=hint, reach_only=frontier_follows
+            ctx.problem,
+            ctx.constraints,
+            start,
+            units,
+            level,
+            hint=hint,
+            reach_only=frontier_follows,
         )
         exact = ctx.replay(start, result.moves) if result.moves else None
         if exact is not None and ctx.rank(exact) < ctx.rank(plan):
