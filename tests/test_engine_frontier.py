@@ -12,13 +12,13 @@ from devkit.instances import Shape, random_cluster
 from recommender.config import Config
 from recommender.engine.build import build_problem
 from recommender.engine.exact import available as exact_available
-from recommender.engine.forced import frozen_vms
 from recommender.engine.measure import EPSILON
 from recommender.engine.planner import plan_moves
 from recommender.engine.problem import State
-from recommender.engine.rules import RuleSettings, prepare_constraints, violations
+from recommender.engine.rules import RuleSettings
 from recommender.engine.rules.base import GroupRule
 from recommender.model import Snapshot
+from tests.engine_brute import placements
 from tests.test_engine import config, hot_nic_cluster
 
 pytestmark = pytest.mark.skipif(not exact_available(), reason="needs highspy")
@@ -27,25 +27,10 @@ pytestmark = pytest.mark.skipif(not exact_available(), reason="needs highspy")
 def lowest_per_k(snap: Snapshot, cfg: Config, most: int) -> dict[int, float]:
     """k -> the lowest overall imbalance of an end placement keeping every rule with at
     most k VM migrations, by enumerating every placement."""
-    problem = build_problem(snap, cfg)
-    constraints = prepare_constraints(problem)
-    stuck = frozen_vms(constraints, problem.n_vms).vms
-    start = State.initial(problem)
     best: dict[int, float] = {}
-    nodes = np.flatnonzero(problem.receivable)
-    for where in itertools.product(nodes, repeat=problem.n_vms):
-        moved = int(np.sum(np.asarray(where) != problem.vm_node))
-        if moved > most:
-            continue
-        state = start.copy()
-        for v, n in enumerate(where):
-            state.move_vm(problem, v, int(n))
-        if violations(constraints, state, final=True):
-            continue
-        if any(c.must_move(state, stuck) for c in constraints):
-            continue
-        overall = problem.imbalance(state.node_load).overall
-        best[moved] = min(best.get(moved, np.inf), overall)
+    for placement in placements(snap, cfg, most):
+        moved = placement.migrations
+        best[moved] = min(best.get(moved, np.inf), placement.overall)
     return {
         k: min(v for m, v in best.items() if m <= k)
         for k in range(1, most + 1)

@@ -3,24 +3,19 @@ migration that a joint plan (checked here by enumerating every end placement) do
 
 from __future__ import annotations
 
-import itertools
-
-import numpy as np
 import pandas as pd
 import pytest
 
 from devkit.instances import HeavyShape, Shape, heavy_tailed_cluster, random_cluster
 from recommender.config import Config
-from recommender.engine.build import build_problem
 from recommender.engine.exact import available as exact_available
-from recommender.engine.forced import frozen_vms
 from recommender.engine.measure import EPSILON
 from recommender.engine.planner import plan_moves
-from recommender.engine.problem import State
-from recommender.engine.rules import RuleSettings, prepare_constraints, violations
+from recommender.engine.rules import RuleSettings
 from recommender.engine.rules.base import GroupRule
 from recommender.model import Snapshot
 from recommender.plan import build_plan
+from tests.engine_brute import placements
 from tests.test_engine import config, hot_nic_cluster, replay
 
 pytestmark = pytest.mark.skipif(not exact_available(), reason="needs highspy")
@@ -30,22 +25,7 @@ def best_placements(snap: Snapshot, cfg: Config) -> tuple[int, float, bool]:
     """By enumerating every end placement that keeps every rule: the fewest migrations
     reaching the target, or where none does, the lowest imbalance and the fewest migrations
     there. Returns (migrations, overall imbalance, target reached)."""
-    problem = build_problem(snap, cfg)
-    constraints = prepare_constraints(problem)
-    stuck = frozen_vms(constraints, problem.n_vms).vms
-    start = State.initial(problem)
-    found: list[tuple[int, float, int]] = []
-    nodes = np.flatnonzero(problem.receivable)
-    for where in itertools.product(nodes, repeat=problem.n_vms):
-        state = start.copy()
-        for v, n in enumerate(where):
-            state.move_vm(problem, v, int(n))
-        if violations(constraints, state, final=True):
-            continue
-        if any(c.must_move(state, stuck) for c in constraints):
-            continue
-        overall = problem.imbalance(state.node_load).overall
-        found.append((state.migrations, overall, 0))
+    found = [(p.migrations, p.overall) for p in placements(snap, cfg)]
     reached = [f for f in found if f[1] <= cfg.balance.target + EPSILON]
     if reached:
         fewest = min(f[0] for f in reached)

@@ -61,6 +61,16 @@ class SearchLimits:
     overshoot: float = 0.0  # also prune back a plan made for target x overshoot (0: no)
     guide: Literal["distance", "overall"] = "distance"  # what ranks moves first
 
+    def before_exact(self) -> SearchLimits:
+        """Where the exact program follows, the search only seeds it (a warm start) and the
+        program finds what the long exchanges would: fewer of them."""
+        return replace(
+            self,
+            pilot_breadth=min(self.pilot_breadth, 2),
+            repair_steps=min(self.repair_steps, 6),
+            shrink_tries=min(self.shrink_tries, 2),
+        )
+
     @classmethod
     def for_size(cls, movable_units: int, active_nodes: int) -> SearchLimits:
         """Wide beams and many exchanges on small clusters, greedy with a bounded number of

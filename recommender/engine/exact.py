@@ -73,7 +73,7 @@ def _highs() -> ModuleType:
 _FEASIBLE_SOLUTION = 2
 
 # Deterministic limits: a node limit, not a clock; the time limit only guards pathologies.
-MAX_NODES = 5_000
+MAX_NODES = 400
 TIME_LIMIT = 20.0
 
 ExactStatus = Literal["optimal", "infeasible", "limit", "unavailable"]
@@ -206,11 +206,13 @@ class LinearModel:
         finally:
             self.budget = kept
 
-    def solve(self, target: float, weights: np.ndarray) -> ExactResult:
+    def solve(self, target: float, weights: np.ndarray, *, reach_only: bool = False) -> ExactResult:
+        """The fewest migrations reaching `target`; where none does, the lowest imbalance in
+        the fewest migrations, unless `reach_only` (the frontier answers that instead)."""
         if highspy is None:
             return ExactResult("unavailable", (), False, 0, 0.0)
         first = self._run(target, weights, objective="cost", imbalance_cap=None)
-        if first.status != "infeasible":
+        if first.status != "infeasible" or reach_only:
             return first
         lowest = self._run(target, weights, objective="imbalance", imbalance_cap=None)
         if lowest.status != "optimal":
@@ -375,6 +377,11 @@ def _solver() -> Any:
     highs.setOptionValue("mip_abs_gap", 1e-9)
     highs.setOptionValue("mip_max_nodes", MAX_NODES)
     highs.setOptionValue("time_limit", TIME_LIMIT)
+    # On these small programs HiGHS's sub-MIP heuristics and cut rounds at every node cost
+    # more than the branching they save; the search's plan is a warm start instead.
+    highs.setOptionValue("mip_heuristic_run_rins", False)
+    highs.setOptionValue("mip_heuristic_run_rens", False)
+    highs.setOptionValue("mip_allow_cut_separation_at_nodes", False)
     return highs
 
 
@@ -386,10 +393,15 @@ class _Rows:
         self.upper: list[float] = []
 
     def add(self, index: np.ndarray, value: np.ndarray, lower: float, upper: float) -> None:
+        """One row, scaled so its largest coefficient is 1 (loads in bytes would otherwise
+        put coefficients of 1e11 beside ones of 1, which slows HiGHS's simplex down)."""
+        value = np.asarray(value, dtype=float)
+        scale = float(np.abs(value).max()) if len(value) else 1.0
+        scale = scale if scale > 0 else 1.0
         self.index.append(np.asarray(index, dtype=np.int32))
-        self.value.append(np.asarray(value, dtype=float))
-        self.lower.append(lower)
-        self.upper.append(upper)
+        self.value.append(value / scale)
+        self.lower.append(lower / scale)
+        self.upper.append(upper / scale)
 
     def flush(self, highs: Any) -> None:
         if not self.index:
@@ -415,14 +427,16 @@ def solve_exact(
     *,
     least_memory: bool = False,
     hint: Hint | None = None,
+    reach_only: bool = False,
 ) -> ExactResult:
     """Fewest migrations of `units` (the others stay) from `start` reaching `target`; if the
     budget cannot reach it, the lowest imbalance with the fewest migrations. With
-    `least_memory`, the plan of that size copying the least memory."""
+    `least_memory`, the plan of that size copying the least memory; with `reach_only`, only
+    the first (nothing where the target is out of reach)."""
     model = LinearModel(problem, start, units)
     model.least_memory = least_memory
     if hint is not None:
         model.suggest(hint)
     for constraint in constraints:
         constraint.add_to_model(model)
-    return model.solve(target, problem.weights)
+    return model.solve(target, problem.weights, reach_only=reach_only)

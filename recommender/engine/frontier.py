@@ -50,10 +50,11 @@ def exact_frontier(
     weights = ctx.problem.weights
     points: list[FrontierPoint] = []
     for k in range(1, size + 1):
-        if points:
-            model.suggest(_hint(ctx, start, points[-1].moves))
+        before = points[-1] if points else None
+        if before is not None:
+            model.suggest(_hint(ctx, start, before.moves))
         found = model.lowest(weights, k, max_nodes=FRONTIER_MAX_NODES)
-        point = _point(ctx, start, k, found, points[-1] if points else None)
+        point = _point(ctx, start, k, found, before)
         if point is None:
             continue
         points.append(point)

@@ -99,17 +99,21 @@ def plan_moves(snapshot: Snapshot, config: Config, *, exact: bool | None = None)
     # A unit moved by force is not moved again to balance (that would copy it twice).
     balanceable = movable.copy()
     balanceable[[m.move.unit for m in forced.moves]] = False
-    limits = SearchLimits.for_size(int(movable.sum()), len(scorer.active))
-    ctx = SearchContext(problem, constraints, scorer, balanceable, settings.target, limits)
-    plan = ctx.candidate(state, (), 0.0)
-    held: list[HeldBack] = []
-    method: Method = "heuristic" if forced.moves else "none"
     budget = _migration_budget(problem, constraints)
     wanted = settings.exact == "auto" if exact is None else exact
     small = int(movable.sum()) <= settings.exact_max_vms and len(scorer.active) <= EXACT_MAX_NODES
     use_exact = wanted and small and exact_available() and len(scorer.active) > 0
+    limits = SearchLimits.for_size(int(movable.sum()), len(scorer.active))
+    if use_exact:
+        limits = limits.before_exact()
+    ctx = SearchContext(problem, constraints, scorer, balanceable, settings.target, limits)
+    plan = ctx.candidate(state, (), 0.0)
+    held: list[HeldBack] = []
+    method: Method = "heuristic" if forced.moves else "none"
     if triggered and not ctx.reached(plan) and len(scorer.active):
-        plan, method = _balance(ctx, state, budget - state.migrations, use_exact)
+        # Where the exact frontier follows, its knee answers a target out of reach.
+        frontier_follows = not forced.unplaceable
+        plan, method = _balance(ctx, state, budget - state.migrations, use_exact, frontier_follows)
         plan, held = apply_gain_threshold(ctx, state, plan, budget - state.migrations)
     chosen = _Chosen(forced, state, plan, held, method)
     if use_exact and forced.moves and not forced.unplaceable:
@@ -262,9 +266,11 @@ def _migration_budget(problem: Problem, constraints: Sequence[Constraint]) -> in
 
 
 def _balance(
-    ctx: SearchContext, start: State, budget: int, use_exact: bool
+    ctx: SearchContext, start: State, budget: int, use_exact: bool, frontier_follows: bool
 ) -> tuple[Candidate, Method]:
-    """The search's plan and, with `use_exact`, the exact program's where it is better."""
+    """The search's plan and, with `use_exact`, the exact program's where it is better
+    (only for the target itself when `frontier_follows`: the frontier's knee is the plan
+    where the target is out of reach)."""
     if budget <= 0:
         return ctx.candidate(start, (), 0.0), "heuristic"
     plan = find_plan(ctx, start, budget)
@@ -277,9 +283,20 @@ def _balance(
     # the program answers with its lowest imbalance and the fewest migrations there); if
     # that gives nothing better that can be ordered, the search's own level in fewer
     # migrations.
-    levels = [ctx.target] if ctx.reached(plan) else [ctx.target, plan.overall + EPSILON]
+    if ctx.reached(plan) or frontier_follows:
+        levels = [ctx.target]
+    else:
+        levels = [ctx.target, plan.overall + EPSILON]
     for level in levels:
-        result = solve_exact(ctx.problem, ctx.constraints, start, units, level, hint=hint)
+        result = solve_exact(
+            ctx.problem,
+            ctx.constraints,
+            start,
+            units,
+            level,
+            hint=hint,
+            reach_only=frontier_follows,
+        )
         exact = ctx.replay(start, result.moves) if result.moves else None
         if exact is not None and ctx.rank(exact) < ctx.rank(plan):
             return exact, "exact"

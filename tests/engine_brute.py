@@ -1,0 +1,47 @@
+"""Every end placement of a small cluster that keeps every rule, by enumeration: the truth
+the exact program and the frontier are checked against."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from recommender.config import Config
+from recommender.engine.build import build_problem
+from recommender.engine.forced import frozen_vms
+from recommender.engine.problem import State
+from recommender.engine.rules import prepare_constraints, violations
+from recommender.model import Snapshot
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One end placement that keeps every rule: its VM migrations and overall imbalance."""
+
+    migrations: int
+    overall: float
+
+
+def placements(snap: Snapshot, cfg: Config, most: int | None = None) -> Iterator[Placement]:
+    """Every end placement keeping every rule (and needing no forced move), with at most
+    `most` VM migrations when given."""
+    problem = build_problem(snap, cfg)
+    constraints = prepare_constraints(problem)
+    stuck = frozen_vms(constraints, problem.n_vms).vms
+    start = State.initial(problem)
+    nodes = np.flatnonzero(problem.receivable)
+    for where in itertools.product(nodes, repeat=problem.n_vms):
+        moved = int(np.sum(np.asarray(where) != problem.vm_node))
+        if most is not None and moved > most:
+            continue
+        state = start.copy()
+        for v, n in enumerate(where):
+            state.move_vm(problem, v, int(n))
+        if violations(constraints, state, final=True):
+            continue
+        if any(c.must_move(state, stuck) for c in constraints):
+            continue
+        yield Placement(state.migrations, problem.imbalance(state.node_load).overall)
