@@ -18,7 +18,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 _MAX_LINKS = 40
@@ -80,7 +80,19 @@ def _write_in_place(path: Path, data: bytes, shown: str) -> None:
         os.close(fd)
 
 
-def _replace(target: Path, data: bytes, mode: int, shown: str) -> None:
+def replace_file(
+    target: Path,
+    data: bytes,
+    mode: int,
+    shown: str,
+    *,
+    durable: bool = False,
+    before_rename: Callable[[], object] | None = None,
+) -> None:
+    """Replace `target` atomically: a temporary file in its directory, then a rename.
+
+    `durable` syncs the data and the rename to disk (state that must survive a crash);
+    `before_rename` runs just before the rename and may raise to keep `target` as it is."""
     try:
         fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     except OSError as exc:
@@ -91,6 +103,10 @@ def _replace(target: Path, data: bytes, mode: int, shown: str) -> None:
             handle.write(data)
             handle.flush()
             os.fchmod(handle.fileno(), mode)
+            if durable:
+                os.fsync(handle.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(temporary, target)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -100,6 +116,17 @@ def _replace(target: Path, data: bytes, mode: int, shown: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+    if durable:
+        _sync_directory(target.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # where a directory cannot be synced, the rename stands
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def _new_file_mode() -> int:
@@ -130,7 +157,7 @@ def write_output(
     except FileNotFoundError:
         if stream:
             raise OutputFileError(f"{shown}: no such open file") from None
-        _replace(target, payload, _new_file_mode(), shown)
+        replace_file(target, payload, _new_file_mode(), shown)
         return
     except OSError as exc:
         raise OutputFileError(f"{shown}: {_reason(exc)}") from None
@@ -138,7 +165,7 @@ def write_output(
     if stream or stat.S_ISCHR(kind) or stat.S_ISFIFO(kind):
         _write_in_place(Path(shown) if stream else target, payload, shown)
     elif stat.S_ISREG(kind):
-        _replace(target, payload, stat.S_IMODE(kind), shown)
+        replace_file(target, payload, stat.S_IMODE(kind), shown)
     else:
         what = "a directory" if stat.S_ISDIR(kind) else "a block device"
         if stat.S_ISSOCK(kind):
@@ -182,4 +209,4 @@ def append_output(path: str | os.PathLike[str], data: str | bytes) -> None:
         os.close(fd)
 
 
-__all__ = ["OutputFileError", "append_output", "resolve", "write_output"]
+__all__ = ["OutputFileError", "append_output", "replace_file", "resolve", "write_output"]

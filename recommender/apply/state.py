@@ -11,18 +11,18 @@ the longest span any check looks back over are dropped on each write, so the fil
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import stat
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
+
+from recommender.output_file import OutputFileError, replace_file
 
 STATE_FORMAT = "vmbalance-automation-state"
 STATE_VERSION = 1
@@ -200,29 +200,15 @@ def save_state(path: str, state: AutomationState) -> None:
     existed = _refuse_unless_regular(target, path)
     mode = stat.S_IMODE(os.lstat(target).st_mode) if existed else 0o600
     payload = (json.dumps(state.document(), indent=1, allow_nan=False) + "\n").encode()
-    directory = target.parent if str(target.parent) else Path(".")
     try:
-        fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=directory)
-    except OSError as exc:
-        raise StateFileError(f"{path}: cannot create a file in {directory}: "
-                             f"{exc.strerror or exc}") from None  # fmt: skip
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        _refuse_unless_regular(target, path)  # nothing else appeared there meanwhile
-        os.replace(temporary, target)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        if isinstance(exc, OSError):
-            raise StateFileError(f"{path}: cannot write: {exc.strerror or exc}") from None
-        raise
-    with contextlib.suppress(OSError):  # the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_file(
+            target,
+            payload,
+            mode,
+            path,
+            durable=True,
+            # nothing else appeared there meanwhile
+            before_rename=lambda: _refuse_unless_regular(target, path),
+        )
+    except OutputFileError as exc:
+        raise StateFileError(str(exc)) from None
