@@ -68,6 +68,29 @@ def report_window(period: float, at: float, spacing: float = math.nan) -> Window
     return Window(end=end, step=step, points=max(1, int(period // step)))
 
 
+# Results of executed migrations as `vmbalance_apply_migrations_total` counts them.
+EXECUTED_RESULTS = ("done", "failed", "skipped", "not-started")
+
+
+@dataclass(frozen=True)
+class Executed:
+    """The migrations vmbalance itself executed in the period (`vmbalance apply`, serve's
+    automation), from its `vmbalance_apply_*` metrics: counts by result, and the total
+    duration of those that ran. Empty where no instance published them."""
+
+    by_result: dict[str, int] = field(default_factory=dict)
+    ran: int = 0  # migrations with a measured duration (done or failed)
+    seconds: float = math.nan  # their total duration
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_result.values())
+
+    @property
+    def mean_seconds(self) -> float:
+        return self.seconds / self.ran if self.ran and math.isfinite(self.seconds) else math.nan
+
+
 @dataclass
 class History:
     """Node loads and capacities per resource over the window, and VM presence."""
@@ -82,6 +105,7 @@ class History:
     presence: pd.DataFrame
     pairs: pd.DataFrame  # (node, vm) x resource: load over the span on that node
     warnings: list[str] = field(default_factory=list)
+    executed: Executed = field(default_factory=Executed)
 
     @property
     def nodes(self) -> list[str]:
@@ -121,7 +145,17 @@ def history_of_nodes(history: History, nodes: list[str]) -> History:
         presence=presence.reset_index(drop=True),
         pairs=pairs,
         warnings=list(history.warnings),
+        executed=history.executed,
     )
 
 
-__all__ = ["MIN_STEP", "TARGET_POINTS", "History", "Window", "history_of_nodes", "report_window"]
+__all__ = [
+    "EXECUTED_RESULTS",
+    "MIN_STEP",
+    "TARGET_POINTS",
+    "Executed",
+    "History",
+    "Window",
+    "history_of_nodes",
+    "report_window",
+]

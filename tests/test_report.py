@@ -40,10 +40,10 @@ from recommender.outputs.report.migrations import (
 )
 from recommender.quoting import display
 from recommender.source.grid import GRID_QUERIES
-from recommender.source.history import ReportError
+from recommender.source.history import ReportError, executed_of
 from recommender.source.http import SourceError
 from recommender.source.prometheus import PrometheusSource
-from recommender.source.queries import ReportQueries, SnapshotQueries
+from recommender.source.queries import ReportQueries, SnapshotQueries, executed_queries
 
 # --- pure parts ------------------------------------------------------------------------------
 
@@ -71,8 +71,13 @@ def test_queries_are_fixed_and_aggregated() -> None:
     window = report_window(7 * 86400, 1_800_000_000)
     queries = ReportQueries.for_config(Config(), window)
     assert queries == ReportQueries.for_config(Config(), window)
+    executed = executed_queries(window.span)
+    assert {n: queries.instants[n] for n in executed} == executed
     for promql in queries.promql():
-        assert re.search(r"\bby \((node|node, vm|node, vm, name)\)", promql), promql
+        if promql in executed.values():  # vmbalance's own apply metrics, not per node
+            assert "vmbalance_apply_migration" in promql and f"[{window.span:.0f}s]" in promql
+            continue
+        assert re.search(r"\bby \((cluster, )?(node|node, vm|node, vm, name)\)", promql), promql
     assert "[1800s]" in queries.ranges["load_cpu"]
     assert "vmbalance_vm_memory_max_bytes" in queries.ranges["load_memory"]
     used = Config.model_validate({"balance": {"memory_mode": "used"}})
@@ -242,6 +247,7 @@ SECTIONS = [
     "Nodes",
     "Top VMs",
     "Migrations in the period",
+    "Executed by vmbalance",
     "Recommended plan",
     "What blocked better balance",
     "Capacity forecast",
@@ -297,6 +303,38 @@ def config_for(url: str, history: ClusterHistory) -> Config:
     )
 
 
+# What an executing instance published over the history's last day: 3 migrations done, 1
+# failed (200 s between them), 1 skipped.
+EXECUTED = {"done": 3, "failed": 1, "skipped": 1}
+EXECUTED_SECONDS = 200.0
+
+
+def write_apply_metrics(path: Path, history: ClusterHistory) -> None:
+    """`vmbalance_apply_*` as serve's /metrics would have had them scraped: flat at 0, then
+    each migration counted at its own time during the last day."""
+    times = np.arange(history.end - 3 * 86400 + 600, history.end + 1, 600.0)
+    done_at = [history.end - 20 * 3600, history.end - 12 * 3600, history.end - 3 * 3600]
+    failed_at = [history.end - 8 * 3600]
+    skipped_at = [history.end - 8 * 3600]
+
+    def counted(events: list[float]) -> list[int]:
+        return [sum(1 for e in events if e <= t) for t in times]
+
+    ran = [d + f for d, f in zip(counted(done_at), counted(failed_at), strict=True)]
+    lines = ["# TYPE vmbalance_apply_migrations counter"]
+    for result, events in (("done", done_at), ("failed", failed_at), ("skipped", skipped_at)):
+        lines += [
+            f'vmbalance_apply_migrations_total{{result="{result}"}} {n} {t:.0f}'
+            for n, t in zip(counted(events), times, strict=True)
+        ]
+    lines.append("# TYPE vmbalance_apply_migration_duration_seconds histogram")
+    name = "vmbalance_apply_migration_duration_seconds"
+    for n, t in zip(ran, times, strict=True):  # one histogram point's samples together
+        lines += [f'{name}_bucket{{le="{le}"}} {n} {t:.0f}' for le in ("60.0", "+Inf")]
+        lines += [f"{name}_count {n} {t:.0f}", f"{name}_sum {n * EXECUTED_SECONDS / 4} {t:.0f}"]
+    path.write_text("\n".join([*lines, "# EOF", ""]), encoding="utf-8")
+
+
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reported]:
     tmp = tmp_path_factory.mktemp("report")
@@ -313,6 +351,7 @@ def reported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reported]:
     )
     history = hostile(history, plain_from=8)
     to_openmetrics_blocks(history, tmp / "blocks")
+    write_apply_metrics(tmp / "blocks" / "zz-apply.om", history)
     backfill(tmp / "blocks", tmp / "prom-data")
     with PrometheusServer(tmp, data_dir=tmp / "prom-data") as prometheus:
         config = config_for(prometheus.url, history)
@@ -402,6 +441,39 @@ def test_sections_tables_and_images(reported: Reported) -> None:
     moved = [m.vm for m in reported.history.migrations if m.time > end - history]
     cost += len(snapshot_queries.departures(moved))
     assert f"{cost} PromQL queries" in reported.markdown
+
+
+def test_executed_counts_are_whole_migrations_by_result() -> None:
+    counts = [
+        {"metric": {"result": "done"}, "value": [0, "2.9999"]},
+        {"metric": {"result": "failed"}, "value": [0, "1.04"]},
+        {"metric": {"result": "not-started"}, "value": [0, "0"]},
+        {"metric": {"result": "made-up"}, "value": [0, "5"]},
+    ]
+    durations = [
+        {"metric": {"stat": "sum"}, "value": [0, "160"]},
+        {"metric": {"stat": "count"}, "value": [0, "4.0001"]},
+    ]
+    executed = executed_of(counts, durations)
+    assert executed.by_result == {"done": 3, "failed": 1}
+    assert (executed.total, executed.ran, executed.mean_seconds) == (4, 4, 40.0)
+    nothing = executed_of([], [])
+    assert (nothing.total, nothing.ran) == (0, 0) and math.isnan(nothing.mean_seconds)
+
+
+@pytest.mark.slow
+def test_the_migrations_vmbalance_executed_are_reported(reported: Reported, tmp_path: Path) -> None:
+    (table,) = table_with(reported.tokens, "result", "migrations")
+    assert {text(row[0]): int(text(row[1])) for row in table[1:]} == EXECUTED
+    total = sum(EXECUTED.values())
+    assert f"{total} migration(s) of plans executed by" in reported.markdown
+    assert "mean duration 50 s over the 4 that ran" in reported.markdown
+    # A day before the first of them: nothing executed, and the report says so.
+    before = datetime.fromtimestamp(reported.history.end - 1.5 * 86400, UTC)
+    path = write_report(reported.config, period="1d", out_dir=tmp_path, at=before)
+    markdown = path.read_text(encoding="utf-8")
+    assert "No migration was executed by vmbalance in the period" in markdown
+    assert not table_with(parser().parse(markdown), "result", "migrations")
 
 
 @pytest.mark.slow

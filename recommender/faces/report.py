@@ -139,6 +139,7 @@ def build_report(
         warnings=report_warnings(history.warnings, snapshot, plan),
         generated_at=datetime.now(UTC).timestamp(),
         covered=history.covered,
+        executed=history.executed,
     )
 
 

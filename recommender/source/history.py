@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import pandas as pd
 
 from recommender.config import Config
 from recommender.engine.rules.maintenance import MaintenanceSettings
-from recommender.history import History, Window
+from recommender.history import EXECUTED_RESULTS, Executed, History, Window
 from recommender.model import RESOURCES
-from recommender.source.answers import Answer, node_matrix, pair_values, presence_frame
+from recommender.source.answers import Answer, node_matrix, pair_values, presence_frame, sample
 from recommender.source.http import SourceError
 from recommender.source.queries import RATE_COUNTERS
 
@@ -70,6 +71,26 @@ def _warnings(
     return warnings
 
 
+def executed_of(counts: Answer, durations: Answer) -> Executed:
+    """`Executed` from the answers of `executed_queries` (`increase()` extrapolates, so the
+    counts are rounded to whole migrations)."""
+    by_result: dict[str, int] = {}
+    for item in counts:
+        value = sample(item)
+        result = str(item.get("metric", {}).get("result", ""))
+        if result in EXECUTED_RESULTS and math.isfinite(value) and round(value) > 0:
+            by_result[result] = round(value)
+    stats = {str(item.get("metric", {}).get("stat", "")): sample(item) for item in durations}
+    ran = stats.get("count", math.nan)
+    ran_count = round(ran) if math.isfinite(ran) and ran > 0 else 0
+    seconds = stats.get("sum", math.nan)
+    return Executed(
+        by_result=by_result,
+        ran=ran_count,
+        seconds=seconds if ran_count and math.isfinite(seconds) and seconds >= 0 else math.nan,
+    )
+
+
 def assemble_history(
     config: Config,
     window: Window,
@@ -101,6 +122,7 @@ def assemble_history(
     active = known & up_ok & ~pd.Series({n: n in maintenance for n in nodes}, dtype=bool)
     pairs = pd.DataFrame({r: pair_values(instants[f"vm_{r}"]) for r in RESOURCES})
     pairs.index = pairs.index.set_names(["node", "vm"])
+    executed = executed_of(instants.get("executed", []), instants.get("executed_duration", []))
     return History(
         window=window,
         load=load,
@@ -110,7 +132,8 @@ def assemble_history(
         presence=presence,
         pairs=pairs,
         warnings=_warnings(capacity, up, nodes, has_data, window),
+        executed=executed,
     )
 
 
-__all__ = ["MEASURED_CAPACITY", "ReportError", "assemble_history"]
+__all__ = ["MEASURED_CAPACITY", "ReportError", "assemble_history", "executed_of"]

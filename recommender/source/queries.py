@@ -339,6 +339,20 @@ class SnapshotQueries:
         return queries if self.cluster is None else [in_cluster(q, self.cluster) for q in queries]
 
 
+def executed_queries(span: float) -> dict[str, str]:
+    """The migrations vmbalance executed over the last `span` seconds, from its own apply
+    metrics: counts by result, and the summed duration and count of those that ran."""
+    window = f"[{span:.0f}s]"
+    duration = "vmbalance_apply_migration_duration_seconds"
+    return {
+        "executed": f"sum by (result) (increase(vmbalance_apply_migrations_total{window}))",
+        "executed_duration": " or ".join(
+            f'label_replace(sum(increase({duration}_{stat}{window})), "stat", "{stat}", "", "")'
+            for stat in ("sum", "count")
+        ),
+    }
+
+
 @dataclass(frozen=True)
 class ReportQueries:
     """The PromQL of one report: range queries (evaluated every step) and instant queries
@@ -390,6 +404,7 @@ class ReportQueries:
         instants["vm_memory"] = span.queries[
             "memory_max" if memory_column == "memory_max_bytes" else "load_memory"
         ]
+        instants.update(executed_queries(window.span))
         return cls(ranges=ranges, instants=instants, shift=shift)
 
     def __len__(self) -> int:
@@ -409,5 +424,6 @@ __all__ = [
     "ReportQueries",
     "SnapshotQueries",
     "counter_sum",
+    "executed_queries",
     "in_cluster",
 ]

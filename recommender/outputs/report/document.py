@@ -8,11 +8,11 @@ Names are untrusted: everything a tenant can choose goes through the escaping fi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from recommender.config import Config
-from recommender.history import Window
+from recommender.history import EXECUTED_RESULTS, Executed, Window
 from recommender.model import RESOURCES, Snapshot, finite_or_none
 from recommender.outputs.commands import commands_refusal, plan_commands, render_commands
 from recommender.outputs.document import plan_document
@@ -60,6 +60,13 @@ class ReportData:
     warnings: list[str]
     generated_at: float
     covered: float = math.nan  # seconds of the period the data covers
+    executed: Executed = field(default_factory=Executed)  # what vmbalance itself migrated
+
+    @property
+    def executed_rows(self) -> list[tuple[str, int]]:
+        """(result, migrations) in the metric's order, the results that occurred."""
+        return [(r, self.executed.by_result[r]) for r in EXECUTED_RESULTS
+                if r in self.executed.by_result]  # fmt: skip
 
     @property
     def coverage(self) -> str:
