@@ -154,3 +154,37 @@ def test_serve_publishes_each_clusters_pve1(twins: Twins) -> None:
     for cluster, history in twins.histories.items():
         for node in history.nodes:
             assert capacity[(cluster, node.name)] == node.cpus
+
+
+def _cpu_capacities(markdown: str) -> dict[str, str]:
+    """node -> the capacity cell of the report's first node table (CPU)."""
+    rows = [line.split("|")[1:-1] for line in markdown.splitlines() if line.startswith("| ")]
+    header = next(
+        i for i, r in enumerate(rows) if [c.strip() for c in r[:2]] == ["node", "capacity"]
+    )
+    out: dict[str, str] = {}
+    for row in rows[header + 2 :]:  # past the header's separator row
+        cells = [c.strip() for c in row]
+        if cells[0] not in NODES:
+            break
+        out[cells[0]] = cells[1]
+    return out
+
+
+def test_each_clusters_report_reads_only_its_own_pve1(twins: Twins, tmp_path: Path) -> None:
+    capacities = {}
+    for cluster, history in twins.histories.items():
+        out = tmp_path / cluster
+        done = vmbalance(twins, "report", "--cluster", cluster, "--period", "1h", "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        markdown = (out / "report.md").read_text(encoding="utf-8")
+        capacities[cluster] = _cpu_capacities(markdown)
+        assert sorted(capacities[cluster]) == list(NODES)
+        for node in history.nodes:
+            assert float(capacities[cluster][node.name].split()[0]) == node.cpus
+        # Its VMs only: the other cluster's VM ids are the same, its names are not.
+        other = next(h for c, h in twins.histories.items() if c != cluster)
+        assert not {v.name for v in other.vms} - {v.name for v in history.vms} & set(
+            markdown.split()
+        )
+    assert capacities["west"] != capacities["east"]

@@ -119,7 +119,8 @@ def build_report(
     # The period ends at the latest sample at or before `at`, its steps on the data's grid.
     grid = source.sample_grid(at.timestamp())
     window = report_window(period_s, grid.at, grid.spacing)
-    history = source.history(config, window, grid)
+    # One cluster's report reads only its series: node names repeat across clusters.
+    history = source.history(config, window, grid, cluster)
     snapshot, plan, plan_error = plan_now(source, config, window, grid, cluster)
     if cluster is not None and snapshot is not None:
         history = history_of_nodes(history, [str(n) for n in snapshot.nodes.index])

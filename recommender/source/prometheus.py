@@ -175,9 +175,15 @@ class PrometheusSource:
         snapshot.warnings[:0] = notes
         return snapshot
 
-    def history(self, config: Config, window: Window, grid: SampleGrid | None = None) -> History:
+    def history(
+        self,
+        config: Config,
+        window: Window,
+        grid: SampleGrid | None = None,
+        cluster: str | None = None,
+    ) -> History:
         """The report's queries over `window`; ReportError when it holds no vmbalance data."""
-        queries = ReportQueries.for_config(config, window, grid)
+        queries = ReportQueries.for_config(config, window, grid).for_cluster(cluster)
         start = round(window.start + queries.shift)
         end = round(window.end + queries.shift)
         ranges: dict[str, Answer] = {}
