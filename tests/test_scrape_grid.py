@@ -34,6 +34,8 @@ from recommender.plan import build_plan
 from recommender.snapshot import snapshot_text
 from recommender.source.answers import quantiles, step_positions
 from recommender.source.grid import (
+    SPACING_QUERY,
+    SPACING_RANGE,
     SampleGrid,
     adapted_query,
     latest_sample,
@@ -47,6 +49,30 @@ from recommender.source.queries import SnapshotQueries
 RATES = ("cpu", "disk_bytes", "disk_ops", "network")
 
 # --- pure parts ------------------------------------------------------------------------------
+
+
+def counted(**by_range: float) -> list[dict[str, object]]:
+    """A spacing answer: the median count per range (`r3599=12` is 12 samples in 3599 s)."""
+    return [
+        {"metric": {"range": name.removeprefix("r")}, "value": [0, str(count)]}
+        for name, count in by_range.items()
+    ]
+
+
+@pytest.mark.parametrize(
+    ("counts", "spacing"),
+    [
+        ({"r3599": 12, "r899": 3}, 300.0),  # 5-minute scrapes, an hour of data and more
+        ({"r3599": 240, "r899": 60, "r239": 16, "r59": 4}, 15.0),
+        ({"r3599": 30, "r899": 15, "r239": 4, "r59": 1}, 60.0),  # half an hour of 60 s data
+        ({"r3599": 30, "r899": 30, "r239": 30, "r59": 29}, 2.0),  # a minute of 2 s data
+    ],
+)
+def test_the_spacing_is_read_from_the_longest_range_the_data_fills(
+    counts: dict[str, float], spacing: float
+) -> None:
+    assert spacing_of(counted(**counts)) == spacing
+    assert f"count_over_time(vmbalance_vm_info[{int(SPACING_RANGE)}s])" in SPACING_QUERY
 
 
 def test_the_spacing_is_counted_over_one_second_short_of_an_hour() -> None:

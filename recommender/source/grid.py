@@ -10,7 +10,9 @@ Two instant queries, whatever the number of VMs, before a snapshot or a report:
   at `T - W` out of the window but takes it as the base of `increase()`) read the same samples.
 - `quantile(0.5, count_over_time(vmbalance_vm_info[1h - 1s]))` there gives the spacing (the
   scrape interval): the range stops one second short of a sample at `T - 1h`, so both
-  servers count the same samples.
+  servers count the same samples. The same count over 15 min, 4 min and 1 min (one second
+  short each, in the same query) covers data younger than an hour: the longest range the data
+  fills is the one counted.
 
 Levels (`avg_over_time` of used memory, counts of samples) are read over ranges half a spacing
 shorter than the window, so the sample at the window's edge, which only Prometheus includes,
@@ -21,6 +23,7 @@ missed scrape.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,14 +32,23 @@ from recommender.config import QuerySettings, duration_seconds
 from recommender.source.answers import Answer, sample
 
 INFO = "vmbalance_vm_info"
-# Seconds over which the spacing is counted (one second short of an hour, see above).
-SPACING_RANGE = 3599.0
+# Seconds over which the spacing is counted, longest first (each one second short of a whole
+# number of minutes, see above): the longest the data fills gives the spacing, so data younger
+# than an hour (a new Prometheus, a lab) is not read as sparse.
+SPACING_RANGES = (3599.0, 899.0, 239.0, 59.0)
+SPACING_RANGE = SPACING_RANGES[0]
+# A range is filled when it holds at least this share of the samples the next shorter one's
+# rate implies.
+FILLED = 0.8
 MIN_SPACINGS = 3
 
 # The queries of `PrometheusSource.sample_grid` (the spacing query only when there is data).
 GRID_QUERIES = 2
 LATEST_QUERY = f"max(timestamp({INFO}))"
-SPACING_QUERY = f"quantile(0.5, count_over_time({INFO}[{SPACING_RANGE:.0f}s]))"
+SPACING_QUERY = " or ".join(
+    f'label_replace(quantile(0.5, count_over_time({INFO}[{r:.0f}s])), "range", "{r:.0f}", "", "")'
+    for r in SPACING_RANGES
+)
 
 
 @dataclass(frozen=True)
@@ -114,12 +126,27 @@ def latest_sample(answer: Answer, requested: float) -> float:
 
 
 def spacing_of(answer: Answer) -> float:
-    """Whole seconds between samples from the spacing query's answer; NaN when unknown."""
-    values = [sample(item) for item in answer]
-    counts = [v for v in values if math.isfinite(v) and v >= 1]
+    """Whole seconds between samples from the spacing query's answer; NaN when unknown.
+
+    The median count of samples per VM over each of SPACING_RANGES: the longest range that
+    holds about as many samples as the next shorter one's rate implies is filled by the data,
+    and its length over its count is the spacing (an answer without range labels is a count
+    over SPACING_RANGE)."""
+    counts: dict[float, float] = {}
+    for item in answer:
+        value = sample(item)
+        label = item.get("metric", {}).get("range")
+        length = float(label) if label is not None else SPACING_RANGE
+        if math.isfinite(value) and value >= 1:
+            counts[length] = value
     if not counts:
         return math.nan
-    return float(max(1, round(SPACING_RANGE / max(counts))))
+    ranges = sorted(counts, reverse=True)
+    for longer, shorter in itertools.pairwise(ranges):
+        if counts[longer] >= FILLED * counts[shorter] * longer / shorter:
+            return float(max(1, round(longer / counts[longer])))
+    shortest = ranges[-1]
+    return float(max(1, round(shortest / counts[shortest])))
 
 
 def wide_enough(seconds: float, grid: SampleGrid) -> float:
