@@ -16,7 +16,7 @@ none, and the snapshot's warnings say so.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -132,14 +132,8 @@ def unqualify(snapshot: Snapshot, qualified: Qualified) -> Snapshot:
             "series without a cluster label for names that are in several clusters "
             f"(joined to none): {and_more(sorted(qualified.unassigned))}"
         )
-    return Snapshot(
-        nodes=nodes,
-        vms=vms,
-        taken_at=snapshot.taken_at,
-        source=snapshot.source,
-        window=snapshot.window,
-        estimator=snapshot.estimator,
-        warnings=[w.replace(_SEP, "/") for w in warnings],
+    return replace(
+        snapshot, nodes=nodes, vms=vms, warnings=[w.replace(_SEP, "/") for w in warnings]
     )
 
 
