@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import libvirt
 import pytest
@@ -139,8 +140,17 @@ def _file(daemon: Any, path: Path, size: int = 1024 * 1024) -> Path:
 
 
 def _copied(domain: Any, disk: str) -> bool:
+    """The copy is ready to pivot: libvirt marks its mirror ready once QEMU says so, which can
+    come after the job's counters first meet."""
     info = domain.blockJobInfo(disk, 0)
-    return bool(info) and info["end"] > 0 and info["cur"] == info["end"]
+    if not (info and info["end"] > 0 and info["cur"] == info["end"]):
+        return False
+    for element in ElementTree.fromstring(domain.XMLDesc(0)).iter("disk"):
+        target = element.find("target")
+        mirror = element.find("mirror")
+        if target is not None and target.get("dev") == disk and mirror is not None:
+            return mirror.get("ready") == "yes"
+    return False
 
 
 def test_hot_plugged_devices_and_a_new_disk_source_show_at_the_next_scrape(
