@@ -49,7 +49,7 @@ class LabPveApi(FakePVE):
     def __init__(
         self, nodes: dict[str, PveNode], image: GuestImage, secret: str, tls_dir: Path
     ) -> None:
-        self.nodes = nodes
+        self.pve_nodes = nodes
         self.image = image
         self.secret = secret
         vms = {int(vmid): FakeVM(name) for name, node in nodes.items() for vmid in node.guests}
@@ -75,7 +75,7 @@ class LabPveApi(FakePVE):
         vmid = str(task.vmid)
         try:
             migration = live_migrate(
-                self.nodes[task.node], vmid, self.nodes[task.target], self.image, _listening
+                self.pve_nodes[task.node], vmid, self.pve_nodes[task.target], self.image, _listening
             )
         except Exception as exc:  # QEMU's reason, as Proxmox VE ends a failed task
             with self.lock:

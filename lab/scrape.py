@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import requests
@@ -285,10 +286,10 @@ def libvirt_call_costs(uri: str, rounds: int = 20) -> dict[str, float]:
                 domain.info()
                 domain.blockStats("vda")
 
-        calls = {
+        calls: dict[str, Callable[[], object]] = {
             "bulk": lambda: conn.getAllDomainStats(everything, flags),
             **{
-                f"bulk:{name}": (lambda value=value: conn.getAllDomainStats(value, flags))
+                f"bulk:{name}": partial(conn.getAllDomainStats, value, flags)
                 for name, value in groups.items()
             },
             "per-domain info+blockStats": per_domain,

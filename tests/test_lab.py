@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from xml.etree import ElementTree
 
@@ -366,3 +367,40 @@ def _processes_mentioning(text: str) -> list[int]:
         if text.encode() in cmdline and _alive(int(entry.name)):
             found.append(int(entry.name))
     return found
+
+
+def test_the_lab_api_migrates_between_its_own_proxmox_like_nodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The migrate endpoint's task runs the live migration between the lab's nodes, which
+    the fake API's own node table (what ProxLB reads) does not replace."""
+    import lab.pve_api
+    from lab.pve_api import LabPveApi
+
+    calls: list[tuple[object, str, object]] = []
+
+    class Done:
+        transferred_bytes = 8 * MIB
+        downtime_ms = 12
+
+        def as_dict(self) -> dict[str, object]:
+            return {"vmid": MIGRATED}
+
+    def migrate(source: object, vmid: str, target: object, *_: object) -> Done:
+        calls.append((source, vmid, target))
+        return Done()
+
+    monkeypatch.setattr(lab.pve_api, "live_migrate", migrate)
+    nodes: Any = {
+        "pve-a": SimpleNamespace(guests={MIGRATED: object()}),
+        "pve-b": SimpleNamespace(guests={}),
+    }
+    api = LabPveApi(nodes, Any, "secret", tmp_path)
+    with api.lock:
+        upid = api.start_task("pve-a", int(MIGRATED), "pve-b")
+    deadline = time.monotonic() + 10
+    while not api.tasks[upid].stopped and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert api.tasks[upid].exitstatus == "OK", api.tasks[upid].log
+    assert calls == [(nodes["pve-a"], MIGRATED, nodes["pve-b"])]
+    assert api.vms[int(MIGRATED)].node == "pve-b"
