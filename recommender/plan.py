@@ -37,7 +37,7 @@ from recommender.engine.result import (
 )
 from recommender.engine.rules import Constraint, prepare_constraints, violations
 from recommender.engine.rules.migratable import immovable_on_busy_nodes
-from recommender.model import PRESSURE_COLUMNS, Snapshot, utilisation
+from recommender.model import PRESSURE_COLUMNS, Snapshot, clusters_of, utilisation
 from recommender.pressure import PressuredNode, pressure_kinds, pressured_nodes
 
 if TYPE_CHECKING:
@@ -114,6 +114,8 @@ class Plan:
     # stall share per PSI kind read (node x kind; no columns when the snapshot has none).
     pressured: list[PressuredNode] = field(default_factory=list)
     pressure: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The cluster the plan is for: the one its nodes name ("" where the data names none).
+    cluster: str = ""
 
     @property
     def pressure_kinds(self) -> list[str]:
@@ -200,7 +202,13 @@ def build_plan(snapshot: Snapshot, config: Config, result: EngineResult | None =
         frontier=result.frontier,
         pressured=pressured,
         pressure=_node_pressure(snapshot),
+        cluster=_cluster_of(snapshot),
     )
+
+
+def _cluster_of(snapshot: Snapshot) -> str:
+    clusters = clusters_of(snapshot.nodes)
+    return clusters[0] if len(clusters) == 1 else ""
 
 
 def _relieving(config: Config) -> Config:

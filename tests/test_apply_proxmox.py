@@ -149,7 +149,7 @@ def test_a_migration_runs_as_a_task_and_is_done(
     written = [(tmp_path / f).read_text() for f in ("audit.jsonl", "apply.prom")]
     for text in (*written, printed.out, printed.err):
         assert SECRET not in text
-    assert 'vmbalance_apply_migrations_total{result="done"} 2.0' in written[1]
+    assert 'vmbalance_apply_migrations_total{cluster="",result="done"} 2.0' in written[1]
 
 
 def test_a_failed_task_stops_the_queue_and_exits_non_zero(
@@ -318,3 +318,52 @@ def test_bad_settings_and_outputs_stop_the_run_in_one_line_before_anything_moves
         "greater than or equal to 1",
     ]
     assert pve.posts("/migrate") == []
+
+
+def _in_clusters(tmp: Path, clusters: dict[str, str], plan_cluster: str | None) -> None:
+    """The setup's snapshot with its nodes in `clusters`, and its plan for `plan_cluster`."""
+    snap = json.loads((tmp / "snap.json").read_text())
+    for node in snap["nodes"]:
+        node["cluster"] = clusters[node["name"]]
+    (tmp / "snap.json").write_text(json.dumps(snap))
+    plan = json.loads((tmp / "plan.json").read_text())
+    plan["cluster"] = plan_cluster
+    (tmp / "plan.json").write_text(json.dumps(plan))
+
+
+def test_a_plan_runs_in_its_own_cluster_and_its_metrics_say_which(
+    tmp_path: Path, tls: ssl.SSLContext, fake: list[FakePVE]
+) -> None:
+    pve = start(tls, {101: FakeVM("pve1")})
+    fake.append(pve)
+    args = setup(tmp_path, pve, [(101, "pve1", "pve2", 1)])
+    _in_clusters(tmp_path, {"pve1": "east", "pve2": "east", "pve3": "west"}, "east")
+    assert main(args) == 0
+    assert pve.vms[101].node == "pve2"
+    metrics = (tmp_path / "apply.prom").read_text()
+    assert 'vmbalance_apply_migrations_total{cluster="east",result="done"} 1.0' in metrics
+    assert 'vmbalance_apply_migration_duration_seconds_count{cluster="east"} 1.0' in metrics
+
+
+def test_apply_keeps_to_one_cluster_or_refuses_in_one_line(
+    tmp_path: Path, tls: ssl.SSLContext, fake: list[FakePVE], capfd: pytest.CaptureFixture[str]
+) -> None:
+    pve = start(tls, {101: FakeVM("pve1"), 102: FakeVM("pve3")})
+    fake.append(pve)
+    args = setup(tmp_path, pve, [(101, "pve1", "pve2", 1), (102, "pve3", "pve1", 1)])
+    _in_clusters(tmp_path, {"pve1": "east", "pve2": "east", "pve3": "west"}, "east")
+    plan_at = args.index("--plan")
+    fresh = [*args[:plan_at], *args[plan_at + 2 :]]
+    refusals = {
+        # A plan for east is not executed as west's.
+        "is for cluster east, not west": [*args, "--cluster", "west"],
+        # A fresh plan over data of two clusters is for one of them, chosen.
+        "the data holds 2 clusters (east, west); choose one with --cluster NAME": fresh,
+        "no cluster north in the data": [*fresh, "--cluster", "north"],
+    }
+    for message, argv in refusals.items():
+        assert main(argv) == 2
+        err = capfd.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert not [path for method, path, _ in pve.calls if method == "POST"]
+    assert (pve.vms[101].node, pve.vms[102].node) == ("pve1", "pve3")

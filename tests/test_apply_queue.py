@@ -179,8 +179,8 @@ def test_a_failed_migration_stops_new_starts_and_is_never_done(tmp_path: Path) -
     assert [s.result for s in result.states] == ["failed", "not-started", "skipped"]
     assert backend.calls == ["a"]
     text = metrics.text().decode()
-    assert 'vmbalance_apply_migrations_total{result="failed"} 1.0' in text
-    assert 'vmbalance_apply_migrations_total{result="done"} 0.0' in text
+    assert 'vmbalance_apply_migrations_total{cluster="",result="failed"} 1.0' in text
+    assert 'vmbalance_apply_migrations_total{cluster="",result="done"} 0.0' in text
 
 
 def test_continue_on_error_keeps_going_on_unrelated_nodes() -> None:

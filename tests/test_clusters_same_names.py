@@ -32,6 +32,19 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 NODES = ("pve1", "pve2", "pve3")
+# Migrations vmbalance executed in each cluster within the last hour, as its apply metrics
+# count them (`cluster` is the executed plan's).
+EXECUTED = {"west": 2, "east": 5}
+
+
+def _apply_metrics(path: Path, end: float) -> None:
+    lines = ["# TYPE vmbalance_apply_migrations counter"]
+    for cluster, done in EXECUTED.items():
+        for t in range(int(end) - 2 * 3600, int(end) + 1, 30):
+            value = done if t >= end - 40 * 60 else 0
+            labels = f'cluster="{cluster}",result="done"'
+            lines.append(f"vmbalance_apply_migrations_total{{{labels}}} {value} {t}")
+    path.write_text("\n".join([*lines, "# EOF", ""]), encoding="utf-8")
 
 
 @dataclass
@@ -56,6 +69,7 @@ def twins(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Twins]:
     for cluster, history in histories.items():
         assert tuple(n.name for n in history.nodes) == NODES
         to_openmetrics(history, tmp / "om" / f"{cluster}.om")
+    _apply_metrics(tmp / "om" / "apply.om", end)
     backfill(tmp / "om", tmp / "prom-data")
     with PrometheusServer(tmp, data_dir=tmp / "prom-data") as prometheus:
         settings = {
@@ -179,6 +193,8 @@ def test_each_clusters_report_reads_only_its_own_pve1(twins: Twins, tmp_path: Pa
         assert done.returncode == 0, done.stderr
         markdown = (out / "report.md").read_text(encoding="utf-8")
         capacities[cluster] = _cpu_capacities(markdown)
+        # What vmbalance executed there, not in the other cluster.
+        assert f"{EXECUTED[cluster]} migration(s) of plans executed by" in markdown
         assert sorted(capacities[cluster]) == list(NODES)
         for node in history.nodes:
             assert float(capacities[cluster][node.name].split()[0]) == node.cpus

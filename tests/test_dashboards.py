@@ -284,25 +284,27 @@ def _serve_and_prometheus_series(history: ClusterHistory, directory: Path) -> No
     gauge("vmbalance_recommender_errors_total", [(serve, [0.0] * n)], "counter")
     # serve's automation executing a migration every 10 minutes, one in 6 failing, 40 s each.
     started = np.arange(n) // 10
+    executed = f'{serve},cluster="{CLUSTER}"'  # the executed plans' cluster
     failed = started // 6
     gauge(
         "vmbalance_apply_migrations_total",
         [
-            (f'{serve},result="done"', (started - failed).astype(float).tolist()),
-            (f'{serve},result="failed"', failed.astype(float).tolist()),
+            (f'{executed},result="done"', (started - failed).astype(float).tolist()),
+            (f'{executed},result="failed"', failed.astype(float).tolist()),
         ],
         "counter",
     )
     gauge(
-        "vmbalance_apply_migrations_in_flight", [(serve, ((np.arange(n) % 10 == 0) * 1.0).tolist())]
+        "vmbalance_apply_migrations_in_flight",
+        [(executed, ((np.arange(n) % 10 == 0) * 1.0).tolist())],
     )
     duration = "vmbalance_apply_migration_duration_seconds"
     lines.append(f"# TYPE {duration} histogram")
     for t, ran in zip(times, started, strict=True):  # one histogram point's samples together
         for le, count in (("30.0", 0), ("60.0", ran), ("+Inf", ran)):
-            lines.append(f'{duration}_bucket{{{serve},le="{le}"}} {count} {t}')
-        lines.append(f"{duration}_count{{{serve}}} {ran} {t}")
-        lines.append(f"{duration}_sum{{{serve}}} {40.0 * ran} {t}")
+            lines.append(f'{duration}_bucket{{{executed},le="{le}"}} {count} {t}')
+        lines.append(f"{duration}_count{{{executed}}} {ran} {t}")
+        lines.append(f"{duration}_sum{{{executed}}} {40.0 * ran} {t}")
     lines.append("# EOF")
     (directory / "zz-prometheus-and-serve.om").write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -56,6 +56,7 @@ def serve_emitted() -> set[str]:
     executing = Config(automation=AutomationSettings(level="full", lock_file="unused.lock"))
     automation = Automation(executing, lambda plan, config: None, lambda: snapshot)  # type: ignore[arg-type,return-value]
     registry.register(automation.collector())
+    automation.metrics.cluster("")  # the series of a cluster serve planned, as each run does
     text = generate_latest(registry).decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
 

@@ -77,6 +77,7 @@ class Queue:
         check: LiveCheck | None = None,
         audit: AuditLog | None = None,
         metrics: ApplyMetrics | None = None,
+        cluster: str = "",
         continue_on_error: bool = False,
         report: Report = _silent,
         clock: Callable[[], float] = time.monotonic,
@@ -89,6 +90,8 @@ class Queue:
         self._check = check
         self._audit = audit or AuditLog(None)
         self._metrics = metrics or ApplyMetrics()
+        self._cluster = cluster
+        self._metrics.cluster(cluster)
         self._continue = continue_on_error
         self._report = report
         self._clock = clock
@@ -188,17 +191,19 @@ class Queue:
             return
         with self._cond:
             self._audit.record("started", step)
-            self._metrics.in_flight.inc()
+            self._metrics.in_flight.labels(self._cluster).inc()
             self._report("started", step, f"{step.source} → {step.target}", state.progress)
         try:
             outcome = self._backend.migrate(step, lambda p: self._progress(state, p))
         except Exception as exc:  # a backend bug or a lost connection: never "done"
             outcome = Outcome("failed", one_line(str(exc)) or type(exc).__name__)
         with self._cond:
-            self._metrics.in_flight.dec()
+            self._metrics.in_flight.labels(self._cluster).dec()
             state.outcome = outcome
             state.ended = self._clock()
-            self._metrics.duration.observe(state.ended - (state.started or state.ended))
+            self._metrics.duration.labels(self._cluster).observe(
+                state.ended - (state.started or state.ended)
+            )
             self._finish(state, outcome.result, outcome.reason)
 
     def _progress(self, state: StepState, progress: Progress) -> None:
@@ -222,7 +227,7 @@ class Queue:
             transferred=outcome.bytes_transferred if outcome else None,
             reason=reason,
         )
-        self._metrics.migrations.labels(result).inc()
+        self._metrics.migrations.labels(self._cluster, result).inc()
         self._report(result, state.step, reason, state.progress)
         if result == "failed":
             why = f"step {state.step.step} ({state.step.vm}) failed: {reason}"
@@ -243,7 +248,7 @@ class Queue:
             elapsed = now - state.started
             reason = f"running {elapsed:.0f} s against an estimate of {estimate:.0f} s"
             self._audit.record("overdue", state.step, duration=elapsed, reason=reason)
-            self._metrics.overdue.inc()
+            self._metrics.overdue.labels(self._cluster).inc()
             self._report("overdue", state.step, reason, state.progress)
             if self._settings.cancel_overdue:
                 self._audit.record("cancel", state.step, duration=elapsed, reason=reason)

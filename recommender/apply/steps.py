@@ -105,6 +105,16 @@ def steps_of_document(document: object, shown: str) -> tuple[list[Step], str]:
     return steps, str(flavour)
 
 
+def cluster_of_document(document: dict[str, Any], shown: str) -> str:
+    """The cluster a plan document is for ("" where it names none)."""
+    cluster = document.get("cluster")
+    if cluster is None:
+        return ""
+    if not isinstance(cluster, str) or "\x00" in cluster:
+        raise CommandError(f'{shown}: "cluster" is not a cluster name')
+    return cluster
+
+
 def _check_order(steps: Sequence[Step], shown: str) -> None:
     numbers = [s.step for s in steps]
     if len(set(numbers)) != len(numbers):

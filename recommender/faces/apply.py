@@ -29,7 +29,13 @@ from recommender.apply.backend import Backend
 from recommender.apply.live import live_check
 from recommender.apply.metrics import ApplyMetrics
 from recommender.apply.queue import Queue, QueueResult
-from recommender.apply.steps import Step, dependencies, steps_of_document, steps_of_plan
+from recommender.apply.steps import (
+    Step,
+    cluster_of_document,
+    dependencies,
+    steps_of_document,
+    steps_of_plan,
+)
 from recommender.config import Config
 from recommender.errors import CommandError
 from recommender.faces.apply_progress import LineProgress, LiveProgress
@@ -40,23 +46,41 @@ from recommender.quoting import display
 EXIT_OK = 0
 EXIT_FAILED = 1
 
-Loaded = tuple[Config, list[Step], str, Callable[[], Snapshot]]
+# The config, the steps, their command flavour, the live source and the plan's cluster.
+Loaded = tuple[Config, list[Step], str, Callable[[], Snapshot], str]
 
 
-def _live_source(args: argparse.Namespace, config: Config) -> Callable[[], Snapshot]:
-    """Where each live check reads the cluster: the snapshot file again, or Prometheus."""
+def _live_source(args: argparse.Namespace, config: Config, cluster: str) -> Callable[[], Snapshot]:
+    """Where each live check reads the plan's cluster: the snapshot file again, or
+    Prometheus (that cluster's series only, where the plan names one)."""
     from recommender.faces.cli import evaluation_time
+    from recommender.preflight import select_cluster
 
     if args.input:
         from recommender.snapshot import load_snapshot
 
         path = args.input
-        return lambda: load_snapshot(path)[0]
+        return lambda: _only(load_snapshot(path)[0], cluster)
     from recommender.source.prometheus import PrometheusSource
 
     source = PrometheusSource(config.prometheus)
     at = evaluation_time(args)
-    return lambda: source.build_snapshot(config, at=at)
+    if not cluster:
+        return lambda: select_cluster(source.build_snapshot(config, at=at), None)
+    return lambda: _only(source.build_snapshot(config, at=at, cluster=cluster), cluster)
+
+
+def _only(snapshot: Snapshot, cluster: str) -> Snapshot:
+    """`snapshot`'s part in `cluster`; data of one unnamed cluster stands for a plan that
+    names none, and data of several is refused for it."""
+    from recommender.model import clusters_of
+    from recommender.preflight import select_cluster
+
+    if not cluster:
+        return select_cluster(snapshot, None)
+    if clusters_of(snapshot.nodes) == [cluster]:
+        return snapshot
+    return select_cluster(snapshot, cluster)
 
 
 def _read_plan(path: str) -> object:
@@ -80,17 +104,27 @@ def load_steps(args: argparse.Namespace) -> Loaded:
             "--input -: apply re-reads the snapshot before each migration; give a file"
         )
     if args.plan:
-        steps, flavour = steps_of_document(_read_plan(args.plan), display(args.plan))
+        document = _read_plan(args.plan)
+        steps, flavour = steps_of_document(document, display(args.plan))
+        assert isinstance(document, dict)  # steps_of_document refuses anything else
+        cluster = cluster_of_document(document, display(args.plan))
+        if args.cluster is not None and args.cluster != cluster:
+            raise CommandError(
+                f"--plan {display(args.plan)} is for cluster {display(cluster or '(none)')}, "
+                f"not {display(args.cluster)}"
+            )
         config = effective_config(args)
-        return config, steps, flavour, _live_source(args, config)
+        return config, steps, flavour, _live_source(args, config, cluster), cluster
     from recommender.outputs.commands import command_flavour
     from recommender.plan import build_plan
-    from recommender.preflight import check_snapshot
+    from recommender.preflight import check_snapshot, select_cluster
 
     snapshot, config = load_plan_input(args)
+    snapshot = select_cluster(snapshot, args.cluster)
     check_snapshot(snapshot)
     plan = build_plan(snapshot, config)
-    return config, steps_of_plan(plan), command_flavour(plan, config), _live_source(args, config)
+    live = _live_source(args, config, plan.cluster)
+    return config, steps_of_plan(plan), command_flavour(plan, config), live, plan.cluster
 
 
 def make_backend(flavour: str, config: Config) -> Backend:
@@ -180,7 +214,7 @@ def _summary(result: QueueResult) -> str:
 
 
 def run_apply(args: argparse.Namespace, out: TextIO) -> int:
-    config, steps, flavour, snapshot_of = load_steps(args)
+    config, steps, flavour, snapshot_of, cluster = load_steps(args)
     if args.max_parallel is not None or args.max_parallel_per_node is not None:
         config = _with_limits(config, args.max_parallel, args.max_parallel_per_node)
     console = Console(file=sys.stderr, highlight=False)
@@ -206,6 +240,7 @@ def run_apply(args: argparse.Namespace, out: TextIO) -> int:
         check=live_check(snapshot_of, config),
         audit=AuditLog(audit_path),
         metrics=metrics,
+        cluster=cluster,
         continue_on_error=args.continue_on_error,
         report=view,
     )

@@ -202,6 +202,7 @@ class Automation:
     def consider(self, plan: Plan, cluster: str = "") -> Decision:
         """Execute what this level allows of `plan` (of `cluster`) now, and say what was done
         and why not."""
+        self.metrics.cluster(cluster)
         steps = self._eligible(plan)
         refusal = self._refusal(steps)
         if refusal is not None:
@@ -223,7 +224,7 @@ class Automation:
             if len(steps) > budget:
                 note = "; ".join(n for n in (note, f"budget: {budget} of {len(steps)}") if n)
                 steps = steps[:budget]
-            result = self._execute(plan, steps)
+            result = self._execute(plan, steps, cluster)
             return self._remember(state, cluster, result, note)
 
     def _load_state(self) -> AutomationState:
@@ -236,7 +237,7 @@ class Automation:
         self._unsaved = None
         return unsaved
 
-    def _execute(self, plan: Plan, steps: list[Step]) -> QueueResult:
+    def _execute(self, plan: Plan, steps: list[Step], cluster: str) -> QueueResult:
         queue = Queue(
             steps,
             self._backend_factory(plan, self.config),
@@ -244,6 +245,7 @@ class Automation:
             check=live_check(self._snapshot_source, self.config),
             audit=self._audit,
             metrics=self.metrics,
+            cluster=cluster,
         )
         with self._lock:
             self._queue = queue

@@ -142,6 +142,7 @@ def _add_apply_command(commands: Subcommands) -> None:
         metavar="FILE",
         help="plan from, and check the live state against, this snapshot file",
     )
+    _add_cluster_option(apply)
     apply.add_argument(
         "--commands",
         choices=("auto", "proxmox", "libvirt"),

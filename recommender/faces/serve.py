@@ -110,7 +110,7 @@ def plan_clusters(snapshot: Snapshot, config: Config) -> _Run:
             continue
         plan = build_plan(part, config)
         run.plans[cluster] = plan
-        run.documents[cluster] = {**plan_document(plan, config), "cluster": cluster}
+        run.documents[cluster] = plan_document(plan, config)
         capacities, maintenance = node_facts(part, config, cluster)
         run.capacities.update(capacities)
         run.maintenance.update(maintenance)

@@ -35,6 +35,7 @@ def plan_document(
         "generator": f"vmbalance {__version__}",
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "taken_at": plan.taken_at.isoformat(timespec="seconds") if plan.taken_at else None,
+        "cluster": plan.cluster or None,
         "window": plan.window,
         "estimator": plan.estimator,
         "method": plan.method,

@@ -408,18 +408,14 @@ class ReportQueries:
         return cls(ranges=ranges, instants=instants, shift=shift)
 
     def for_cluster(self, cluster: str | None) -> ReportQueries:
-        """The same queries reading only `cluster`'s series (all of them for None); the
-        executed-migration counts stay fleet-wide (vmbalance's own metrics carry no cluster)."""
+        """The same queries reading only `cluster`'s series (all of them for None), the
+        executed migrations too (their metrics carry the executed plan's cluster)."""
         if cluster is None:
             return self
-        fleet_wide = set(executed_queries(0.0))
         return replace(
             self,
             ranges={n: in_cluster(q, cluster) for n, q in self.ranges.items()},
-            instants={
-                n: q if n in fleet_wide else in_cluster(q, cluster)
-                for n, q in self.instants.items()
-            },
+            instants={n: in_cluster(q, cluster) for n, q in self.instants.items()},
         )
 
     def __len__(self) -> int:
