@@ -209,7 +209,7 @@ class SearchContext:
             mask &= self.target_pool(view, movers, mask)
         rows, targets = np.nonzero(mask)
         overall, smooth, distance = self.scorer.evaluate(
-            view, movers.load[rows], movers.source[rows], targets, self.limits.refine
+            view, movers.load, movers.source, targets, self.limits.refine, rows=rows
         )
         chosen = units[rows]
         copy = self.problem.units.copy_bytes[chosen]
