@@ -153,10 +153,18 @@ class Scorer:
             rows = np.arange(len(target))
         movers = self._movers(view, load, source)
         out = np.empty((3, len(target)))
-        step = max(1, BLOCK // max(1, len(self.resources)))
-        for lo in range(0, len(target), step):
-            block = slice(lo, min(len(target), lo + step))
-            out[:, block] = self._pairs(view, movers, rows[block], target[block])
+        n_movers, cells = len(load), max(1, len(self.resources) * len(self.active))
+        if len(target) * 2 >= n_movers * len(self.active) and bool(np.all(rows[1:] >= rows[:-1])):
+            # Most (mover, node) pairs are asked for: score them all on the grid and pick.
+            step = max(1, BLOCK // cells)
+            for lo in range(0, n_movers, step):
+                a, b = np.searchsorted(rows, [lo, lo + step])
+                out[:, a:b] = self._grid(view, movers, lo, rows[a:b], target[a:b], step)
+        else:
+            step = max(1, BLOCK // max(1, len(self.resources)))
+            for lo in range(0, len(target), step):
+                block = slice(lo, min(len(target), lo + step))
+                out[:, block] = self._pairs(view, movers, rows[block], target[block])
         if len(self.active) <= self.EXACT_DISTANCE_NODES and len(target):
             pick = np.arange(len(target))
             if refine is not None and refine < len(target):
@@ -265,6 +273,68 @@ class Scorer:
         scale = 1.0 / self.weight_sum
         return overall * scale, smooth * scale, distance * scale
 
+    def _grid(
+        self, view: View, movers: _Movers, lo: int, rows: np.ndarray, target: np.ndarray, step: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The moves of movers lo .. lo + step - 1 (`rows`, sorted) scored on the grid of
+        those movers and every active node, into two reused buffers; the same numbers as
+        `_pairs`."""
+        w = self.weights
+        part = slice(lo, lo + step)
+        moved = movers.moved[part]
+        shape = (len(moved), len(self.active), len(w))
+        new = np.empty(shape)
+        work = np.empty(shape)
+        np.multiply(moved[:, None, :], self.inv_capacity[None, :, :], out=new)
+        np.add(view.util[None, :, :], new, out=new)
+        if movers.nonnegative:
+            rest = movers.rest[part][:, None, :]
+        else:
+            i1, i2 = view.top_index[0], view.top_index[1]
+            v1, v2, v3 = view.top_value[0], view.top_value[1], view.top_value[2]
+            ps_ = movers.ps[part][:, None, None]
+            pt_ = np.arange(len(self.active))[None, :, None]
+            rest = np.where(
+                (i1 != ps_) & (i1 != pt_), v1, np.where((i2 != ps_) & (i2 != pt_), v2, v3)
+            )
+        if movers.shared is None:
+            mean, line = movers.mean[part][:, None, :], movers.line[part][:, None, :]
+        else:
+            mean, line = movers.mean[:1][:, None, :], movers.line[:1][:, None, :]
+        np.maximum(rest, new, out=work)
+        np.maximum(work, movers.us_new[part][:, None, :], out=work)
+        np.subtract(work, mean, out=work)
+        np.maximum(work, 0.0, out=work)
+        overall = _weighted(work, w)
+        np.subtract(new, mean, out=work)
+        np.maximum(work, 0.0, out=work)
+        np.multiply(work, work, out=work)
+        smooth_new = _weighted(work, w)
+        np.subtract(new, line, out=work)
+        np.maximum(work, 0.0, out=work)
+        distance_new = _weighted(work, w)
+        pt = self.position[target]
+        local = rows - lo
+        if movers.shared is None:
+            np.subtract(view.util[None, :, :], mean, out=work)
+            np.maximum(work, 0.0, out=work)
+            np.multiply(work, work, out=work)
+            smooth_old = _weighted(work, w)[local, pt]
+            np.subtract(view.util[None, :, :], line, out=work)
+            np.maximum(work, 0.0, out=work)
+            distance_old = _weighted(work, w)[local, pt]
+        else:
+            smooth_old = movers.shared[0][pt]
+            distance_old = movers.shared[1][pt]
+        smooth = movers.smooth_base[rows]
+        smooth += smooth_new[local, pt] - smooth_old
+        smooth += movers.smooth_source[rows]
+        distance = movers.distance_base[rows]
+        distance += distance_new[local, pt] - distance_old
+        distance += movers.distance_source[rows]
+        scale = 1.0 / self.weight_sum
+        return overall[local, pt] * scale, smooth * scale, distance * scale
+
     def _exact_distance(
         self, view: View, movers: _Movers, rows: np.ndarray, target: np.ndarray
     ) -> np.ndarray:
@@ -306,6 +376,12 @@ def _above(x: np.ndarray, line: np.ndarray, w: np.ndarray, power: int) -> np.nda
     e = np.maximum(x - line, 0.0)
     excess: np.ndarray = (e * e if power == 2 else e) @ w
     return excess
+
+
+def _weighted(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x (M, Na, Rw) @ w as (M, Na), summed as the rows of a matrix (as `_above` sums)."""
+    out: np.ndarray = (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1])
+    return out
 
 
 def _first_by(primary: np.ndarray, secondary: np.ndarray, count: int) -> np.ndarray:
