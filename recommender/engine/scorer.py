@@ -25,6 +25,8 @@ from recommender.engine.problem import Problem
 
 # Largest (pairs x resources) block evaluated at once.
 BLOCK = 1_500_000
+# Movers x nodes x resources per block of the grid: two buffers of it stay in the cache.
+GRID_BLOCK = 32_768
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ class Scorer:
         n_movers, cells = len(load), max(1, len(self.resources) * len(self.active))
         if len(target) * 2 >= n_movers * len(self.active) and bool(np.all(rows[1:] >= rows[:-1])):
             # Most (mover, node) pairs are asked for: score them all on the grid and pick.
-            step = max(1, BLOCK // cells)
+            step = max(1, GRID_BLOCK // cells)
             for lo in range(0, n_movers, step):
                 a, b = np.searchsorted(rows, [lo, lo + step])
                 out[:, a:b] = self._grid(view, movers, lo, rows[a:b], target[a:b], step)
