@@ -289,42 +289,20 @@ class Scorer:
         work = np.empty(shape)
         np.multiply(moved[:, None, :], self.inv_capacity[None, :, :], out=new)
         np.add(view.util[None, :, :], new, out=new)
-        if movers.nonnegative:
-            rest = movers.rest[part][:, None, :]
-        else:
-            i1, i2 = view.top_index[0], view.top_index[1]
-            v1, v2, v3 = view.top_value[0], view.top_value[1], view.top_value[2]
-            ps_ = movers.ps[part][:, None, None]
-            pt_ = np.arange(len(self.active))[None, :, None]
-            rest = np.where(
-                (i1 != ps_) & (i1 != pt_), v1, np.where((i2 != ps_) & (i2 != pt_), v2, v3)
-            )
         if movers.shared is None:
             mean, line = movers.mean[part][:, None, :], movers.line[part][:, None, :]
         else:
             mean, line = movers.mean[:1][:, None, :], movers.line[:1][:, None, :]
-        np.maximum(rest, new, out=work)
+        np.maximum(self._grid_rest(view, movers, part), new, out=work)
         np.maximum(work, movers.us_new[part][:, None, :], out=work)
-        np.subtract(work, mean, out=work)
-        np.maximum(work, 0.0, out=work)
-        overall = _weighted(work, w)
-        np.subtract(new, mean, out=work)
-        np.maximum(work, 0.0, out=work)
-        np.multiply(work, work, out=work)
-        smooth_new = _weighted(work, w)
-        np.subtract(new, line, out=work)
-        np.maximum(work, 0.0, out=work)
-        distance_new = _weighted(work, w)
+        overall = _excess_into(work, mean, w, 1, work)
+        smooth_new = _excess_into(new, mean, w, 2, work)
+        distance_new = _excess_into(new, line, w, 1, work)
         pt = self.position[target]
         local = rows - lo
         if movers.shared is None:
-            np.subtract(view.util[None, :, :], mean, out=work)
-            np.maximum(work, 0.0, out=work)
-            np.multiply(work, work, out=work)
-            smooth_old = _weighted(work, w)[local, pt]
-            np.subtract(view.util[None, :, :], line, out=work)
-            np.maximum(work, 0.0, out=work)
-            distance_old = _weighted(work, w)[local, pt]
+            smooth_old = _excess_into(view.util[None, :, :], mean, w, 2, work)[local, pt]
+            distance_old = _excess_into(view.util[None, :, :], line, w, 1, work)[local, pt]
         else:
             smooth_old = movers.shared[0][pt]
             distance_old = movers.shared[1][pt]
@@ -336,6 +314,19 @@ class Scorer:
         distance += movers.distance_source[rows]
         scale = 1.0 / self.weight_sum
         return overall[local, pt] * scale, smooth * scale, distance * scale
+
+    def _grid_rest(self, view: View, movers: _Movers, part: slice) -> np.ndarray:
+        """(M, 1 or Na, Rw) the highest utilisation besides the source (and the target,
+        where the load moved may be negative; see `_movers`)."""
+        if movers.nonnegative:
+            rest: np.ndarray = movers.rest[part][:, None, :]
+            return rest
+        i1, i2 = view.top_index[0], view.top_index[1]
+        v1, v2, v3 = view.top_value[0], view.top_value[1], view.top_value[2]
+        ps_ = movers.ps[part][:, None, None]
+        pt_ = np.arange(len(self.active))[None, :, None]
+        rest = np.where((i1 != ps_) & (i1 != pt_), v1, np.where((i2 != ps_) & (i2 != pt_), v2, v3))
+        return rest
 
     def _exact_distance(
         self, view: View, movers: _Movers, rows: np.ndarray, target: np.ndarray
@@ -384,6 +375,17 @@ def _weighted(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x (M, Na, Rw) @ w as (M, Na), summed as the rows of a matrix (as `_above` sums)."""
     out: np.ndarray = (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1])
     return out
+
+
+def _excess_into(
+    x: np.ndarray, line: np.ndarray, w: np.ndarray, power: int, work: np.ndarray
+) -> np.ndarray:
+    """`_above` of the grid `x` (M, Na, Rw) over `line`, computed in the buffer `work`."""
+    np.subtract(x, line, out=work)
+    np.maximum(work, 0.0, out=work)
+    if power == 2:
+        np.multiply(work, work, out=work)
+    return _weighted(work, w)
 
 
 def _first_by(primary: np.ndarray, secondary: np.ndarray, count: int) -> np.ndarray:
