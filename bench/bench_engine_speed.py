@@ -178,7 +178,7 @@ def _fleet_section(clusters: int, runs: int, baseline: Path | None) -> list[str]
         "VMs (`devkit.simulate` seeds 1000 on, as in bench/bench_fleet_scale.py; the snapshot "
         "a perfect source would build), default settings, planned one after another by "
         "`plan_moves` in one fresh process per run, as `vmbalance serve` plans a fleet (the "
-        f"snapshot is not timed); median of {runs} runs"
+        f"snapshot is not timed); {runs} run(s), the median where more"
     )
     if ratio:
         same = all(r.plans() == found["after"][0].plans() for n in names for r in found[n])
@@ -236,11 +236,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--fleet", type=int, default=50, help="clusters of 32 x 40 (0: none)")
+    parser.add_argument("--fleet-runs", type=int, help="runs of the fleet (default: --runs)")
     parser.add_argument("--baseline-tree", type=Path, help="checkout of the version before")
     parser.add_argument("--no-docs", action="store_true", help="print only")
     args = parser.parse_args()
-    if args.fleet < 0 or args.runs < 1:
-        parser.error("--fleet must be at least 0 and --runs at least 1")
+    fleet_runs = args.runs if args.fleet_runs is None else args.fleet_runs
+    if args.fleet < 0 or args.runs < 1 or fleet_runs < 1:
+        parser.error("--fleet must be at least 0, --runs and --fleet-runs at least 1")
     if args.baseline_tree is not None and not (args.baseline_tree / "recommender").is_dir():
         parser.error(f"--baseline-tree {args.baseline_tree}: no recommender package there")
     rows, stress = [], []
@@ -295,16 +297,17 @@ def main() -> None:
         "search does without that threshold.",
     ]
     if args.fleet:
-        lines += ["", *_fleet_section(args.fleet, args.runs, args.baseline_tree)]
+        lines += ["", *_fleet_section(args.fleet, fleet_runs, args.baseline_tree)]
     load = os.getloadavg()
     command = f"--runs {args.runs}" + (f" --fleet {args.fleet}" if args.fleet != 50 else "")
+    command += f" --fleet-runs {fleet_runs}" if fleet_runs != args.runs else ""
     command += " --baseline-tree DIR" if args.baseline_tree is not None else ""
     lines += [
         "",
         f"Run: `.venv/bin/python bench/bench_engine_speed.py {command}` on "
         f"{date.today().isoformat()}, {platform.machine()}, 2 cores (shared with other "
         f"work; load average {load[0]:.1f} at the end), Python {platform.python_version()}; "
-        f"median of {args.runs} runs.",
+        f"median of {args.runs} runs ({fleet_runs} of the fleet).",
     ]
     body = "\n".join(lines)
     print(body)
