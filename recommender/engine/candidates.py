@@ -197,8 +197,17 @@ class SearchContext:
             chosen = np.sort(chosen[keep])
         return chosen
 
-    def moves(self, state: State, view: View, room: int, moved: Iterable[int] = ()) -> Moves:
-        """Every allowed single move of the source units, scored."""
+    def moves(
+        self,
+        state: State,
+        view: View,
+        room: int,
+        moved: Iterable[int] = (),
+        only: np.ndarray | None = None,
+    ) -> Moves:
+        """Every allowed single move of the source units, scored. With `only` (U,) bool, just
+        the moves of those units, chosen as without it (their distances are refined among
+        themselves, so only their imbalance and smooth objective are the same numbers)."""
         units = self.source_units(state, view, room, moved)
         if len(units) == 0:
             return Moves.empty()
@@ -207,9 +216,11 @@ class SearchContext:
         mask &= self.problem.receivable[None, :]
         if mask.sum() > self.limits.max_pairs:
             mask &= self.target_pool(view, movers, mask)
+        if only is not None:
+            mask &= only[units][:, None]
         rows, targets = np.nonzero(mask)
         overall, smooth, distance = self.scorer.evaluate(
-            view, movers.load[rows], movers.source[rows], targets, self.limits.refine
+            view, movers.load, movers.source, targets, self.limits.refine, rows=rows
         )
         chosen = units[rows]
         copy = self.problem.units.copy_bytes[chosen]

@@ -136,7 +136,7 @@ def blocked_moves(ctx: SearchContext, plan: Candidate, held_units: np.ndarray) -
     rows, targets = np.nonzero(reachable)
     if len(rows) == 0:
         return []
-    overall, _, _ = ctx.scorer.evaluate(view, movers.load[rows], movers.source[rows], targets)
+    overall, _, _ = ctx.scorer.evaluate(view, movers.load, movers.source, targets, rows=rows)
     gain = view.overall - overall
     threshold = hysteresis.gain_threshold(problem.units.copy_bytes[units[rows]], problem.balance)
     blocked = {c.name: ~c.allowed_targets(state, movers)[rows, targets] for c in ctx.constraints}

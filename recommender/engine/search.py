@@ -125,8 +125,11 @@ def _cheaper_swap(
     if base is None:
         return None
     room = int(ctx.problem.units.size[old.unit])
-    found = ctx.moves(base.state, base.view, room, [m.unit for m in rest])
-    cheaper = found.copy < copies[old.unit] * (1 - 1e-9)
+    # Only the imbalance, smooth objective and memory of a move choose here, not its
+    # distance: the units copying no less need not be scored.
+    limit = copies[old.unit] * (1 - 1e-9)
+    found = ctx.moves(base.state, base.view, room, [m.unit for m in rest], copies < limit)
+    cheaper = found.copy < limit
     better = np.flatnonzero(reaches(found.overall, goal) & cheaper)
     if len(better) == 0:
         return None
