@@ -4,6 +4,7 @@ migrations (checked by enumerating every end placement on small clusters), the p
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from devkit.instances import Shape, random_cluster
 from recommender.config import Config
 from recommender.engine.build import build_problem
+from recommender.engine.exact import LinearModel
 from recommender.engine.exact import available as exact_available
 from recommender.engine.measure import EPSILON
 from recommender.engine.planner import plan_moves
@@ -19,7 +21,7 @@ from recommender.engine.rules import RuleSettings
 from recommender.engine.rules.base import GroupRule
 from recommender.model import Snapshot
 from tests.engine_brute import placements
-from tests.test_engine import config, hot_nic_cluster
+from tests.test_engine import NIC, config, hot_nic_cluster, node, snapshot, vm
 
 pytestmark = pytest.mark.skipif(not exact_available(), reason="needs highspy")
 
@@ -116,3 +118,27 @@ def test_the_knee_is_the_last_point_whose_gain_pays_for_the_copy() -> None:
     values = {0: overall} | {p.migrations: p.imbalance for p in dear.points}
     assert values[dear.knee - 1] - values[dear.knee] >= 0.05
     assert all(values[k - 1] - values[k] < 0.05 for k in values if k > dear.knee)
+
+
+def test_the_frontier_stops_asking_the_program_once_the_cluster_is_balanced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two like VMs on one of two like nodes: one migration balances every resource.
+    twins = {name: vm("pve1", net=0.3 * NIC, disk=0.3 * NIC, mem_gib=8) for name in ("a", "b")}
+    snap = snapshot({"pve1": node(), "pve2": node()}, twins)
+    asked: list[int] = []
+    real = LinearModel.lowest
+
+    def counted(self: LinearModel, weights: np.ndarray, migrations: int, **kw: Any) -> Any:
+        asked.append(migrations)
+        return real(self, weights, migrations, **kw)
+
+    monkeypatch.setattr(LinearModel, "lowest", counted)
+    result = plan_moves(snap, config())
+    frontier = result.frontier
+    assert frontier is not None
+    ks = [p.migrations for p in frontier.points]
+    assert len(ks) > 1 and ks == list(range(1, len(ks) + 1))
+    assert all(p.exact and p.imbalance <= EPSILON for p in frontier.points)
+    assert all(len(p.moves) == 1 for p in frontier.points)
+    assert asked == [1]

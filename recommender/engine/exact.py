@@ -194,15 +194,21 @@ class LinearModel:
 
     # -- the program -------------------------------------------------------------------------
 
-    def lowest(self, weights: np.ndarray, migrations: int, *, max_nodes: int) -> ExactResult:
+    def lowest(
+        self, weights: np.ndarray, migrations: int, *, max_nodes: int, restart: bool = True
+    ) -> ExactResult:
         """The lowest imbalance with at most `migrations` VM migrations (and the rule's
-        budget), its plan and the proven lower bound; `max_nodes` limits the branching."""
+        budget), its plan and the proven lower bound; `max_nodes` limits the branching.
+        Without `restart`, HiGHS keeps its first root (no second presolve and root after
+        fixing columns at the root), which on these programs costs more than it saves."""
         if highspy is None:
             return ExactResult("unavailable", (), False, 0, 0.0)
         kept = self.budget
         self.budget = migrations if kept is None else min(kept, migrations)
         try:
-            return self._run(0.0, weights, objective="imbalance", max_nodes=max_nodes)
+            return self._run(
+                0.0, weights, objective="imbalance", max_nodes=max_nodes, restart=restart
+            )
         finally:
             self.budget = kept
 
@@ -230,6 +236,7 @@ class LinearModel:
         objective: Objective,
         imbalance_cap: float | None = None,
         max_nodes: int = 0,
+        restart: bool = True,
     ) -> ExactResult:
         cols = self._columns(weights)
         rows = _Rows()
@@ -246,6 +253,8 @@ class LinearModel:
         highs = _solver()
         if max_nodes:
             highs.setOptionValue("mip_max_nodes", max_nodes)
+        if not restart:
+            highs.setOptionValue("mip_allow_restart", False)
         self._add_columns(highs, cols, objective)
         rows.flush(highs)
         if self.incumbent is not None:

@@ -31,8 +31,9 @@ from recommender.engine.result import Frontier, FrontierPoint
 
 # Most points of the frontier (k = 1 ... this, or the rule's migration budget if lower).
 FRONTIER_POINTS = 20
-# Branch-and-bound nodes per point of the exact frontier.
-FRONTIER_MAX_NODES = 40
+# Branch-and-bound nodes per point of the exact frontier (without HiGHS's root restart, whose
+# second root cost more than these nodes).
+FRONTIER_MAX_NODES = 80
 
 
 def frontier_size(budget: int) -> int:
@@ -53,11 +54,20 @@ def exact_frontier(
         before = points[-1] if points else None
         if before is not None:
             model.suggest(_hint(ctx, start, before.moves))
-        found = model.lowest(weights, k, max_nodes=FRONTIER_MAX_NODES)
+        found = model.lowest(weights, k, max_nodes=FRONTIER_MAX_NODES, restart=False)
         point = _point(ctx, start, k, found, before)
         if point is None:
             continue
         points.append(point)
+        if point.imbalance <= EPSILON:
+            # No plan does better than a balanced cluster: every later point is this one.
+            points.extend(
+                FrontierPoint(
+                    m, point.imbalance, point.imbalance, point.memory_bytes, True, point.moves
+                )
+                for m in range(k + 1, size + 1)
+            )
+            break
     return _finish(ctx.problem, points, start_overall)
 
 
