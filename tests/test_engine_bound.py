@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devkit.instances import Shape, random_cluster
-from recommender.engine.bound import lower_bound
+from recommender.engine.bound import lower_bound, per_resource_bounds
 from recommender.engine.build import build_problem
+from recommender.engine.exact import available as exact_available
 from recommender.engine.measure import cluster_mean
 from recommender.engine.problem import SPLIT, Problem, State
 from recommender.engine.rules import RuleSettings
@@ -129,3 +130,22 @@ def test_a_whale_is_hot_wherever_it_goes() -> None:
     movable = np.ones(len(problem.units), dtype=bool)
     assert lower_bound(problem, state, movable, 5) == pytest.approx(0.9 - 1 / 3, abs=1e-9)
     assert per_node_shedding(problem, state, movable, 5) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.skipif(not exact_available(), reason="needs highspy")
+def test_one_budget_serves_every_resource() -> None:
+    """pve1 carries four VMs of a fifth of a NIC in network and four of a fifth in disk:
+    two migrations relieve the two resources by two fifths together, not each."""
+    vms = {f"10{i}": vm("pve1", net=0.2 * NIC) for i in range(4)}
+    vms |= {f"20{i}": vm("pve1", disk=0.2 * NIC) for i in range(4)}
+    nodes = {"pve1": node(), "pve2": node(), "pve3": node()}
+    weights = {"network": 1.0, "disk_bytes": 1.0}
+    problem = build_problem(snapshot(nodes, vms), config(weights=weights))
+    state = State.initial(problem)
+    movable = np.ones(len(problem.units), dtype=bool)
+    apart = per_resource_bounds(problem, state, movable, 2)
+    resources = np.flatnonzero(problem.weights > 0)
+    assert float(apart @ problem.weights[resources]) / 2 == pytest.approx(0.4 - 0.8 / 3)
+    truth = lowest(problem, state, movable, 2)
+    assert truth == pytest.approx(0.6 - 0.8 / 3)
+    assert lower_bound(problem, state, movable, 2) == pytest.approx(truth, abs=1e-6)

@@ -26,12 +26,20 @@ that node's immovable load, so M[r] >= min_n (fixed[n,r] + load[u,r]) / C[n,r] f
 unit u (a whale stays a whale wherever it goes); and M[r] >= U[r]. The imbalance of r is
 then at least max(T[r], floors) - U[r] (and 0), and the overall imbalance, a weighted sum of
 the per-resource imbalances, at least the same weighted sum of these bounds.
+
+That sum gives every resource all k migrations, where one plan's k moves must serve them
+all. Where HiGHS is installed, a linear program shares them: piece i leaves a fraction x_i
+in [0, 1] with sum x <= k, M[r] >= (L[n,r] - sum_(i on n) x_i l[i,r]) / C[n,r] for every
+node, M[r] - U[r] at least the bound above; minimise sum_r w[r] M[r]. A plan's leaving units
+give a 0/1 x meeting every row (by the argument above), so the program's optimum, less the
+solver's tolerance, is a lower bound too, and never below the sum above.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from recommender.engine import exact
 from recommender.engine.measure import cluster_mean
 from recommender.engine.problem import SPLIT, Problem, State
 
@@ -43,7 +51,57 @@ def lower_bound(problem: Problem, state: State, movable: np.ndarray, k: int) -> 
     resources = np.flatnonzero(problem.weights > 0)
     per = per_resource_bounds(problem, state, movable, k)
     w = problem.weights[resources]
-    return float(per @ w / problem.weights.sum()) if len(resources) else 0.0
+    if not len(resources):
+        return 0.0
+    apart = float(per @ w / problem.weights.sum())
+    return max(apart, _shared(problem, state, movable, k, per))
+
+
+def _shared(problem: Problem, state: State, movable: np.ndarray, k: int, per: np.ndarray) -> float:
+    """The linear relaxation with one budget for every resource: piece i leaves its node a
+    fraction x_i in [0, 1], sum x <= k, and M[r] >= u[n,r] - sum_(i on n) x_i l[i,r] / C[n,r]
+    for every node; M[r] - U[r] is at least `per` (the bounds apart). Every plan gives a
+    0/1 x (its leaving units' pieces), so the optimum bounds the plan's imbalance."""
+    if not exact.available() or k <= 0 or not per.any():
+        return 0.0
+    active = problem.active
+    if (state.vm_node >= 0)[~active[np.maximum(state.vm_node, 0)]].any():
+        return 0.0
+    resources = np.flatnonzero(problem.weights > 0)
+    positions = np.flatnonzero(active)
+    load = state.node_load[np.ix_(positions, resources)]
+    capacity = problem.capacity[np.ix_(positions, resources)]
+    mean = cluster_mean(load, capacity)
+    piece_node, piece_load, _, _ = _pieces(problem, state, movable, k)
+    where = np.full(problem.n_nodes, -1, dtype=np.int64)
+    where[positions] = np.arange(len(positions))
+    pos = where[piece_node]
+    n_pieces, n_res = len(pos), len(resources)
+    highs = exact.lp_solver()
+    w = problem.weights[resources]
+    lower = np.concatenate([np.zeros(n_pieces), mean + per])
+    upper = np.concatenate([np.ones(n_pieces), np.full(n_res, np.inf)])
+    highs.addVars(n_pieces + n_res, lower, upper)
+    cols = np.arange(n_pieces + n_res, dtype=np.int32)
+    highs.changeColsCost(len(cols), cols, np.concatenate([np.zeros(n_pieces), w]))
+    rows = exact.Rows()
+    rows.add(np.arange(n_pieces), np.ones(n_pieces), -np.inf, float(k))
+    for n in range(len(positions)):
+        own = np.flatnonzero(pos == n)
+        for j in range(n_res):
+            c = capacity[n, j]
+            if c <= 0:
+                continue
+            index = np.concatenate([[n_pieces + j], own])
+            value = np.concatenate([[1.0], piece_load[own, resources[j]] / c])
+            rows.add(index, value, load[n, j] / c, np.inf)
+    rows.flush(highs)
+    highs.run()
+    if highs.getModelStatus() != exact.optimal_status():
+        return 0.0
+    found = float(highs.getInfo().objective_function_value) - float(w @ mean)
+    # Less the solver's tolerances, so that a rounding never lifts the bound over the truth.
+    return max(found - 1e-7 * float(w.sum()), 0.0) / float(problem.weights.sum())
 
 
 def per_resource_bounds(problem: Problem, state: State, movable: np.ndarray, k: int) -> np.ndarray:
