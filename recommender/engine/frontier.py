@@ -24,7 +24,7 @@ import numpy as np
 
 from recommender.engine import hysteresis
 from recommender.engine.bound import lower_bound
-from recommender.engine.candidates import Candidate, SearchContext
+from recommender.engine.candidates import Candidate, Moves, SearchContext
 from recommender.engine.exact import ExactResult, Hint, LinearModel
 from recommender.engine.measure import EPSILON
 from recommender.engine.problem import Problem, State, UnitMove
@@ -118,7 +118,7 @@ def search_frontier(
         for parent in level:
             room = size - (parent.state.migrations - base)
             found = aim.moves(parent.state, parent.view, room, [m.unit for m in parent.moves])
-            for i in aim.best_moves(found, ctx.limits.branch):
+            for i in _picked(aim, found):
                 children.append(aim.apply(parent, int(found.unit[i]), int(found.target[i])))
         if not children:
             break
@@ -141,6 +141,17 @@ def search_frontier(
         exact = bound >= top.overall - EPSILON
         points.append(FrontierPoint(k, top.overall, bound, top.memory, exact, top.moves))
     return _finish(ctx.problem, points, start_overall)
+
+
+def _picked(aim: SearchContext, found: Moves) -> np.ndarray:
+    """The guide's best moves, and the move lowest in imbalance itself: the guide (distance
+    to zero) may rank it low, and a frontier point is the imbalance at its k."""
+    picked = aim.best_moves(found, aim.limits.branch)
+    if len(found):
+        lowest = int(np.lexsort((found.copy, np.round(found.overall, 9)))[0])
+        if lowest not in picked:
+            picked = np.append(picked, lowest)
+    return picked
 
 
 def _finish(problem: Problem, points: list[FrontierPoint], start_overall: float | None) -> Frontier:
