@@ -10,15 +10,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from devkit.instances import Shape, random_cluster
+from devkit.instances import HeavyShape, Shape, heavy_tailed_cluster, random_cluster
 from recommender.engine.bound import lower_bound, per_resource_bounds
 from recommender.engine.build import build_problem
 from recommender.engine.exact import available as exact_available
 from recommender.engine.measure import cluster_mean
+from recommender.engine.planner import balance_movable, plan_moves
 from recommender.engine.problem import SPLIT, Problem, State
-from recommender.engine.rules import RuleSettings
+from recommender.engine.rules import RuleSettings, prepare_constraints, violations
 from recommender.engine.rules.base import GroupRule
+from recommender.engine.scorer import Scorer
 from tests.test_engine import NIC, config, node, snapshot, vm
+
+LARGE = HeavyShape(base=Shape(nodes=(20, 40), vms=(500, 2000), skew=0.8))
 
 
 def per_node_shedding(problem: Problem, state: State, movable: np.ndarray, k: int) -> float:
@@ -149,3 +153,37 @@ def test_one_budget_serves_every_resource() -> None:
     truth = lowest(problem, state, movable, 2)
     assert truth == pytest.approx(0.6 - 0.8 / 3)
     assert lower_bound(problem, state, movable, 2) == pytest.approx(truth, abs=1e-6)
+
+
+@pytest.mark.skipif(not exact_available(), reason="needs highspy")
+def test_the_large_frontier_has_the_best_single_move() -> None:
+    """On a large heavy-tailed cluster, the point one migration past the forced moves is no
+    worse than the best single move that keeps every rule (found by scoring them all)."""
+    inst = heavy_tailed_cluster(10_001, LARGE)
+    result = plan_moves(inst.snapshot, inst.config)
+    assert result.frontier is not None
+    problem = result.problem
+    first = result.frontier.points[0]
+    start = State.initial(problem)
+    for move in first.moves:
+        start.move_unit(problem, move.unit, move.target)
+    nxt = result.frontier.at(first.migrations + 1)
+    assert nxt is not None
+    constraints = prepare_constraints(problem)
+    movable = balance_movable(problem, constraints)
+    movable[[m.unit for m in first.moves]] = False
+    scorer = Scorer(problem)
+    units = np.flatnonzero(movable & (start.unit_node >= 0) & (problem.units.size == 1))
+    unit = np.repeat(units, len(scorer.active))
+    target = np.tile(scorer.active, len(units))
+    keep = start.unit_node[unit] != target
+    unit, target = unit[keep], target[keep]
+    view = scorer.view(start.node_load, 0.0)
+    overall, _, _ = scorer.evaluate(view, problem.units.load[unit], start.unit_node[unit], target)
+    for i in np.argsort(overall, kind="stable"):
+        end = start.copy()
+        end.move_unit(problem, int(unit[i]), int(target[i]))
+        if not violations(constraints, end, final=True):
+            assert nxt.imbalance <= float(overall[i]) + 1e-9
+            return
+    raise AssertionError("no single move keeps every rule")
