@@ -239,7 +239,7 @@ class LinearModel:
         restart: bool = True,
     ) -> ExactResult:
         cols = self._columns(weights)
-        rows = _Rows()
+        rows = Rows()
         self._assignment_rows(cols, rows)
         self._rule_rows(cols, rows)
         if self.budget is not None:
@@ -281,13 +281,13 @@ class LinearModel:
             float(weights.sum()),
         )
 
-    def _assignment_rows(self, cols: _Columns, rows: _Rows) -> None:
+    def _assignment_rows(self, cols: _Columns, rows: Rows) -> None:
         """Each unit ends on exactly one node."""
         for owner in range(len(self.units)):
             index = np.flatnonzero(cols.mover == owner)
             rows.add(index, np.ones(len(index)), 1.0, 1.0)
 
-    def _rule_rows(self, cols: _Columns, rows: _Rows) -> None:
+    def _rule_rows(self, cols: _Columns, rows: Rows) -> None:
         for values, upper, column in self.node_rows:
             for n, index in enumerate(cols.by_node):
                 if len(index) == 0:
@@ -297,7 +297,7 @@ class LinearModel:
                 if np.any(coef != 0):
                     rows.add(index, coef, -np.inf, bound)
 
-    def _balance_rows(self, cols: _Columns, rows: _Rows) -> None:
+    def _balance_rows(self, cols: _Columns, rows: Rows) -> None:
         """Utilisation of every active node under mean + z; the mean is that of the end
         state, which every plan of these units shares."""
         active = np.flatnonzero(self.problem.active)
@@ -394,7 +394,21 @@ def _solver() -> Any:
     return highs
 
 
-class _Rows:
+def lp_solver() -> Any:
+    """A quiet, single-threaded, deterministic HiGHS for a linear program."""
+    highs = _highs().Highs()
+    highs.setOptionValue("output_flag", False)
+    highs.setOptionValue("random_seed", 0)
+    highs.setOptionValue("threads", 1)
+    highs.setOptionValue("time_limit", TIME_LIMIT)
+    return highs
+
+
+def optimal_status() -> Any:
+    return _highs().HighsModelStatus.kOptimal
+
+
+class Rows:
     def __init__(self) -> None:
         self.index: list[np.ndarray] = []
         self.value: list[np.ndarray] = []

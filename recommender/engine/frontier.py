@@ -9,9 +9,9 @@ rule (and repairs those broken at the start), with a proven lower bound:
   `recommender.engine.joint`) minimises the imbalance under a budget of k, once per k; its
   answer is exact where HiGHS proves it within the node limit, and its dual bound otherwise.
 * On large clusters a beam search aimed at zero imbalance gives the best plan found per
-  number of migrations, and the bound is what k moves could at most shed from each node:
-  no plan of k migrations takes more than the k largest loads off a node, so the hottest
-  node stays at least that hot.
+  number of migrations, and the bound is `recommender.engine.bound`: a migration takes one
+  VM off one node, so k migrations in all can bring every node under a utilisation t only
+  if the fewest VMs each node must shed to get there sum to at most k.
 
 The knee is the last k whose marginal gain over the point before still pays for the memory a
 migration of that plan copies (`recommender.engine.hysteresis.gain_threshold`). Every limit
@@ -23,9 +23,10 @@ from __future__ import annotations
 import numpy as np
 
 from recommender.engine import hysteresis
-from recommender.engine.candidates import Candidate, SearchContext
+from recommender.engine.bound import lower_bound
+from recommender.engine.candidates import Candidate, Moves, SearchContext
 from recommender.engine.exact import ExactResult, Hint, LinearModel
-from recommender.engine.measure import EPSILON, cluster_mean
+from recommender.engine.measure import EPSILON
 from recommender.engine.problem import Problem, State, UnitMove
 from recommender.engine.result import Frontier, FrontierPoint
 
@@ -116,7 +117,8 @@ def search_frontier(
     start_overall: float | None,
 ) -> Frontier:
     """The frontier by a beam search aimed at zero imbalance from `start` (the state after
-    forced moves), with the shedding bound; `plan` (the chosen plan) is a point too."""
+    forced moves), with the shedding bound over the migrations after them; `plan` (the chosen
+    plan) is a point too."""
     aim = ctx.aiming_at(0.0)
     base = start.state.migrations
     best: dict[int, Candidate] = {base: start} if base else {}
@@ -126,7 +128,7 @@ def search_frontier(
         for parent in level:
             room = size - (parent.state.migrations - base)
             found = aim.moves(parent.state, parent.view, room, [m.unit for m in parent.moves])
-            for i in aim.best_moves(found, ctx.limits.branch):
+            for i in _picked(aim, found):
                 children.append(aim.apply(parent, int(found.unit[i]), int(found.target[i])))
         if not children:
             break
@@ -145,38 +147,21 @@ def search_frontier(
         if not known:
             continue
         top = min(known, key=lambda c: (round(c.overall, 9), c.memory))
-        bound = min(shed_bound(ctx.problem, start.state, ctx.movable, k), top.overall)
+        bound = min(lower_bound(ctx.problem, start.state, ctx.movable, k - base), top.overall)
         exact = bound >= top.overall - EPSILON
         points.append(FrontierPoint(k, top.overall, bound, top.memory, exact, top.moves))
     return _finish(ctx.problem, points, start_overall)
 
 
-def shed_bound(problem: Problem, state: State, movable: np.ndarray, k: int) -> float:
-    """A lower bound of the overall imbalance after at most k migrations from `state`: each
-    active node keeps at least its load minus its k largest movable unit loads, against the
-    end mean (0 where VMs off the active nodes would change that mean)."""
-    active = problem.active
-    if not active.any() or (state.vm_node >= 0)[~active[np.maximum(state.vm_node, 0)]].any():
-        return 0.0
-    resources = np.flatnonzero(problem.weights > 0)
-    load = state.node_load[np.ix_(active, resources)]
-    capacity = problem.capacity[np.ix_(active, resources)]
-    mean = cluster_mean(load, capacity)
-    positions = np.flatnonzero(active)
-    where = state.unit_node
-    keep = np.array(load)
-    for i, n in enumerate(positions):
-        units = np.flatnonzero((where == n) & movable)
-        if len(units) == 0:
-            continue
-        unit_load = problem.units.load[np.ix_(units, resources)]
-        top = -np.sort(-unit_load, axis=0)[:k].sum(axis=0)
-        keep[i] = np.maximum(load[i] - top, 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        util = np.where(capacity > 0, keep / capacity, 0.0)
-    per = np.maximum(util.max(axis=0) - mean, 0.0)
-    w = problem.weights[resources]
-    return float((per * w).sum() / problem.weights.sum())
+def _picked(aim: SearchContext, found: Moves) -> np.ndarray:
+    """The guide's best moves, and the move lowest in imbalance itself: the guide (distance
+    to zero) may rank it low, and a frontier point is the imbalance at its k."""
+    picked = aim.best_moves(found, aim.limits.branch)
+    if len(found):
+        lowest = int(np.lexsort((found.copy, np.round(found.overall, 9)))[0])
+        if lowest not in picked:
+            picked = np.append(picked, lowest)
+    return picked
 
 
 def _finish(problem: Problem, points: list[FrontierPoint], start_overall: float | None) -> Frontier:

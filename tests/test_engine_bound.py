@@ -1,0 +1,189 @@
+"""The frontier's lower bound on large clusters (`recommender.engine.bound`): never above
+the true optimum for k migrations, never below the per-node shedding bound it replaced."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from devkit.instances import HeavyShape, Shape, heavy_tailed_cluster, random_cluster
+from recommender.engine.bound import lower_bound, per_resource_bounds
+from recommender.engine.build import build_problem
+from recommender.engine.exact import available as exact_available
+from recommender.engine.measure import cluster_mean
+from recommender.engine.planner import balance_movable, plan_moves
+from recommender.engine.problem import SPLIT, Problem, State
+from recommender.engine.rules import RuleSettings, prepare_constraints, violations
+from recommender.engine.rules.base import GroupRule
+from recommender.engine.scorer import Scorer
+from tests.test_engine import NIC, config, node, snapshot, vm
+
+LARGE = HeavyShape(base=Shape(nodes=(20, 40), vms=(500, 2000), skew=0.8))
+
+
+def per_node_shedding(problem: Problem, state: State, movable: np.ndarray, k: int) -> float:
+    """The bound it replaced: every active node keeps its load minus its k largest movable
+    unit loads (as if every node could shed k units at once)."""
+    active = problem.active
+    resources = np.flatnonzero(problem.weights > 0)
+    load = state.node_load[np.ix_(active, resources)]
+    capacity = problem.capacity[np.ix_(active, resources)]
+    mean = cluster_mean(load, capacity)
+    keep = np.array(load)
+    for i, n in enumerate(np.flatnonzero(active)):
+        units = np.flatnonzero((state.unit_node == n) & movable)
+        if len(units):
+            top = -np.sort(-problem.units.load[np.ix_(units, resources)], axis=0)[:k]
+            keep[i] = np.maximum(load[i] - top.sum(axis=0), 0.0)
+    util = np.where(capacity > 0, keep / np.where(capacity > 0, capacity, 1.0), 0.0)
+    per = np.maximum(util.max(axis=0) - mean, 0.0)
+    return float(per @ problem.weights[resources] / problem.weights.sum())
+
+
+def lowest(problem: Problem, state: State, movable: np.ndarray, k: int) -> float:
+    """The lowest overall imbalance of any end state within k VM migrations, rules
+    ignored, by enumeration: movable units go whole to any active node, the VMs of a split
+    movable unit one by one."""
+    units = problem.units
+    whole = [int(u) for u in np.flatnonzero(movable & (state.unit_node >= 0))]
+    split = [
+        int(v)
+        for u in np.flatnonzero(movable & (state.unit_node == SPLIT))
+        for v in units.members(int(u))
+    ]
+    nodes = [int(n) for n in np.flatnonzero(problem.active)]
+    best = np.inf
+    for where in itertools.product(nodes, repeat=len(whole) + len(split)):
+        end = state.copy()
+        for u, n in zip(whole, where, strict=False):
+            end.move_unit(problem, u, n)
+        for v, n in zip(split, where[len(whole) :], strict=True):
+            end.move_vm(problem, v, n)
+        if end.migrations - state.migrations <= k:
+            best = min(best, problem.imbalance(end.node_load).overall)
+    return best
+
+
+def _tiny(seed: int, affinity: bool) -> Problem:
+    inst = random_cluster(seed, Shape(nodes=(2, 3), vms=(3, 6), rules=False, skew=0.5))
+    cfg = inst.config
+    if affinity:
+        names = [str(v) for v in inst.snapshot.vms.index[:2]]
+        cfg = cfg.model_copy(
+            update={"rules": RuleSettings(affinity=[GroupRule(name="pair", vms=names)])}
+        )
+    return build_problem(inst.snapshot, cfg)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    k=st.integers(0, 4),
+    affinity=st.booleans(),
+    frozen=st.integers(0, 5),
+)
+def test_the_bound_is_at_most_the_optimum_and_at_least_the_old_bound(
+    seed: int, k: int, affinity: bool, frozen: int
+) -> None:
+    problem = _tiny(seed, affinity)
+    state = State.initial(problem)
+    movable = np.ones(len(problem.units), dtype=bool)
+    movable[frozen % len(movable)] = frozen == 0
+    bound = lower_bound(problem, state, movable, k)
+    assert bound <= lowest(problem, state, movable, k) + 1e-9
+    # The old bound left split units' VMs where they were (it was no bound there).
+    if not (movable & (state.unit_node == SPLIT)).any():
+        assert bound >= per_node_shedding(problem, state, movable, k) - 1e-12
+
+
+def _two_hot_nodes() -> Problem:
+    """pve1 and pve2 each carry eight VMs of a tenth of a NIC, pve3 nothing."""
+    vms = {f"{1 + n}{i:02d}": vm(f"pve{1 + n}", net=0.1 * NIC) for n in range(2) for i in range(8)}
+    nodes = {"pve1": node(), "pve2": node(), "pve3": node()}
+    return build_problem(snapshot(nodes, vms), config(weights={"network": 1.0}))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_every_node_cannot_shed_k_at_once(k: int) -> None:
+    problem = _two_hot_nodes()
+    state = State.initial(problem)
+    movable = np.ones(len(problem.units), dtype=bool)
+    truth = lowest_by_counting(k)
+    old = per_node_shedding(problem, state, movable, k)
+    new = lower_bound(problem, state, movable, k)
+    assert old < truth - 0.05
+    assert new == pytest.approx(truth, abs=1e-9)
+
+
+def lowest_by_counting(k: int) -> float:
+    """The optimum of `_two_hot_nodes` for k moves (to pve3, split as evenly as may be):
+    the hotter of the two nodes keeps 8 - floor(k / 2) VMs, against a mean of 16 / 30."""
+    return (8 - k // 2) / 10 - 16 / 30
+
+
+def test_a_whale_is_hot_wherever_it_goes() -> None:
+    """One VM alone fills most of a NIC: no number of moves brings the max below it."""
+    vms = {"101": vm("pve1", net=0.9 * NIC), "102": vm("pve2", net=0.1 * NIC)}
+    nodes = {"pve1": node(), "pve2": node(), "pve3": node()}
+    problem = build_problem(snapshot(nodes, vms), config(weights={"network": 1.0}))
+    state = State.initial(problem)
+    movable = np.ones(len(problem.units), dtype=bool)
+    assert lower_bound(problem, state, movable, 5) == pytest.approx(0.9 - 1 / 3, abs=1e-9)
+    assert per_node_shedding(problem, state, movable, 5) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.skipif(not exact_available(), reason="needs highspy")
+def test_one_budget_serves_every_resource() -> None:
+    """pve1 carries four VMs of a fifth of a NIC in network and four of a fifth in disk:
+    two migrations relieve the two resources by two fifths together, not each."""
+    vms = {f"10{i}": vm("pve1", net=0.2 * NIC) for i in range(4)}
+    vms |= {f"20{i}": vm("pve1", disk=0.2 * NIC) for i in range(4)}
+    nodes = {"pve1": node(), "pve2": node(), "pve3": node()}
+    weights = {"network": 1.0, "disk_bytes": 1.0}
+    problem = build_problem(snapshot(nodes, vms), config(weights=weights))
+    state = State.initial(problem)
+    movable = np.ones(len(problem.units), dtype=bool)
+    apart = per_resource_bounds(problem, state, movable, 2)
+    resources = np.flatnonzero(problem.weights > 0)
+    assert float(apart @ problem.weights[resources]) / 2 == pytest.approx(0.4 - 0.8 / 3)
+    truth = lowest(problem, state, movable, 2)
+    assert truth == pytest.approx(0.6 - 0.8 / 3)
+    assert lower_bound(problem, state, movable, 2) == pytest.approx(truth, abs=1e-6)
+
+
+@pytest.mark.skipif(not exact_available(), reason="needs highspy")
+def test_the_large_frontier_has_the_best_single_move() -> None:
+    """On a large heavy-tailed cluster, the point one migration past the forced moves is no
+    worse than the best single move that keeps every rule (found by scoring them all)."""
+    inst = heavy_tailed_cluster(10_001, LARGE)
+    result = plan_moves(inst.snapshot, inst.config)
+    assert result.frontier is not None
+    problem = result.problem
+    first = result.frontier.points[0]
+    start = State.initial(problem)
+    for move in first.moves:
+        start.move_unit(problem, move.unit, move.target)
+    nxt = result.frontier.at(first.migrations + 1)
+    assert nxt is not None
+    constraints = prepare_constraints(problem)
+    movable = balance_movable(problem, constraints)
+    movable[[m.unit for m in first.moves]] = False
+    scorer = Scorer(problem)
+    units = np.flatnonzero(movable & (start.unit_node >= 0) & (problem.units.size == 1))
+    unit = np.repeat(units, len(scorer.active))
+    target = np.tile(scorer.active, len(units))
+    keep = start.unit_node[unit] != target
+    unit, target = unit[keep], target[keep]
+    view = scorer.view(start.node_load, 0.0)
+    overall, _, _ = scorer.evaluate(view, problem.units.load[unit], start.unit_node[unit], target)
+    for i in np.argsort(overall, kind="stable"):
+        end = start.copy()
+        end.move_unit(problem, int(unit[i]), int(target[i]))
+        if not violations(constraints, end, final=True):
+            assert nxt.imbalance <= float(overall[i]) + 1e-9
+            return
+    raise AssertionError("no single move keeps every rule")
