@@ -40,7 +40,7 @@ from recommender.outputs.report.migrations import (
 )
 from recommender.quoting import display
 from recommender.source.grid import GRID_QUERIES
-from recommender.source.history import ReportError, executed_of
+from recommender.source.history import ReportError, exact_loads, executed_of, moved_vms
 from recommender.source.http import SourceError
 from recommender.source.prometheus import PrometheusSource
 from recommender.source.queries import ReportQueries, SnapshotQueries, executed_queries
@@ -86,6 +86,20 @@ def test_queries_are_fixed_and_aggregated() -> None:
     assert "vmbalance_vm_memory_max_bytes" in queries.ranges["load_memory"]
     used = Config.model_validate({"balance": {"memory_mode": "used"}})
     assert "memory_used" in ReportQueries.for_config(used, window).ranges["load_memory"]
+    # The VMs that moved: left out of the load queries, their counters read raw, one query
+    # per counter however many moved; as many as fit in a query, the others keep increase().
+    assert not queries.samples
+    for moved in (["101"], [str(vm) for vm in range(101, 5000)]):
+        raw = ReportQueries.for_config(Config(), window, moved=moved)
+        assert len(raw) == len(queries) + len(raw.samples) and len(raw.samples) == 7
+        assert raw.moved == tuple(sorted(moved))[: len(raw.moved)]
+        assert min(len(moved), 500) <= len(raw.moved)
+        assert all(len(q) < 16_384 for q in raw.promql())
+        first = raw.moved[0]
+        assert f'vm!~"{first}|' in raw.ranges["load_disk_bytes"] or moved == ["101"]
+        for counter, promql in raw.samples.items():
+            assert promql.startswith(f'{counter}{{vm=~"{first}') and promql.endswith("[608400s]")
+        assert 'cluster="east"' in raw.for_cluster("east").samples[counter]
 
 
 def presence(rows: list[tuple[str, str, int, float]], step: float = 600.0) -> pd.DataFrame:
@@ -405,6 +419,12 @@ def flat(name: str) -> str:
 
 
 @pytest.mark.slow
+def moved_in(reported: Reported, window: Window) -> list[str]:
+    """The VMs the simulator migrated within `window`."""
+    moves = reported.history.migrations
+    return [m.vm for m in moves if window.begin < m.time <= window.end]
+
+
 def test_sections_tables_and_images(reported: Reported) -> None:
     tokens = reported.tokens
     assert len(headings(tokens, 1)) == 1
@@ -437,7 +457,7 @@ def test_sections_tables_and_images(reported: Reported) -> None:
     for image in images:
         assert image.content and (reported.path.parent / str(image.attrs["src"])).is_file()
     window = report_window(3 * 86400, reported.history.end, reported.history.step)
-    cost = len(ReportQueries.for_config(reported.config, window))
+    cost = len(ReportQueries.for_config(reported.config, window, moved=moved_in(reported, window)))
     snapshot_queries = SnapshotQueries.for_config(reported.config)
     cost += len(snapshot_queries.queries) + GRID_QUERIES
     # And when the VMs that moved within the snapshot's history were last seen where.
@@ -574,7 +594,9 @@ def test_imbalance_over_time_agrees_with_the_truth(reported: Reported) -> None:
     window = report_window(3 * 86400, history.end, history.step)
     found = imbalance_series(source.history(config, window), config)
     # A fixed number of queries, whatever the number of VMs.
-    assert source.queries_issued == len(ReportQueries.for_config(config, window))
+    moved = moved_in(reported, window)
+    assert moved
+    assert source.queries_issued == len(ReportQueries.for_config(config, window, moved=moved))
     truth = true_imbalance(history, window, config)
     assert list(found.index) == list(truth.index)
     # Each step's load is Prometheus' increase() over the step, extrapolated to its edges
@@ -656,3 +678,30 @@ def test_cli_writes_the_report(
     assert main(["report", "--prometheus-url", down, "--out", str(tmp_path / "x")]) == 2
     error = capfd.readouterr().err.strip()
     assert error.startswith("vmbalance: prometheus at") and "connection refused" in error
+
+
+def test_moved_vms_are_those_whose_series_start_or_end_inside_the_window() -> None:
+    rows = [("a", "n1", k, 2.0) for k in range(4)]  # stays
+    rows += [("b", "n1", 0, 2.0), ("b", "n1", 1, 1.0), ("b", "n2", 1, 1.0), ("b", "n2", 2, 2.0)]
+    rows += [("b", "n2", 3, 2.0), ("c", "n2", 2, 1.0), ("c", "n2", 3, 2.0)]  # b moves, c new
+    rows += [("d", "n1", 0, 2.0), ("d", "n1", 1, 2.0)]  # d gone
+    assert moved_vms(presence(rows)) == ["b", "c", "d"]
+    assert moved_vms(presence([r for r in rows if r[0] == "a"])) == []
+
+
+def raw(node: str, points: list[tuple[float, float]]) -> dict[str, Any]:
+    return {"metric": {"node": node, "vm": "x"}, "values": [[t, str(v)] for t, v in points]}
+
+
+def test_exact_loads_are_each_series_sample_differences_per_step() -> None:
+    times = np.array([1000.0, 1300.0, 1600.0])  # steps (700, 1000], (1000, 1300], ...
+    old = raw("n1", [(700, 50), (800, 60), (900, 70), (1000, 80), (1100, 90)])
+    # Starts at 1200 (its first sample adds nothing), resets at 1500 (adds its value).
+    new = raw("n2", [(1200, 4), (1300, 10), (1400, 22), (1500, 3), (1600, 9)])
+    found = exact_loads([[old], [new]], times)
+    assert list(found.columns) == ["n1", "n2"]
+    np.testing.assert_allclose(found["n1"].to_numpy(), [30 / 300, 10 / 300, np.nan])
+    np.testing.assert_allclose(found["n2"].to_numpy(), [np.nan, 6 / 300, (12 + 3 + 6) / 300])
+    # A sample more than a step after the previous one starts the series again.
+    back = raw("n1", [(400, 10), (1000, 90), (1300, 120)])
+    np.testing.assert_allclose(exact_loads([[back]], times)["n1"].to_numpy(), [0, 30 / 300, np.nan])

@@ -104,7 +104,7 @@ def node_matrix(answer: Answer, times: np.ndarray, shift: float = 0.0) -> pd.Dat
     return pd.DataFrame(columns, index=index, dtype=float)
 
 
-def _range_values(item: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def range_values(item: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """(timestamps, values) of one series of a range answer, as floats (NaN: not a number)."""
     pairs = item.get("values") or []
     try:
@@ -129,7 +129,7 @@ def presence_frame(answer: Answer, times: np.ndarray, shift: float = 0.0) -> pd.
         labels = item["metric"]
         if "vm" not in labels or "node" not in labels:
             continue
-        stamps, values = _range_values(item)
+        stamps, values = range_values(item)
         at = step_positions(stamps, times, shift)
         keep = (at >= 0) & np.isfinite(values) & (values > 0)
         if keep.any():
@@ -177,6 +177,7 @@ __all__ = [
     "pair_values",
     "presence_frame",
     "quantiles",
+    "range_values",
     "sample",
     "step_positions",
 ]

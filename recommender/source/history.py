@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from recommender.config import Config
 from recommender.engine.rules.maintenance import MaintenanceSettings
 from recommender.history import EXECUTED_RESULTS, Executed, History, Window
 from recommender.model import RESOURCES
-from recommender.source.answers import Answer, node_matrix, pair_values, presence_frame, sample
+from recommender.source.answers import (
+    Answer,
+    node_matrix,
+    pair_values,
+    presence_frame,
+    range_values,
+    sample,
+)
 from recommender.source.http import SourceError
 from recommender.source.queries import RATE_COUNTERS
 
@@ -91,18 +99,89 @@ def executed_of(counts: Answer, durations: Answer) -> Executed:
     )
 
 
+def moved_vms(presence: pd.DataFrame) -> list[str]:
+    """The VMs of a presence frame seen on more than one node, or whose series start after
+    the first step with data or end before the last: those with a series that starts or ends
+    inside a step, where `increase()` differs between the servers."""
+    if presence.empty:
+        return []
+    steps = presence["step"]
+    spans = presence.groupby("vm", sort=True).agg(
+        nodes=("node", "nunique"), first=("step", "min"), last=("step", "max")
+    )
+    inside = (spans["nodes"] > 1) | (spans["first"] > steps.min()) | (spans["last"] < steps.max())
+    return [str(vm) for vm in spans.index[inside]]
+
+
+def exact_loads(answers: Sequence[Answer], times: np.ndarray) -> pd.DataFrame:
+    """(time x node) work per second in each step `(t - step, t]` of the raw counter samples
+    in `answers` (range selectors' answers), summed over their series by `node`.
+
+    Each sample adds its difference from the series' previous one to the step it falls in
+    (the previous one may lie in the step before: a step's work starts from the sample on its
+    left edge); a value below the previous one is a counter reset and adds itself, as PromQL
+    counts it; a series' first sample, or one more than a step after the previous, starts the
+    series and adds nothing. Both servers return the same samples, so the same loads. NaN where
+    a node has no sample in a step."""
+    index = pd.Index(np.round(times, 3), name="time")
+    if len(times) == 0:
+        return pd.DataFrame(index=index, dtype=float)
+    step = float(times[1] - times[0]) if len(times) > 1 else 1.0
+    work: dict[str, np.ndarray] = {}
+    seen: dict[str, np.ndarray] = {}
+    for answer in answers:
+        for item in answer:
+            node = item.get("metric", {}).get("node")
+            if node is None:
+                continue
+            stamps, values = range_values(item)
+            keep = np.isfinite(stamps) & np.isfinite(values)
+            stamps, values = stamps[keep], values[keep]
+            if not len(stamps):
+                continue
+            order = np.argsort(stamps, kind="stable")
+            stamps, values = stamps[order], values[order]
+            at = np.ceil((stamps - float(times[0])) / step - 1e-9).astype(int)
+            added = np.diff(values)
+            added = np.where(added < 0, values[1:], added)
+            added = np.where(np.diff(stamps) <= step * (1 + 1e-9), added, 0.0)
+            node_work = work.setdefault(str(node), np.zeros(len(times)))
+            node_seen = seen.setdefault(str(node), np.zeros(len(times), dtype=bool))
+            inside = (at >= 0) & (at < len(times))
+            node_seen[at[inside]] = True
+            later = at[1:]
+            counted = (later >= 0) & (later < len(times))
+            np.add.at(node_work, later[counted], added[counted])
+    frame = pd.DataFrame(
+        {node: np.where(seen[node], work[node] / step, np.nan) for node in work},
+        index=index,
+        dtype=float,
+    )
+    return frame
+
+
 def assemble_history(
     config: Config,
     window: Window,
     ranges: Mapping[str, Answer],
     instants: Mapping[str, Answer],
     shift: float = 0.0,
+    counted: Mapping[str, pd.DataFrame] | None = None,
+    presence: pd.DataFrame | None = None,
 ) -> History:
     """Frames from the answers of `ReportQueries` (whose range answers are `shift` seconds
-    later than the window's times, `ReportQueries.shift`)."""
+    later than the window's times, `ReportQueries.shift`): `counted` per counter the loads
+    (`exact_loads`) of the raw samples of the VMs the load queries leave out
+    (`ReportQueries.samples`), added to the loads; `presence` the frame of the presence
+    answer when already made."""
     times = window.times
-    presence = presence_frame(ranges["presence"], times, shift)
+    if presence is None:
+        presence = presence_frame(ranges["presence"], times, shift)
     raw_load = {r: node_matrix(ranges[f"load_{r}"], times, shift) for r in RESOURCES}
+    for resource, counters in RATE_COUNTERS.items():
+        for counter in counters:
+            if counted and counter in counted:
+                raw_load[resource] = raw_load[resource].add(counted[counter], fill_value=0.0)
     measured = {r: node_matrix(ranges[f"capacity_{r}"], times, shift) for r in MEASURED_CAPACITY}
     up = node_matrix(ranges["up"], times, shift)
     nodes = sorted(
@@ -136,4 +215,11 @@ def assemble_history(
     )
 
 
-__all__ = ["MEASURED_CAPACITY", "ReportError", "assemble_history", "executed_of"]
+__all__ = [
+    "MEASURED_CAPACITY",
+    "ReportError",
+    "assemble_history",
+    "exact_loads",
+    "executed_of",
+    "moved_vms",
+]

@@ -13,7 +13,7 @@ from recommender import __version__
 from recommender.config import Config, PrometheusSettings
 from recommender.history import History, Window
 from recommender.model import Snapshot
-from recommender.source.answers import Answer, quantiles
+from recommender.source.answers import Answer, presence_frame, quantiles
 from recommender.source.cluster import assemble_snapshot, last_samples
 from recommender.source.clusters import per_cluster_config, qualify, unqualify
 from recommender.source.grid import (
@@ -24,7 +24,12 @@ from recommender.source.grid import (
     latest_sample,
     spacing_of,
 )
-from recommender.source.history import ReportError, assemble_history
+from recommender.source.history import (
+    ReportError,
+    assemble_history,
+    exact_loads,
+    moved_vms,
+)
 from recommender.source.http import ClientSettings, PromQLClient, SourceError
 from recommender.source.queries import ReportQueries, SnapshotQueries, seconds_text
 from recommender.text import format_time
@@ -98,6 +103,10 @@ class PrometheusSource:
         self._count()
         result = self._client.query_range(promql, start, end, seconds_text(step))
         return self._checked(result, promql, "values")
+
+    def _counted_query(self, promql: str, at: float) -> Any:
+        self._count()
+        return self._client.query(promql, at)
 
     def sample_grid(self, at: float) -> SampleGrid:
         """The latest sample at or before `at` and the samples' spacing (two queries)."""
@@ -182,23 +191,39 @@ class PrometheusSource:
         grid: SampleGrid | None = None,
         cluster: str | None = None,
     ) -> History:
-        """The report's queries over `window`; ReportError when it holds no vmbalance data."""
+        """The report's queries over `window`; ReportError when it holds no vmbalance data.
+
+        The presence first: the VMs that moved in the window (`moved_vms`) are left out of the
+        load queries and their counters read raw (`ReportQueries.samples`)."""
         queries = ReportQueries.for_config(config, window, grid).for_cluster(cluster)
         start = round(window.start + queries.shift)
         end = round(window.end + queries.shift)
-        ranges: dict[str, Answer] = {}
+        ranges = {"presence": self.query_range(queries.ranges["presence"], start, end, window.step)}
+        if not ranges["presence"]:
+            raise ReportError(
+                f"no vmbalance data between {format_time(window.begin)} and "
+                f"{format_time(window.end)} (no vmbalance_vm_info series at "
+                f"{self.display_url})"
+            )
+        presence = presence_frame(ranges["presence"], window.times, queries.shift)
+        moved = moved_vms(presence)
+        if moved:
+            queries = ReportQueries.for_config(config, window, grid, moved).for_cluster(cluster)
         for name, promql in queries.ranges.items():
-            ranges[name] = self.query_range(promql, start, end, window.step)
-            if name == "presence" and not ranges[name]:
-                raise ReportError(
-                    f"no vmbalance data between {format_time(window.begin)} and "
-                    f"{format_time(window.end)} (no vmbalance_vm_info series at "
-                    f"{self.display_url})"
-                )
+            if name not in ranges:
+                ranges[name] = self.query_range(promql, start, end, window.step)
         instants = {
             name: self.query(promql, window.end) for name, promql in queries.instants.items()
         }
-        return assemble_history(config, window, ranges, instants, queries.shift)
+        # Each counter's raw samples reduced to loads before the next is asked for.
+        counted = {
+            name: exact_loads(
+                [self._checked(self._counted_query(promql, window.end), promql, "values")],
+                window.times,
+            )
+            for name, promql in queries.samples.items()
+        }
+        return assemble_history(config, window, ranges, instants, queries.shift, counted, presence)
 
 
 def build_snapshot(config: Config, at: datetime | None = None) -> Snapshot:

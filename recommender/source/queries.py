@@ -56,13 +56,25 @@ migration moves the load from one step to the next with no double counting. Migr
 from `count_over_time(vmbalance_vm_info[step])` per (node, vm): how many samples a VM has in
 its first step on a node dates its arrival to within a scrape interval, without a subquery
 (a `timestamp()` subquery at one-minute resolution over a week costs 10,080 evaluations).
+
+Except for the VMs that moved in the period (or whose series start or end inside it): in the
+step a VM migrated in, its series on the old node ends and one on the new node starts, and
+`increase()` of such a series differs between the servers (Prometheus extrapolates toward the
+step's edges, VictoriaMetrics counts a new series from zero when its first value is small).
+So the presence is read first, the load queries leave those VMs out (`vm!~...`), and their
+raw counter samples over the period (`counter{vm=~...}[span]`, one instant query per counter)
+give each step's work exactly, from each series' own sample differences
+(`recommender.source.history.exact_loads`): both servers return the same samples. That costs
+in proportion to the VMs that moved (about 2 % of a fleet in a day), not to the fleet, and the
+number of queries stays fixed. The list is cut at `MOVED_QUERY_CHARS` (VictoriaMetrics refuses
+a query longer than 16 KiB by default): VMs that moved beyond it keep `increase()`.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from recommender.config import Config, HostSettings, QuerySettings, duration_seconds
 from recommender.history import Window
@@ -102,6 +114,9 @@ _LOADS = tuple(f"load_{resource}" for resource in RATE_COUNTERS)
 
 # The longest list of VM ids one departures query carries (its regex, in characters).
 DEPARTURE_QUERY_CHARS = 12_000
+# The longest list of VM ids the report's load queries leave out and read raw (its regex, in
+# characters; a load query of two counters carries it four times, `counter_sum`).
+MOVED_QUERY_CHARS = 3_800
 
 
 # A selector of a family the recommender reads (the exporter's `vmbalance_*`, node_exporter's
@@ -364,11 +379,23 @@ class ReportQueries:
     # back by as much: the sent times are multiples of the step, which VictoriaMetrics would
     # otherwise round them to, and the windows still end on the data's samples.
     shift: float = 0.0
+    # Per counter, the raw samples over the span of the VMs the load queries leave out
+    # (instant queries at the window's end); empty when no VM moved.
+    samples: Mapping[str, str] = field(default_factory=dict)
+    # The VMs read raw: the moved VMs that fit in MOVED_QUERY_CHARS.
+    moved: tuple[str, ...] = ()
 
     @classmethod
     def for_config(
-        cls, config: Config, window: Window, grid: SampleGrid | None = None
+        cls,
+        config: Config,
+        window: Window,
+        grid: SampleGrid | None = None,
+        moved: Sequence[str] = (),
     ) -> ReportQueries:
+        """The report's queries; with `moved` (the VMs that moved in the window, from the
+        presence answer, `recommender.source.history.moved_vms`), the load queries leave
+        them out and `samples` reads their counters raw."""
         grid = grid if grid is not None else SampleGrid(at=window.end)
         shift = SampleGrid(at=window.end).shift(window.step)
         back = offset_text(shift)
@@ -379,10 +406,22 @@ class ReportQueries:
             # samples it has in its first step on a node) when it arrived there.
             "presence": f"max by (node, vm, name) (count_over_time({INFO}[{counted}]{back}))",
         }
+        raw = _within(moved, MOVED_QUERY_CHARS)
+        regex = promql_regex_alternatives(raw)
+        samples: dict[str, str] = {}
         for resource, counters in RATE_COUNTERS.items():
+            selectors = [f"{c}{{vm!~{regex}}}" for c in counters] if raw else list(counters)
             ranges[f"load_{resource}"] = (
-                f"({counter_sum(counters, step, 'node', shift)}) / {window.step:.0f}"
+                f"({counter_sum(selectors, step, 'node', shift)}) / {window.step:.0f}"
             )
+            if raw:
+                # Back to a step before the window: the sample each first step starts from.
+                samples.update(
+                    {
+                        c: f"{c}{{vm=~{regex}}}[{window.span + 2 * window.step:.0f}s]"
+                        for c in counters
+                    }
+                )
         memory_column = config.balance.memory_column
         # The sample at each step's time only: a series that ended (a VM that left) is not
         # carried on by either server's lookback.
@@ -405,7 +444,7 @@ class ReportQueries:
             "memory_max" if memory_column == "memory_max_bytes" else "load_memory"
         ]
         instants.update(executed_queries(window.span))
-        return cls(ranges=ranges, instants=instants, shift=shift)
+        return cls(ranges=ranges, instants=instants, shift=shift, samples=samples, moved=raw)
 
     def for_cluster(self, cluster: str | None) -> ReportQueries:
         """The same queries reading only `cluster`'s series (all of them for None), the
@@ -416,14 +455,27 @@ class ReportQueries:
             self,
             ranges={n: in_cluster(q, cluster) for n, q in self.ranges.items()},
             instants={n: in_cluster(q, cluster) for n, q in self.instants.items()},
+            samples={n: in_cluster(q, cluster) for n, q in self.samples.items()},
         )
 
     def __len__(self) -> int:
-        return len(self.ranges) + len(self.instants)
+        return len(self.ranges) + len(self.instants) + len(self.samples)
 
     def promql(self) -> list[str]:
         """Every query, range and instant."""
-        return [*self.ranges.values(), *self.instants.values()]
+        return [*self.ranges.values(), *self.instants.values(), *self.samples.values()]
+
+
+def _within(vms: Sequence[str], chars: int) -> tuple[str, ...]:
+    """The first of the sorted `vms` whose regex of alternatives fits in `chars`."""
+    kept: list[str] = []
+    size = 0
+    for vm in sorted(set(vms)):
+        size += len(promql_regex_alternatives([vm])) + 1
+        if size > chars:
+            break
+        kept.append(vm)
+    return tuple(kept)
 
 
 __all__ = [
@@ -431,6 +483,7 @@ __all__ = [
     "DEPARTURE_QUERY_CHARS",
     "HISTORY_STEP",
     "MEMORY_FAMILIES",
+    "MOVED_QUERY_CHARS",
     "RATE_COUNTERS",
     "ReportQueries",
     "SnapshotQueries",
