@@ -5,11 +5,13 @@ and vmbalance's."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import ssl
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import proxmoxer
 import pytest
@@ -113,15 +115,98 @@ def test_the_bench_runs_end_to_end(proxlb: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("2 heavy-tailed clusters")
-    for plan in ("before", "proxlb greedy", "proxlb solver", "vmbalance", "vmbalance memory only"):
+    planners = ("proxlb greedy", "proxlb solver", "vmbalance", "vmbalance memory only",
+                "vmbalance memory, aggressive", "vmbalance memory, 1 point a move")  # fmt: skip
+    for plan in ("before", *planners):
         assert f"\n| {plan} |" in done.stdout
+    assert done.stdout.count("| vmbalance memory, aggressive |") == 3  # plans, rules, target
     rows = json.loads(rows_file.read_text())
     assert [r["seed"] for r in rows] == [0, 1]
     for row in rows:
         assert row["before"]["still_broken"] >= 1  # the generator breaks rules at the start
         assert sum(row["vmbalance"]["violations"].values()) == 0
-        for plan in ("proxlb greedy", "proxlb solver", "vmbalance", "vmbalance memory only"):
-            judged = row[plan]
-            assert judged["migrations"] >= 0
-            assert set(judged["utilisation"]) >= {"cpu", "memory assigned", "disk bytes"}
-            assert all(0 <= u < 10 for u in judged["utilisation"].values())
+        for plan in planners:
+            verdict = row[plan]
+            assert verdict["migrations"] >= 0
+            assert set(verdict["utilisation"]) >= {"cpu", "memory assigned", "disk bytes"}
+            assert all(0 <= u < 10 for u in verdict["utilisation"].values())
+
+
+def bench_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_proxlb", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_plans_are_asked_as_hard_as_proxlb_asks_its_solver() -> None:
+    bench = bench_module()
+    inst = small_cluster(0)
+    vms = len(inst.snapshot.vms)
+    plain = bench.memory_only(inst.config, bench.MEMORY_PLANS["vmbalance memory only"], vms)
+    hard = bench.memory_only(inst.config, bench.MEMORY_PLANS["vmbalance memory, aggressive"], vms)
+    point = bench.memory_only(
+        inst.config, bench.MEMORY_PLANS["vmbalance memory, 1 point a move"], vms
+    )
+    for config in (plain, hard, point):
+        assert config.balance.weights == {"memory": 1.0}
+        assert config.balance.memory_mode == "assigned"  # what ProxLB's solver weighs
+        assert config.rules == inst.config.rules
+    assert plain.balance.trigger == inst.config.balance.trigger
+    assert plain.balance.max_migrations == inst.config.balance.max_migrations
+    assert (hard.balance.trigger, hard.balance.target, hard.balance.min_gain) == (0, 0, 0)
+    assert hard.balance.min_gain_per_gib == pytest.approx(4e-6)
+    assert hard.balance.max_migrations == max(vms, inst.config.balance.max_migrations)
+    assert (point.balance.trigger, point.balance.target) == (0, 0)
+    assert (point.balance.min_gain, point.balance.min_gain_per_gib) == (0.01, 0)
+    assert point.balance.max_migrations == hard.balance.max_migrations
+
+
+def test_the_price_of_a_gib_is_proxlbs_own(proxlb: Path) -> None:
+    # balanciness 10 is clamped to ProxLB's level 5: (balance weight, stickiness weight, gap
+    # threshold); the gap counts in 1/_LOAD_SCALE of utilisation, stickiness in 256 MiB.
+    done = subprocess.run(
+        [str(proxlb), "-c", "from proxlb_solver import solver; import inspect; "
+         "print(solver._BALANCINESS_PROFILES[5], solver._LOAD_SCALE, "
+         "'_COST_UNIT, _LOCAL_DISK_FACTOR = 1024 ** 3, 256 * 1024 * 1024' in "
+         "inspect.getsource(solver.solve))"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert done.stdout.split() == ["(100,", "1,", "0.0)", "10000", "True"]
+    per_gib = (2**30 / (256 * 2**20)) * 1 / (100 * 10000)
+    price = bench_module().PROXLB_GAIN_PER_GIB
+    assert price == pytest.approx(per_gib)
+
+
+def judged(migrations: int, assigned: float, used: float) -> dict[str, object]:
+    return {
+        "migrations": migrations,
+        "utilisation": {"memory assigned": assigned, "memory used": used},
+    }
+
+
+def test_the_target_is_judged_on_assigned_memory_for_each_memory_plan() -> None:
+    bench = bench_module()
+    rows = [
+        {
+            "proxlb solver": judged(10, 0.10, 0.07),
+            "vmbalance memory only": judged(2, 0.18, 0.05),  # fewer moves, more memory
+            "vmbalance memory, aggressive": judged(6, 0.09, 0.06),  # over half the moves
+            "vmbalance memory, 1 point a move": judged(5, 0.10, 0.08),  # both halves hold
+        }
+    ]
+    lines = bench._target(rows)
+    assert lines == [
+        "| proxlb solver | 10 | 0.100 | 0.070 | - |",
+        "| vmbalance memory only | 2 | 0.180 | 0.050 | not met |",
+        "| vmbalance memory, aggressive | 6 | 0.090 | 0.060 | not met |",
+        "| vmbalance memory, 1 point a move | 5 | 0.100 | 0.080 | met |",
+    ]
+    row = {
+        "seed": 3, "vms": 12, "solver_status": "OPTIMAL", "solver_seconds": 0.2,
+        **{name: judged(1, 0.25, 0.1) for name in bench.PLANNERS},
+    }  # fmt: skip
+    line = bench.progress(row)
+    assert line.startswith("seed   3: 12 VMs")
+    assert "vmbalance memory, aggressive 1 (0.250)" in line
