@@ -68,13 +68,8 @@ def _shared(problem: Problem, state: State, movable: np.ndarray, k: int, per: np
     if (state.vm_node >= 0)[~active[np.maximum(state.vm_node, 0)]].any():
         return 0.0
     resources = np.flatnonzero(problem.weights > 0)
-    positions = np.flatnonzero(active)
-    load = state.node_load[np.ix_(positions, resources)]
-    capacity = problem.capacity[np.ix_(positions, resources)]
-    mean = cluster_mean(load, capacity)
+    positions, load, capacity, mean, where = _active(problem, state, resources)
     piece_node, piece_load, _, _ = _pieces(problem, state, movable, k)
-    where = np.full(problem.n_nodes, -1, dtype=np.int64)
-    where[positions] = np.arange(len(positions))
     pos = where[piece_node]
     n_pieces, n_res = len(pos), len(resources)
     highs = exact.lp_solver()
@@ -104,6 +99,19 @@ def _shared(problem: Problem, state: State, movable: np.ndarray, k: int, per: np
     return max(found - 1e-7 * float(w.sum()), 0.0) / float(problem.weights.sum())
 
 
+def _active(
+    problem: Problem, state: State, resources: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The active nodes' positions, their loads and capacities of `resources`, the cluster
+    mean, and each node's row among them (-1 for the others)."""
+    positions = np.flatnonzero(problem.active)
+    load = state.node_load[np.ix_(positions, resources)]
+    capacity = problem.capacity[np.ix_(positions, resources)]
+    where = np.full(problem.n_nodes, -1, dtype=np.int64)
+    where[positions] = np.arange(len(positions))
+    return positions, load, capacity, cluster_mean(load, capacity), where
+
+
 def per_resource_bounds(problem: Problem, state: State, movable: np.ndarray, k: int) -> np.ndarray:
     """The bound of I[r] for each weighted resource r (in `problem.weights > 0` order)."""
     resources = np.flatnonzero(problem.weights > 0)
@@ -111,13 +119,8 @@ def per_resource_bounds(problem: Problem, state: State, movable: np.ndarray, k: 
     if not active.any() or (state.vm_node >= 0)[~active[np.maximum(state.vm_node, 0)]].any():
         return np.zeros(len(resources))
     k = max(int(k), 0)
-    positions = np.flatnonzero(active)
-    load = state.node_load[np.ix_(positions, resources)]
-    capacity = problem.capacity[np.ix_(positions, resources)]
-    mean = cluster_mean(load, capacity)
+    positions, load, capacity, mean, where = _active(problem, state, resources)
     piece_node, piece_load, whole_node, whole_load = _pieces(problem, state, movable, k)
-    where = np.full(problem.n_nodes, -1, dtype=np.int64)
-    where[positions] = np.arange(len(positions))
     piece_pos, whole_pos = where[piece_node], where[whole_node]
     per = np.zeros(len(resources))
     for j, r in enumerate(resources):
