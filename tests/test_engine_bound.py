@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devkit.instances import HeavyShape, Shape, heavy_tailed_cluster, random_cluster
-from recommender.engine.bound import lower_bound, per_resource_bounds
+from recommender.engine.bound import _whale_floor, lower_bound, per_resource_bounds
 from recommender.engine.build import build_problem
 from recommender.engine.exact import available as exact_available
 from recommender.engine.measure import cluster_mean
@@ -187,3 +187,27 @@ def test_the_large_frontier_has_the_best_single_move() -> None:
             assert nxt.imbalance <= float(overall[i]) + 1e-9
             return
     raise AssertionError("no single move keeps every rule")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(0, 100), min_size=1, max_size=6),
+    st.lists(st.floats(0, 50), min_size=1, max_size=12),
+    st.integers(0, 2**32 - 1),
+)
+def test_the_whale_floor_is_the_heaviest_things_least_landing(
+    fixed: list[float], loads: list[float], seed: int
+) -> None:
+    """The floor read from the heaviest thing alone is its definition: the largest, over
+    every thing that lands whole, of the least utilisation of a node holding it (a node
+    without capacity counts as 0)."""
+    rng = np.random.default_rng(seed)
+    capacity = rng.choice([0.0, 1.0, 4.0, 32.0], size=len(fixed))
+    things = np.array(loads)
+    node = rng.integers(0, len(fixed), size=len(things))
+    utilisation = [
+        min((f + load) / c if c > 0 else 0.0 for f, c in zip(fixed, capacity, strict=True))
+        for load in things
+    ]
+    found = _whale_floor(np.array(fixed), capacity, node, things)
+    assert found == pytest.approx(max(utilisation), rel=1e-12, abs=1e-12)

@@ -14,6 +14,7 @@ import pytest
 from devkit.servers import PrometheusServer, VictoriaMetricsServer, backfill
 from recommender.config import Config
 from recommender.quoting import promql_regex_alternatives, promql_string
+from recommender.source.cluster import first_samples, unsettled
 from recommender.source.grid import GRID_QUERIES
 from recommender.source.prometheus import PrometheusSource
 from recommender.source.queries import DEPARTURE_QUERY_CHARS, SnapshotQueries
@@ -25,6 +26,9 @@ SAMPLES = 120
 # Ids full of regex and string syntax; each decoy matches an id's characters read as a regex.
 MOVED = ["a.b", "x|y", 'q"uote', "back\\slash", "(p)", "[c]", "s*", "new\nline", "\u202eb"]
 DECOYS = ["aXb", "x", "y", "p", "c", "sss", "new"]
+# VMs that started 20 minutes before the end: the only ones not settled on their node.
+YOUNG = ["young.1", "young|2"]
+YOUNG_SAMPLES = 20
 
 
 def _escape(value: str) -> str:
@@ -41,6 +45,10 @@ def _history(end: float) -> str:
             node = "pve2" if vm in MOVED and k >= half else "pve1"
             labels = f'node="{node}",vm="{_escape(vm)}",name="n"'
             lines.append(f"vmbalance_vm_info{{{labels}}} 1 {t:.0f}")
+    for vm in YOUNG:
+        for k in range(SAMPLES - YOUNG_SAMPLES, SAMPLES):
+            t = end - (SAMPLES - 1 - k) * STEP
+            lines.append(f'vmbalance_vm_info{{node="pve1",vm="{_escape(vm)}",name="n"}} 1 {t:.0f}')
     lines.append("# EOF")
     return "\n".join(lines) + "\n"
 
@@ -105,10 +113,35 @@ def test_snapshot_places_and_dates_the_moves(
     for vm in DECOYS:
         assert snapshot.vms.loc[vm, "node"] == "pve1"
         assert math.isnan(snapshot.vms.loc[vm, "last_migration"])
-    # The data's grid, the fixed queries, and the departures of the VMs that moved.
+    # The data's grid, the fixed queries, the departures of the VMs that moved and the
+    # arrivals of the young.
     assert (
-        source.queries_issued == GRID_QUERIES + len(SnapshotQueries.for_config(config).queries) + 1
+        source.queries_issued == GRID_QUERIES + len(SnapshotQueries.for_config(config).queries) + 2
     )
+    for vm in YOUNG:
+        assert snapshot.vms.loc[vm, "node"] == "pve1"
+
+
+@pytest.mark.parametrize("server", ["prometheus", "victoriametrics"])
+def test_only_the_vms_not_settled_have_their_first_sample_read(
+    servers: tuple[float, dict[str, str]], server: str
+) -> None:
+    end, urls = servers
+    config = Config.model_validate({"prometheus": {"url": urls[server]}})
+    plan = SnapshotQueries.for_config(config)
+    source = PrometheusSource(config.prometheus)
+    seen = source.query(plan.queries["vm_seen_now"], end)
+    settled = source.query(plan.queries["vm_settled"], end)
+    # The moved VMs arrived on pve2 at the window's start: settled there, as the decoys.
+    young = unsettled(seen, settled)
+    assert young == sorted(YOUNG)
+    (arrivals,) = plan.arrivals(young)
+    firsts = first_samples(source.raw(arrivals, end), end - plan.window, end)
+    first = end - (YOUNG_SAMPLES - 1) * STEP
+    assert {item["metric"]["vm"]: float(item["value"][1]) for item in firsts} == dict.fromkeys(
+        YOUNG, first
+    )
+    assert plan.arrivals([]) == []
 
 
 def test_departures_are_split_to_stay_under_the_query_length() -> None:

@@ -12,7 +12,7 @@ from recommender.config import Config
 from recommender.model import make_nodes
 from recommender.source.cluster import burst_ratios
 from recommender.source.prometheus import PrometheusSource
-from recommender.source.queries import SnapshotQueries
+from recommender.source.queries import RATE_COUNTERS, SnapshotQueries
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,9 @@ def test_query_plan_is_fixed_and_follows_the_config() -> None:
     # The quantile estimator adds the window means that burst detection compares with.
     assert set(plan.queries) > set(mean.queries)
     # History shorter than the window: VMs that moved are still looked for over the window.
-    assert "[2h:1m]" in plan.queries["vm_first_seen"] and plan.history == 1800
+    # Settled on a node: a sample in the window's first two minutes, no subquery.
+    assert "[120s] offset 7080000ms" in plan.queries["vm_settled"] and plan.history == 1800
+    assert not any(":1m]" in promql and "[2h" in promql for promql in plan.queries.values())
     assert "[2h]" in plan.queries["vm_moved"]
     # The twelve 10-minute rates of the 2 h window, whose quantile the source takes.
     assert plan.queries["load_cpu"].startswith("((sum by (cluster, vm) (increase(")
@@ -113,3 +115,13 @@ def test_vm_newer_than_the_last_history_step_is_placed() -> None:
     assert "new" not in _placements([], [], at, plan)
     places = _placements(now_only, [], at, plan)
     assert places["new"].node == "kvm2"
+
+
+def test_each_counter_of_a_resource_is_evaluated_once() -> None:
+    """Two counters are summed per VM by labelling each, not by `(a + b) or a or b`, which
+    evaluates every counter twice (the numbers are checked on both servers in
+    test_scrape_grid)."""
+    plan = SnapshotQueries.for_config(Config())
+    for name, resource in (("load_disk_bytes", "disk_bytes"), ("short_network", "network")):
+        for counter in RATE_COUNTERS[resource]:
+            assert plan.queries[name].count(counter) == 1

@@ -162,10 +162,14 @@ def _threshold(
     has = capacity > 0
     if not has.any():
         return 0.0
+    # The pieces by node, largest first within each: one sort, then a slice per node.
+    order = np.lexsort((-piece, node))
+    node, piece = node[order], piece[order]
+    starts = np.searchsorted(node, np.arange(len(load) + 1))
     breaks: list[np.ndarray] = []
     floor = -np.inf
     for n in np.flatnonzero(has):
-        own = -np.sort(-piece[node == n])
+        own = piece[starts[n] : starts[n + 1]]
         shed = np.concatenate([[0.0], np.cumsum(own)])
         t = (load[n] - shed) / capacity[n]
         floor = max(floor, float(t[-1]))
@@ -187,5 +191,7 @@ def _whale_floor(
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = np.where(capacity > 0, 1.0 / np.where(capacity > 0, capacity, 1.0), 0.0)
     fixed = np.maximum(fixed, 0.0)
-    lowest = ((fixed[None, :] + load[:, None]) * inv[None, :]).min(axis=1)
-    return float(lowest.max())
+    # Each node's utilisation with the thing on it grows with the thing's load (inv >= 0), so
+    # the least over the nodes does too: the largest thing gives the largest floor.
+    heaviest = float(np.max(load))
+    return float(((fixed + heaviest) * inv).min())

@@ -2,7 +2,8 @@
 
 A VM younger than the window (or an exporter added recently) would be under-counted by
 dividing by the whole window, so its load is divided by the time since its first sample
-instead (known to within the 1-minute step of the history subquery).
+instead: its first sample, read raw (`SnapshotQueries.arrivals`) only for the VMs not on
+their node since the window's start (`vm_settled`), known to within one sample spacing.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -68,6 +70,66 @@ def last_samples(answer: Answer, at: float) -> Answer:
             }
             out.append({"metric": labels, "value": [at, repr(max(times))]})
     return out
+
+
+def first_samples(answer: Answer, since: float, at: float) -> Answer:
+    """A range answer (raw samples per series, `SnapshotQueries.arrivals` or `departures`)
+    as an instant answer at `at` holding, per (cluster, node, vm), the time of its first
+    sample at or after `since`."""
+    first: dict[tuple[str, str, str], float] = {}
+    for item in answer:
+        labels = item["metric"]
+        if "node" not in labels or "vm" not in labels:
+            continue
+        times = [float(point[0]) for point in item.get("values", ()) if point]
+        times = [t for t in times if t >= since]
+        if times:
+            key = (labels.get("cluster", ""), labels["node"], labels["vm"])
+            first[key] = min(min(times), first.get(key, math.inf))
+    return [
+        {
+            "metric": {"node": node, "vm": vm, **({"cluster": cluster} if cluster else {})},
+            "value": [at, repr(value)],
+        }
+        for (cluster, node, vm), value in first.items()
+    ]
+
+
+def first_seen(settled: Answer, arrivals: Answer, since: float, at: float) -> Answer:
+    """Per (cluster, node, vm), its first sample in the window starting at `since`: `since`
+    itself for the VMs settled on that node (`vm_settled`), else the first of the raw
+    samples (`first_samples`)."""
+    out: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for item in first_samples(arrivals, since, at):
+        labels = item["metric"]
+        out[(labels.get("cluster", ""), labels["node"], labels["vm"])] = item
+    for item in settled:
+        labels = item["metric"]
+        if "node" not in labels or "vm" not in labels:
+            continue
+        kept = {k: labels[k] for k in ("cluster", "node", "vm") if k in labels}
+        out[(labels.get("cluster", ""), labels["node"], labels["vm"])] = {
+            "metric": kept,
+            "value": [at, repr(since)],
+        }
+    return list(out.values())
+
+
+def unsettled(seen: Answer, settled: Answer) -> list[str]:
+    """The VMs seen (any presence answer) on a node where `vm_settled` does not have them
+    since the window's start: the young and those that arrived in the window."""
+    on_node = {
+        (item["metric"].get("cluster", ""), item["metric"].get("node"), item["metric"].get("vm"))
+        for item in settled
+    }
+    out: set[str] = set()
+    for item in seen:
+        labels = item["metric"]
+        if "node" not in labels or "vm" not in labels:
+            continue
+        if (labels.get("cluster", ""), labels["node"], labels["vm"]) not in on_node:
+            out.add(labels["vm"])
+    return sorted(out)
 
 
 def placements(
@@ -194,14 +256,22 @@ def _nodes(
     return make_nodes(rows)
 
 
-def _young_scale(places: Mapping[str, VMPlace], at: float, window: float) -> dict[str, float]:
-    """Per VM, what its window sums are multiplied by: window over its age when younger."""
-    step = duration_seconds(HISTORY_STEP)
+def _young_scale(
+    places: Mapping[str, VMPlace], at: float, plan: SnapshotQueries
+) -> dict[str, float]:
+    """Per VM, what its window sums are multiplied by: window over its age when its first
+    sample came more than `plan.slot` after the window's start (a VM settled since then is
+    not young)."""
+    resolution = plan.spacing if math.isfinite(plan.spacing) else duration_seconds(HISTORY_STEP)
     scale: dict[str, float] = {}
     for vm, place in places.items():
-        # The first sample is known to within one step: add half of it.
-        age = at - place.first_seen_anywhere + step / 2
-        scale[vm] = window / max(age, step) if age < window - 2 * step else 1.0
+        first = place.first_seen_anywhere
+        if not first > at - plan.window + plan.slot:
+            scale[vm] = 1.0
+            continue
+        # The VM started within a spacing before its first sample: add half of one.
+        age = at - first + resolution / 2
+        scale[vm] = plan.window / max(age, resolution)
     return scale
 
 
@@ -336,7 +406,7 @@ def assemble_snapshot(
             f"(no vmbalance_vm_info series at {source})"
         )
     nodes = _nodes(config, answers, places, warnings)
-    rates = _rates(config, answers, places, _young_scale(places, at, plan.window))
+    rates = _rates(config, answers, places, _young_scale(places, at, plan))
     vms = _vms(config, answers, places, rates, warnings)
     frame = pd.DataFrame
     mean = frame({r: pd.Series(rates.means[r], dtype=float) for r in BURST_RESOURCES})
@@ -364,4 +434,14 @@ def assemble_snapshot(
     )
 
 
-__all__ = ["NoVMData", "VMPlace", "assemble_snapshot", "burst_ratios", "last_samples", "placements"]
+__all__ = [
+    "NoVMData",
+    "VMPlace",
+    "assemble_snapshot",
+    "burst_ratios",
+    "first_samples",
+    "first_seen",
+    "last_samples",
+    "placements",
+    "unsettled",
+]

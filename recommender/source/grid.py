@@ -108,15 +108,19 @@ def rate_samples_query(
     """The (vm, resource) pairs whose counters have samples in the window (without its edge
     sample, so both servers count alike) but no series, on any node, with MIN_RATE_SAMPLES of
     them (one sample; several series all from one scrape): that rate is unknown, not zero.
-    Prometheus answers no `increase()` for it and VictoriaMetrics answers 0."""
-    parts = [
-        f'label_replace(count_over_time({c}[{grid.level_range(window)}]), "resource", '
-        f'"{resource}", "", "")'
-        for resource, names in counters.items()
-        for c in names
-    ]
-    # Only the pairs under the minimum are answered: a few, not one row per VM and resource.
-    return f"max by (cluster, vm, resource) ({' or '.join(parts)}) < {MIN_RATE_SAMPLES}"
+    Prometheus answers no `increase()` for it and VictoriaMetrics answers 0.
+
+    Only the first counter of each resource is counted: a resource's counters (read and
+    written bytes) come from the same scrape of the same device, so they have the same
+    samples. Each resource's maximum per VM is taken and compared first, and only the few
+    under the minimum are labelled and joined: labelling every VM's series would be most of
+    the query's cost."""
+    parts = []
+    for resource, names in counters.items():
+        counts = f"count_over_time({names[0]}[{grid.level_range(window)}])"
+        under = f"max by (cluster, vm) ({counts}) < {MIN_RATE_SAMPLES}"
+        parts.append(f'label_replace({under}, "resource", "{resource}", "", "")')
+    return " or ".join(parts)
 
 
 def latest_sample(answer: Answer, requested: float) -> float:

@@ -14,7 +14,7 @@ from recommender.config import Config, PrometheusSettings
 from recommender.history import History, Window
 from recommender.model import Snapshot
 from recommender.source.answers import Answer, presence_frame, quantiles
-from recommender.source.cluster import assemble_snapshot, last_samples
+from recommender.source.cluster import assemble_snapshot, first_seen, last_samples, unsettled
 from recommender.source.clusters import per_cluster_config, qualify, unqualify
 from recommender.source.grid import (
     LATEST_QUERY,
@@ -38,6 +38,8 @@ from recommender.text import format_time
 # side finish together in about the time of the slowest (Prometheus runs up to
 # `--query.max-concurrency`, default 20, at a time; VictoriaMetrics twice its cores).
 PARALLEL_QUERIES = 4
+# The presence answers the raw reads of `_answers` wait for.
+PRESENCE = ("vm_moved", "vm_settled", "vm_seen_now", "vm_seen_recently")
 
 
 def _bearer_token(settings: PrometheusSettings) -> str | None:
@@ -125,33 +127,51 @@ class PrometheusSource:
         self._count()
         return quantiles(self._checked(self._client.query(promql, at), promql, "values"), q)
 
+    def raw(self, promql: str, at: float) -> Answer:
+        """A range selector's raw samples per series (`SnapshotQueries.departures`,
+        `arrivals`)."""
+        self._count()
+        return self._checked(self._client.query(promql, at), promql, "values")
+
     def departed(self, promql: str, at: float) -> Answer:
         """A range selector's raw samples as each series' last sample time (`last_samples`)."""
-        self._count()
-        return last_samples(self._checked(self._client.query(promql, at), promql, "values"), at)
+        return last_samples(self.raw(promql, at), at)
 
     def _answers(self, plan: SnapshotQueries, at: float, q: float) -> dict[str, Answer]:
-        """Every answer of `plan` at `at`, the departures of the VMs that moved among them
-        (`vm_departed`), the queries sent `PARALLEL_QUERIES` at a time; the first failure,
-        in the order of `plan.queries`, is raised and what is not yet sent is not sent."""
+        """Every answer of `plan` at `at`, and from the raw samples of the VMs that moved
+        (`departures`) or are not settled on their node (`arrivals`) when they left a node
+        (`vm_departed`) and when they appeared on one (`vm_first_seen`); the queries sent
+        `PARALLEL_QUERIES` at a time. The first failure, in the order of `plan.queries`, is
+        raised and what is not yet sent is not sent."""
         with ThreadPoolExecutor(PARALLEL_QUERIES, thread_name_prefix="snapshot") as pool:
             try:
-                # `vm_moved` first: the departures wait for it, the other queries do not.
-                names = sorted(plan.queries, key=lambda name: name != "vm_moved")
+                # The presence first: the raw reads wait for it, the other queries do not.
+                names = sorted(plan.queries, key=lambda name: name not in PRESENCE)
                 pending: dict[str, Future[Answer]] = {
                     name: pool.submit(self._snapshot_answer, plan, name, plan.queries[name], at, q)
                     for name in names
                 }
                 departures: list[Future[Answer]] = []
-                if pending["vm_moved"].exception() is None:
-                    moved = [
-                        item["metric"]["vm"]
-                        for item in pending["vm_moved"].result()
-                        if "vm" in item["metric"]
-                    ]
-                    departures = [pool.submit(self.departed, p, at) for p in plan.departures(moved)]
+                arrivals: list[Future[Answer]] = []
+                if all(pending[name].exception() is None for name in PRESENCE):
+                    moved = sorted(
+                        {
+                            item["metric"]["vm"]
+                            for item in pending["vm_moved"].result()
+                            if "vm" in item["metric"]
+                        }
+                    )
+                    seen = pending["vm_seen_now"].result() + pending["vm_seen_recently"].result()
+                    young = set(unsettled(seen, pending["vm_settled"].result())) - set(moved)
+                    departures = [pool.submit(self.raw, p, at) for p in plan.departures(moved)]
+                    arrivals = [pool.submit(self.raw, p, at) for p in plan.arrivals(sorted(young))]
                 answers = {name: pending[name].result() for name in plan.queries}
-                answers["vm_departed"] = [item for f in departures for item in f.result()]
+                left = [item for f in departures for item in f.result()]
+                came = [item for f in arrivals for item in f.result()]
+                answers["vm_departed"] = last_samples(left, at)
+                answers["vm_first_seen"] = first_seen(
+                    answers["vm_settled"], left + came, at - plan.window, at
+                )
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise

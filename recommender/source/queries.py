@@ -37,8 +37,13 @@ those VMs alone (`SnapshotQueries.departures`: `vmbalance_vm_info{vm=~...}[24h]`
 query, or one per ~1,000 VMs that moved), the last sample of each series being the last time
 the VM was on that node. Neither server steps through anything for it, and a series that a
 staleness marker ended is dated by its last real sample, not by the last step that saw it.
-The current node comes from the short window, the first sample (only a VM younger than the
-window is scaled) from the window: both a few steps at most. Aggregations keep `cluster`
+The current node comes from the short window (a few steps). Only a VM younger than the window
+is scaled, so its first sample is read only where it can matter: `vm_settled` counts each
+(node, vm)'s samples in the window's first two minutes (one raw pass over a slot, no
+steps), and the VMs seen now without one there (new VMs, and those that arrived in the
+window) have their raw samples over the window read (`SnapshotQueries.arrivals`, none when
+every VM was in place); a subquery `min_over_time(timestamp(...)[1h:1m])` cost 60
+evaluations per VM, the largest share of a 10,000-VM snapshot. Aggregations keep `cluster`
 (`by (cluster, node, vm)`), so VMs of different clusters stay apart where the label is
 present; `SnapshotQueries.for_cluster` puts `cluster="NAME"` on every selector, so one
 cluster's snapshot reads only its own series from a store holding a whole fleet.
@@ -72,6 +77,7 @@ a query longer than 16 KiB by default): VMs that moved beyond it keep `increase(
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -115,8 +121,8 @@ _LOADS = tuple(f"load_{resource}" for resource in RATE_COUNTERS)
 # The longest list of VM ids one departures query carries (its regex, in characters).
 DEPARTURE_QUERY_CHARS = 12_000
 # The longest list of VM ids the report's load queries leave out and read raw (its regex, in
-# characters; a load query of two counters carries it four times, `counter_sum`).
-MOVED_QUERY_CHARS = 3_800
+# characters; a load query of two counters carries it twice, `counter_sum`).
+MOVED_QUERY_CHARS = 7_000
 
 
 # A selector of a family the recommender reads (the exporter's `vmbalance_*`, node_exporter's
@@ -148,23 +154,44 @@ def offset_text(seconds: float) -> str:
     return f" offset {round(seconds * 1000):d}ms" if seconds > 0 else ""
 
 
-def counter_sum(counters: Sequence[str], range_: str, by: str, offset: float = 0.0) -> str:
-    """PromQL summing `increase()` of several counters per `by` labels.
+# The label `counter_sum` tells each counter's series apart by, so that `or` keeps them all.
+COUNTER_LABEL = "summand"
 
-    Each counter is aggregated on its own and the results are added; `(a + b) or a or b`
-    keeps a VM that has only one of them. A `{__name__=~"a|b"}` selector would be shorter but
-    Prometheus refuses it: `increase()` drops the name and two series would share labels.
+
+def counter_sum(counters: Sequence[str], range_: str, by: str, offset: float = 0.0) -> str:
+    """PromQL summing `increase()` of several counters per `by` labels, each evaluated once.
+
+    `increase()` drops the name, so the counters' series of one VM would share labels and `or`
+    would keep only the first: each is labelled with its position first (`COUNTER_LABEL`), and
+    the sum adds them, a VM with only one of them included. A `{__name__=~"a|b"}` selector
+    would be shorter but Prometheus refuses it (two series with the same labels), and
+    `(sum(a) + sum(b)) or sum(a) or sum(b)` evaluates every counter twice.
     """
     shift = offset_text(offset)
-    parts = [f"sum by ({by}) (increase({c}[{range_}]{shift}))" for c in counters]
-    if len(parts) == 1:
-        return parts[0]
-    return f"({' + '.join(parts)}) or " + " or ".join(parts)
+    if len(counters) == 1:
+        return f"sum by ({by}) (increase({counters[0]}[{range_}]{shift}))"
+    parts = [
+        f'label_replace(increase({c}[{range_}]{shift}), "{COUNTER_LABEL}", "{i}", "", "")'
+        for i, c in enumerate(counters)
+    ]
+    return f"sum by ({by}) ({' or '.join(parts)})"
 
 
-def _presence_queries(window: str, presence: str, history_range: str) -> dict[str, str]:
-    """Where each VM is, when it first appeared, and which VMs changed node, from
-    `vmbalance_vm_info`; none of them steps through the whole history (see `departures`)."""
+def settled_slot(window_s: float, grid: SampleGrid) -> float:
+    """Seconds at the window's start in which a VM's sample on a node shows it was there for
+    the whole window (`vm_settled`): two history steps, or two sample spacings when samples
+    are sparser, and at most half the window."""
+    spacing = grid.spacing if grid.known else 0.0
+    slot = max(2 * duration_seconds(HISTORY_STEP), 2 * spacing)
+    return min(slot, window_s / 2)
+
+
+def _presence_queries(
+    window_s: float, presence: str, history_range: str, slot: float
+) -> dict[str, str]:
+    """Where each VM is, which VMs were on their node since the window's start, and which VMs
+    changed node, from `vmbalance_vm_info`; none of them steps through the whole history
+    (see `departures` and `arrivals`)."""
     return {
         # The subquery's last step is the last whole minute: a VM whose samples all came
         # after it (a new VM, a new exporter) is seen only at the evaluation instant.
@@ -173,11 +200,12 @@ def _presence_queries(window: str, presence: str, history_range: str) -> dict[st
             f"max by (cluster, node, vm, name) "
             f"(max_over_time(timestamp({INFO})[{presence}:{HISTORY_STEP}]))"
         ),
-        # Only the young are scaled (a VM first seen inside the window), so the window is
-        # as far back as the first sample must be looked for.
-        "vm_first_seen": (
-            f"min by (cluster, node, vm) "
-            f"(min_over_time(timestamp({INFO})[{window}:{HISTORY_STEP}]))"
+        # On the node since the window's start: a sample in its first `slot` seconds. Only
+        # the VMs seen now but not so (the young, and those that arrived in the window) have
+        # their first sample read raw (`arrivals`): the young are scaled.
+        "vm_settled": (
+            f"max by (cluster, node, vm) "
+            f"(count_over_time({INFO}[{seconds_text(slot)}s]{offset_text(window_s - slot)}))"
         ),
         # VMs seen on more than one node within the history: one pass over the raw samples,
         # answered only for the few that moved.
@@ -291,6 +319,10 @@ class SnapshotQueries:
     quantiles: frozenset[str] = frozenset()
     # Only this cluster's series are read (`in_cluster`); None: every cluster's.
     cluster: str | None = None
+    # Seconds at the window's start that `vm_settled` looks at (`settled_slot`).
+    slot: float = 2 * 60.0
+    # The data's sample spacing (NaN when unknown).
+    spacing: float = math.nan
 
     def for_cluster(self, cluster: str | None) -> SnapshotQueries:
         """The same queries reading only `cluster`'s series (all of them for None)."""
@@ -309,8 +341,9 @@ class SnapshotQueries:
         # The history subquery also finds each VM's first sample inside the window.
         history_range = q.history if history_s >= window_s else q.window
         presence = f"{max(short_s, 2 * duration_seconds(HISTORY_STEP)):.0f}s"
+        slot = settled_slot(window_s, grid)
         queries = {
-            **_presence_queries(q.window, presence, history_range),
+            **_presence_queries(window_s, presence, history_range, slot),
             **_rate_queries(q, window_s, short_s, grid),
             "rate_samples": rate_samples_query(RATE_COUNTERS, window_s, grid),
             **_level_queries(q, window_s, grid),
@@ -324,6 +357,8 @@ class SnapshotQueries:
             short=short_s,
             history=history_s,
             history_range=max(history_s, window_s),
+            slot=slot,
+            spacing=grid.spacing if grid.known else math.nan,
             quantiles=frozenset(
                 name
                 for name in queries
@@ -337,10 +372,19 @@ class SnapshotQueries:
         node (`recommender.source.cluster.last_samples`), in queries of at most
         `DEPARTURE_QUERY_CHARS` (VictoriaMetrics refuses a query longer than 16 KiB by
         default), so one query in all unless thousands moved."""
-        history_range = f"{self.history_range:.0f}s"
+        return self._raw_presence(moved, self.history_range)
+
+    def arrivals(self, unsettled: Sequence[str]) -> list[str]:
+        """The raw `vmbalance_vm_info` samples within the window of the VMs seen now but not
+        on their node since the window's start (`vm_settled`), whose first sample per series
+        is when the VM appeared there (`recommender.source.cluster.first_samples`): none
+        when every VM was in place, batched like `departures`."""
+        return self._raw_presence(unsettled, self.window)
+
+    def _raw_presence(self, vms: Sequence[str], seconds: float) -> list[str]:
         batches: list[list[str]] = []
         size = DEPARTURE_QUERY_CHARS
-        for vm in sorted(set(moved)):
+        for vm in sorted(set(vms)):
             length = len(promql_regex_alternatives([vm])) + 1
             if size + length > DEPARTURE_QUERY_CHARS:
                 batches.append([])
@@ -348,8 +392,7 @@ class SnapshotQueries:
             batches[-1].append(vm)
             size += length
         queries = [
-            f"{INFO}{{vm=~{promql_regex_alternatives(batch)}}}[{history_range}]"
-            for batch in batches
+            f"{INFO}{{vm=~{promql_regex_alternatives(batch)}}}[{seconds:.0f}s]" for batch in batches
         ]
         return queries if self.cluster is None else [in_cluster(q, self.cluster) for q in queries]
 
@@ -490,4 +533,5 @@ __all__ = [
     "counter_sum",
     "executed_queries",
     "in_cluster",
+    "settled_slot",
 ]
