@@ -13,7 +13,8 @@ and reused by the next run (`--build-only` only builds them).
 
 Per size and server: the whole store's snapshot in process (`PrometheusSource.build_snapshot`,
 wall time and PromQL queries sent), `vmbalance plan -o json` end to end as a subprocess
-(`--cluster c00` in the fleets; wall time, peak RSS from wait4), one `vmbalance serve --once`
+(`--cluster c00` in the fleets; wall time, its own peak RSS: bench/child_rss.py), one
+`vmbalance serve --once`
 over every cluster (wall time, peak RSS, the queries the server answered for it), the
 server's peak RSS (VmHWM), and (`--old-up-to` VMs at most) the two 24-hour subqueries the
 snapshot once sent.
@@ -29,10 +30,8 @@ import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import IO, Any
 
+import child_rss
 import numpy as np
 import requests
 from docs_section import replace_section
@@ -170,24 +170,18 @@ def _hwm_mib(pid: int) -> float:
 
 
 def _vmbalance(args: list[str], timeout: float) -> tuple[float, float, int]:
-    """`vmbalance ARGS` as a subprocess: wall seconds, peak RSS MiB (wait4), exit code; its
-    stdout dropped, its stderr shown when it fails."""
+    """`vmbalance ARGS` as a subprocess: wall seconds, its own peak RSS MiB
+    (`child_rss`: not this process's, which holds whole snapshots), exit code; its stdout
+    dropped, its stderr shown when it fails."""
     command = [str(ROOT / ".venv" / "bin" / "vmbalance"), *args]
-    started = time.perf_counter()
     with tempfile.TemporaryFile() as errors:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
-        killer = threading.Timer(timeout, process.kill)  # wait4 reaps it, with its usage
-        killer.start()
-        _, status, usage = os.wait4(process.pid, 0)
-        killer.cancel()
-        wall = time.perf_counter() - started
-        code = os.waitstatus_to_exitcode(status)
-        process.returncode = code
-        if code != 0:
+        done = child_rss.run(command, timeout, stderr=errors)
+        if done.code != 0:
             errors.seek(0)
             tail = errors.read().decode(errors="replace").strip().splitlines()[-3:]
-            print(f"  {' '.join(args[:1])} failed ({code}): {' / '.join(tail)}", file=sys.stderr)
-    return wall, usage.ru_maxrss / 1024, code
+            said = " / ".join(tail)
+            print(f"  {' '.join(args[:1])} failed ({done.code}): {said}", file=sys.stderr)
+    return done.wall, done.peak_rss_mib, done.code
 
 
 def _common(url: str, at: float) -> list[str]:
@@ -382,7 +376,8 @@ def render(results: list[tuple[Fleet, dict[str, dict[str, Any]]]], args: argpars
         "of the whole store in process "
         "(`PrometheusSource.build_snapshot`, with the PromQL queries it sends, "
         f"{PARALLEL_QUERIES} at a time); `vmbalance plan -o json` end to end as a subprocess "
-        "(`--cluster c00` in the fleets: one 32-node cluster; its peak RSS from wait4); "
+        "(`--cluster c00` in the fleets: one 32-node cluster; its own peak RSS, "
+        "bench/child_rss.py); "
         "`vmbalance serve --once` (one run planning every cluster; once, its queries counted "
         "by the server's own request counter). The server's peak RSS is its VmHWM after all "
         'of them. "before" is the two 24-hour subqueries the snapshot once sent, summed; "-" '

@@ -3,8 +3,8 @@ a period of generated history (`devkit.simulate`, seeded, about 2 % of the VMs m
 backfilled into Prometheus with promtool (`devkit.servers.backfill`).
 
 Per size: `vmbalance report --period P` end to end as a subprocess, `--runs` times (median
-wall time, peak RSS from wait4), for the code of this tree and, with `--baseline-tree DIR`,
-for the code of another checkout side by side against the same server (its
+wall time, its own peak RSS: bench/child_rss.py), for the code of this tree and, with
+`--baseline-tree DIR`, for the code of another checkout side by side against the same server (its
 `recommender` package first on PYTHONPATH, same interpreter and libraries). `--profile`
 adds, for the largest size, an in-process run of this tree's report under cProfile and
 tracemalloc: the stages' wall time and the functions that took the most.
@@ -24,7 +24,6 @@ import platform
 import pstats
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+import child_rss
 from docs_section import replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,20 +88,15 @@ def report_once(tree: Path, url: str, at: float, period: str, out: Path) -> Meas
         "--out",
         str(out),
     ]
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=out.parent
-    )
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
-    error = process.stderr.read().decode(errors="replace").strip() if process.stderr else ""
-    if process.stderr is not None:
-        process.stderr.close()
-    if code != 0:
-        return Measured(failed=error.splitlines()[-1] if error else f"exit {code}")
+    with tempfile.TemporaryFile() as errors:
+        done = child_rss.run(command, QUERY_TIMEOUT * 20, stderr=errors, env=env, cwd=out.parent)
+        errors.seek(0)
+        error = errors.read().decode(errors="replace").strip()
+    if done.code != 0:
+        return Measured(failed=error.splitlines()[-1] if error else f"exit {done.code}")
+    wall, usage_mib = done.wall, done.peak_rss_mib
     markdown = out / "report.md"
-    return Measured([wall], [usage.ru_maxrss / 1024], markdown.stat().st_size / 1024)
+    return Measured([wall], [usage_mib], markdown.stat().st_size / 1024)
 
 
 def measure(tree: Path, url: str, at: float, period: str, runs: int, tmp: Path) -> Measured:
@@ -217,7 +212,8 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
         f"cluster of N VMs ({VMS_PER_NODE} per node) with {args.period} of history sampled every "
         f"{args.step:.0f} s (`devkit.simulate`, about 2 % of the VMs migrate), backfilled "
         "with promtool. End to end as a subprocess, median of "
-        f"{args.runs} runs: wall time and peak RSS (wait4). The report's own step is "
+        f"{args.runs} runs: wall time and its own peak RSS (bench/child_rss.py). "
+        "The report's own step is "
         "the period over 336, at least 3 sample spacings.",
         "",
         f"- Command: `.venv/bin/python bench/bench_report_scale.py --sizes {sizes} "
