@@ -296,6 +296,9 @@ class HostSettings(StrictModel):
 class ServeSettings(StrictModel):
     listen: str = "127.0.0.1:9643"
     interval_seconds: Number = Field(300.0, gt=0, le=MAX_QUANTITY)
+    # Processes that plan the clusters of a run side by side (each cluster is planned on its
+    # own); 0: one per CPU this process may use, 1: every cluster in the serving process.
+    plan_workers: Count = Field(0, ge=0, le=256)
 
     @field_validator("listen")
     @classmethod

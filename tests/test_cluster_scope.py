@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -18,6 +19,7 @@ from devkit.servers import PrometheusServer, VictoriaMetricsServer, backfill
 from devkit.simulate import simulate_cluster, to_openmetrics, to_victoriametrics
 from recommender.config import Config
 from recommender.model import cluster_snapshot
+from recommender.source.answers import Answer
 from recommender.source.cluster import NoVMData
 from recommender.source.prometheus import PrometheusSource
 from recommender.source.queries import SnapshotQueries, in_cluster
@@ -54,6 +56,22 @@ def test_matchers_and_quoted_braces_are_kept() -> None:
     )
 
 
+class Recording(PrometheusSource):
+    """A source that keeps every PromQL query it sends."""
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self.sent: list[str] = []
+
+    def query(self, promql: str, at: float) -> Answer:
+        self.sent.append(promql)
+        return super().query(promql, at)
+
+    def raw(self, promql: str, at: float) -> Answer:
+        self.sent.append(promql)
+        return super().raw(promql, at)
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[float, dict[str, str]]]:
     tmp: Path = tmp_path_factory.mktemp("scope")
@@ -85,8 +103,13 @@ def test_one_clusters_snapshot_is_the_stores_cut_to_it(
     whole = PrometheusSource(config.prometheus).build_snapshot(config, at=at)
     assert whole.vms["last_migration"].notna().any()
     for cluster in ("west", "east"):
-        source = PrometheusSource(config.prometheus)
+        source = Recording(config.prometheus)
         alone = source.build_snapshot(config, at=at, cluster=cluster)
+        # Every query it sent reads only that cluster's series, the data's grid too.
+        assert len(source.sent) == source.queries_issued
+        for promql in source.sent:
+            selectors = SELECTOR.findall(promql)
+            assert selectors and all(s.startswith(f'{{cluster="{cluster}"') for s in selectors)
         cut = cluster_snapshot(whole, cluster)
         assert set(alone.nodes["cluster"]) == {cluster}
         pd.testing.assert_frame_equal(alone.nodes, cut.nodes)

@@ -173,7 +173,10 @@ def test_serve_issues_the_same_queries_for_one_cluster_or_two(fleet: Fleet) -> N
     at = datetime.fromtimestamp(fleet.end, UTC)
     source = PrometheusSource(config.prometheus)
     recommender = Recommender(config, lambda c: source.build_snapshot(c, at))
-    assert recommender.run_once()
+    try:
+        assert recommender.run_once()
+    finally:
+        recommender.close()
     latest = recommender.latest()
     assert sorted(latest.plans) == ["east", "west"]
     # The data's grid, then the fixed queries (no VM moved, so no departures query).
@@ -193,3 +196,29 @@ def test_the_report_is_for_one_cluster(fleet: Fleet, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     text = (out / "report.md").read_text()
     assert "| w1 " in text and "| e1 " not in text
+
+
+def test_planning_workers_make_the_plans_made_in_process(fleet: Fleet) -> None:
+    """Two workers plan the two clusters side by side: the same documents as one process."""
+    base = yaml.safe_load(fleet.config.read_text())
+    at = datetime.fromtimestamp(fleet.end, UTC)
+    snapshot = PrometheusSource(Config.model_validate(base).prometheus).build_snapshot(
+        Config.model_validate(base), at
+    )
+    documents = {}
+    for workers in (1, 2):
+        config = Config.model_validate({**base, "serve": {"plan_workers": workers}})
+        recommender = Recommender(config, lambda c: snapshot)
+        try:
+            assert recommender.run_once()
+            assert (recommender._pool is not None) == (workers > 1)
+            assert recommender.run_once()  # the workers serve the next run too
+        finally:
+            recommender.close()
+        assert recommender._pool is None
+        documents[workers] = {
+            cluster: {key: value for key, value in document.items() if key != "generated_at"}
+            for cluster, document in recommender.latest().plan_documents.items()
+        }
+    assert sorted(documents[2]) == ["east", "west"]
+    assert documents[2] == documents[1]

@@ -117,7 +117,7 @@ def build_report(
     period_s = parse_period(period)
     source = source if source is not None else PrometheusSource(config.prometheus)
     # The period ends at the latest sample at or before `at`, its steps on the data's grid.
-    grid = source.sample_grid(at.timestamp())
+    grid = source.sample_grid(at.timestamp(), cluster)
     window = report_window(period_s, grid.at, grid.spacing)
     # One cluster's report reads only its series: node names repeat across clusters.
     history = source.history(config, window, grid, cluster)

@@ -3,11 +3,12 @@
 The planning loop and the HTTP server share one `Latest` record under a lock; a scrape reads
 whatever the last run left, so a slow Prometheus never slows `/metrics` down. Each run reads
 one snapshot (a fixed number of queries, whatever the number of clusters) and plans every
-cluster in it on its own; the plan metrics carry a `cluster` label ("" for nodes of no named
-cluster), and `/plan?cluster=NAME` answers one cluster's plan (`/plan` alone: the plan when
-there is one cluster, else every cluster's under `plans`). A failing run
-keeps the previous plan, counts the error, sets `vmbalance_recommender_up 0` and is retried at
-the next interval; the process does not exit.
+cluster in it on its own, side by side in `serve.plan_workers` processes (started once from
+a fork server, never forked from this threaded process); the plan metrics carry a `cluster`
+label ("" for nodes of no named cluster), and `/plan?cluster=NAME` answers one cluster's
+plan (`/plan` alone: the plan when there is one cluster, else every cluster's under
+`plans`). A failing run keeps the previous plan, counts the error, sets
+`vmbalance_recommender_up 0` and is retried at the next interval; the process does not exit.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
+import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
@@ -95,12 +99,34 @@ class _Run:
     maintenance: dict[tuple[str, str], bool] = field(default_factory=dict)
 
 
-def plan_clusters(snapshot: Snapshot, config: Config) -> _Run:
-    """Every cluster of the snapshot planned on its own; a cluster without usable data is
-    skipped (logged), and a snapshot no cluster of which can be planned is refused."""
+def _plan_part(
+    part: Snapshot, config: Config | dict[str, Any], cluster: str
+) -> tuple[Plan, dict[str, Any], dict[tuple[str, str, str], float], dict[tuple[str, str], bool]]:
+    """One cluster's plan, its document and node facts (run in a planning worker, which gets
+    the config as its fields: the rules' settings model is composed at import time and is
+    not picklable, or here)."""
+    if not isinstance(config, Config):
+        config = Config.model_validate(config)
+    plan = build_plan(part, config)
+    capacities, maintenance = node_facts(part, config, cluster)
+    return plan, plan_document(plan, config), capacities, maintenance
+
+
+def plan_workers(config: Config, clusters: int) -> int:
+    """How many processes plan `clusters` clusters side by side (`serve.plan_workers`)."""
+    wanted = config.serve.plan_workers or len(os.sched_getaffinity(0))
+    return max(1, min(wanted, clusters))
+
+
+def plan_clusters(snapshot: Snapshot, config: Config, pool: Executor | None = None) -> _Run:
+    """Every cluster of the snapshot planned on its own (in `pool`'s processes when given and
+    there are several); a cluster without usable data is skipped (logged), and a snapshot no
+    cluster of which can be planned is refused. The engine is deterministic, so the plans
+    are the same wherever they are made."""
     clusters = clusters_of(snapshot.nodes)
     run = _Run()
     problems: list[str] = []
+    parts: list[tuple[str, Snapshot]] = []
     for cluster in clusters:
         part = snapshot if len(clusters) == 1 else cluster_snapshot(snapshot, cluster)
         try:
@@ -108,10 +134,16 @@ def plan_clusters(snapshot: Snapshot, config: Config) -> _Run:
         except CommandError as exc:
             problems.append(f"cluster {cluster!r}: {exc}" if len(clusters) > 1 else str(exc))
             continue
-        plan = build_plan(part, config)
+        parts.append((cluster, part))
+    if pool is not None and len(parts) > 1:
+        fields = config.model_dump()
+        futures = [pool.submit(_plan_part, part, fields, cluster) for cluster, part in parts]
+        results = [future.result() for future in futures]
+    else:
+        results = [_plan_part(part, config, cluster) for cluster, part in parts]
+    for (cluster, _), (plan, document, capacities, maintenance) in zip(parts, results, strict=True):
         run.plans[cluster] = plan
-        run.documents[cluster] = plan_document(plan, config)
-        capacities, maintenance = node_facts(part, config, cluster)
+        run.documents[cluster] = document
         run.capacities.update(capacities)
         run.maintenance.update(maintenance)
     if not run.plans:
@@ -135,6 +167,30 @@ class Recommender:
         self._after_plan = after_plan  # serve's automation (recommender.faces.automation)
         self._lock = threading.Lock()
         self._latest = Latest()
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_size = 0
+
+    def _planning_pool(self, clusters: int) -> ProcessPoolExecutor | None:
+        """The worker processes for a run of `clusters` clusters (None: plan here), started
+        from a fork server (never forked from this threaded process) and kept across runs."""
+        size = plan_workers(self.config, clusters)
+        if size <= 1:
+            return None
+        if self._pool is not None and self._pool_size < size:
+            self.close()
+        if self._pool is None:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["recommender.faces.serve"])
+            self._pool = ProcessPoolExecutor(size, mp_context=context)
+            self._pool_size = size
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the planning workers (after the run in progress)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            self._pool_size = 0
 
     def latest(self) -> Latest:
         with self._lock:
@@ -144,7 +200,8 @@ class Recommender:
         started = time.monotonic()
         try:
             snapshot = self._source(self.config)
-            run = plan_clusters(snapshot, self.config)
+            pool = self._planning_pool(len(clusters_of(snapshot.nodes)))
+            run = plan_clusters(snapshot, self.config, pool)
         except Exception as exc:
             self._failed(exc, time.monotonic() - started)
             return False
@@ -490,7 +547,10 @@ def serve(
     if automation is not None:
         registry.register(automation.collector())
     if once:
-        return _run_once(recommender, registry, out or sys.stdout)
+        try:
+            return _run_once(recommender, registry, out or sys.stdout)
+        finally:
+            recommender.close()
     routes: dict[str, Callable[..., Iterable[bytes]]] | None = (
         dict.fromkeys(PAUSE_PATHS, automation.http) if automation else None
     )
@@ -517,4 +577,5 @@ def serve(
         stop.wait(max(0.0, next_run(first, time.monotonic(), interval) - time.monotonic()))
     httpd.shutdown()
     httpd.server_close()
+    recommender.close()
     return 0

@@ -31,7 +31,7 @@ from recommender.source.history import (
     moved_vms,
 )
 from recommender.source.http import ClientSettings, PromQLClient, SourceError
-from recommender.source.queries import ReportQueries, SnapshotQueries, seconds_text
+from recommender.source.queries import ReportQueries, SnapshotQueries, in_cluster, seconds_text
 from recommender.text import format_time
 
 # Snapshot queries in flight at once: a server evaluates each on one core, so a few side by
@@ -110,13 +110,21 @@ class PrometheusSource:
         self._count()
         return self._client.query(promql, at)
 
-    def sample_grid(self, at: float) -> SampleGrid:
-        """The latest sample at or before `at` and the samples' spacing (two queries)."""
-        answer = self.query(LATEST_QUERY, at)
+    def sample_grid(self, at: float, cluster: str | None = None) -> SampleGrid:
+        """The latest sample at or before `at` and the samples' spacing (two queries); with
+        `cluster`, of that cluster's series only (its exporters' scrape interval, and no
+        reading of a whole fleet's series for one cluster's plan)."""
+        latest_query, spacing_query = LATEST_QUERY, SPACING_QUERY
+        if cluster is not None:
+            latest_query, spacing_query = (
+                in_cluster(latest_query, cluster),
+                in_cluster(spacing_query, cluster),
+            )
+        answer = self.query(latest_query, at)
         if not answer:
             return SampleGrid(at=at, requested=at)
         latest = latest_sample(answer, at)
-        spacing = spacing_of(self.query(SPACING_QUERY, latest))
+        spacing = spacing_of(self.query(spacing_query, latest))
         return SampleGrid(at=latest, spacing=spacing, requested=at)
 
     def _snapshot_answer(
@@ -124,12 +132,11 @@ class PrometheusSource:
     ) -> Answer:
         if name not in plan.quantiles:
             return self.query(promql, at)
-        self._count()
-        return quantiles(self._checked(self._client.query(promql, at), promql, "values"), q)
+        return quantiles(self.raw(promql, at), q)
 
     def raw(self, promql: str, at: float) -> Answer:
-        """A range selector's raw samples per series (`SnapshotQueries.departures`,
-        `arrivals`)."""
+        """An instant query answering a range per series: raw samples
+        (`SnapshotQueries.departures`, `arrivals`), or a subquery's points."""
         self._count()
         return self._checked(self._client.query(promql, at), promql, "values")
 
@@ -190,7 +197,7 @@ class PrometheusSource:
         when = at if at is not None else datetime.now(UTC)
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        grid = grid if grid is not None else self.sample_grid(when.timestamp())
+        grid = grid if grid is not None else self.sample_grid(when.timestamp(), cluster)
         query, notes = adapted_query(config.query, grid)
         config = config.model_copy(update={"query": query})
         plan = SnapshotQueries.for_config(config, grid).for_cluster(cluster)
