@@ -140,11 +140,13 @@ def node_statistics(history: History, resource: str) -> list[NodeStats]:
     edge = edge_seconds(window)
     first = times - window.begin <= edge + 1e-6
     last = times > window.end - edge + 1e-6
+    # Read once: it groups every presence row (a million at 10,000 VMs over a day).
+    trend = history.covered >= MIN_TREND_SECONDS
     out = []
     for node in history.nodes:
         capacity = history.capacity[resource][node].dropna()
         series = util[node].to_numpy(dtype=float)
-        fit = fit_line(times, series) if history.covered >= MIN_TREND_SECONDS else None
+        fit = fit_line(times, series) if trend else None
         out.append(
             NodeStats(
                 node=node,
