@@ -14,7 +14,7 @@ import pytest
 from devkit.servers import PrometheusServer, VictoriaMetricsServer, backfill
 from recommender.config import Config
 from recommender.quoting import promql_regex_alternatives, promql_string
-from recommender.source.cluster import first_samples, unsettled
+from recommender.source.cluster import first_samples, last_samples, unsettled
 from recommender.source.grid import GRID_QUERIES
 from recommender.source.prometheus import PrometheusSource
 from recommender.source.queries import DEPARTURE_QUERY_CHARS, SnapshotQueries
@@ -89,7 +89,7 @@ def test_moved_vms_and_their_departures(servers: tuple[float, dict[str, str]], s
     assert sorted(item["metric"]["vm"] for item in moved) == sorted(MOVED)
 
     (departures,) = plan.departures([item["metric"]["vm"] for item in moved])
-    answer = source.departed(departures, end)
+    answer = last_samples(source.raw(departures, end), end)
     seen = {(item["metric"]["vm"], item["metric"]["node"]) for item in answer}
     assert seen == {(vm, node) for vm in MOVED for node in ("pve1", "pve2")}
     left = end - (SAMPLES - SAMPLES // 2) * STEP

@@ -72,19 +72,24 @@ def last_samples(answer: Answer, at: float) -> Answer:
     return out
 
 
+def _place(labels: Mapping[str, str]) -> tuple[str, str, str] | None:
+    """(cluster, node, vm) of a presence answer's labels ("" for no cluster); None without
+    node or vm."""
+    if "node" not in labels or "vm" not in labels:
+        return None
+    return labels.get("cluster", ""), labels["node"], labels["vm"]
+
+
 def first_samples(answer: Answer, since: float, at: float) -> Answer:
     """A range answer (raw samples per series, `SnapshotQueries.arrivals` or `departures`)
     as an instant answer at `at` holding, per (cluster, node, vm), the time of its first
     sample at or after `since`."""
     first: dict[tuple[str, str, str], float] = {}
     for item in answer:
-        labels = item["metric"]
-        if "node" not in labels or "vm" not in labels:
-            continue
+        key = _place(item["metric"])
         times = [float(point[0]) for point in item.get("values", ()) if point]
         times = [t for t in times if t >= since]
-        if times:
-            key = (labels.get("cluster", ""), labels["node"], labels["vm"])
+        if key is not None and times:
             first[key] = min(min(times), first.get(key, math.inf))
     return [
         {
@@ -101,35 +106,29 @@ def first_seen(settled: Answer, arrivals: Answer, since: float, at: float) -> An
     samples (`first_samples`)."""
     out: dict[tuple[str, str, str], dict[str, Any]] = {}
     for item in first_samples(arrivals, since, at):
-        labels = item["metric"]
-        out[(labels.get("cluster", ""), labels["node"], labels["vm"])] = item
+        key = _place(item["metric"])
+        if key is not None:
+            out[key] = item
     for item in settled:
         labels = item["metric"]
-        if "node" not in labels or "vm" not in labels:
-            continue
-        kept = {k: labels[k] for k in ("cluster", "node", "vm") if k in labels}
-        out[(labels.get("cluster", ""), labels["node"], labels["vm"])] = {
-            "metric": kept,
-            "value": [at, repr(since)],
-        }
+        key = _place(labels)
+        if key is not None:
+            kept = {k: labels[k] for k in ("cluster", "node", "vm") if k in labels}
+            out[key] = {"metric": kept, "value": [at, repr(since)]}
     return list(out.values())
 
 
 def unsettled(seen: Answer, settled: Answer) -> list[str]:
     """The VMs seen (any presence answer) on a node where `vm_settled` does not have them
     since the window's start: the young and those that arrived in the window."""
-    on_node = {
-        (item["metric"].get("cluster", ""), item["metric"].get("node"), item["metric"].get("vm"))
-        for item in settled
-    }
-    out: set[str] = set()
-    for item in seen:
-        labels = item["metric"]
-        if "node" not in labels or "vm" not in labels:
-            continue
-        if (labels.get("cluster", ""), labels["node"], labels["vm"]) not in on_node:
-            out.add(labels["vm"])
-    return sorted(out)
+    on_node = {_place(item["metric"]) for item in settled}
+    return sorted(
+        {
+            key[2]
+            for key in (_place(item["metric"]) for item in seen)
+            if key is not None and key not in on_node
+        }
+    )
 
 
 def placements(

@@ -140,10 +140,6 @@ class PrometheusSource:
         self._count()
         return self._checked(self._client.query(promql, at), promql, "values")
 
-    def departed(self, promql: str, at: float) -> Answer:
-        """A range selector's raw samples as each series' last sample time (`last_samples`)."""
-        return last_samples(self.raw(promql, at), at)
-
     def _answers(self, plan: SnapshotQueries, at: float, q: float) -> dict[str, Answer]:
         """Every answer of `plan` at `at`, and from the raw samples of the VMs that moved
         (`departures`) or are not settled on their node (`arrivals`) when they left a node

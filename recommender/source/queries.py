@@ -338,7 +338,7 @@ class SnapshotQueries:
         grid = grid if grid is not None else SampleGrid(at=0.0)
         window_s, short_s = duration_seconds(q.window), duration_seconds(q.short_window)
         history_s = duration_seconds(q.history)
-        # The history subquery also finds each VM's first sample inside the window.
+        # The departures' raw samples also give a moved VM's first sample inside the window.
         history_range = q.history if history_s >= window_s else q.window
         presence = f"{max(short_s, 2 * duration_seconds(HISTORY_STEP)):.0f}s"
         slot = settled_slot(window_s, grid)
