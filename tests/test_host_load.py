@@ -384,3 +384,42 @@ def test_node_pressure_is_in_the_snapshot_triggers_a_plan_and_weighs_when_asked(
     assert plan["migrations"], plan
     assert all(m["source"] == "kvm1" for m in plan["migrations"]), plan["migrations"]
     assert pressure["load_after"] < pressure["load_before"]
+
+
+def _stalled_seconds() -> dict[str, float]:
+    """The "some" stall totals of this machine's /proc/pressure, in seconds."""
+    totals = {}
+    for kind in ("cpu", "memory", "io"):
+        some = Path(f"/proc/pressure/{kind}").read_text().splitlines()[0]
+        totals[kind] = int(some.rsplit("total=", 1)[1]) / 1e6
+    return totals
+
+
+@pytest.mark.skipif(not Path("/proc/pressure/cpu").exists(), reason="kernel without PSI")
+def test_pressure_from_a_node_exporter_on_this_machines_own_proc(
+    tmp_path: Path, exporter_factory: Any
+) -> None:
+    """node_exporter with its default collectors on the real /proc: the snapshot's pressure
+    is the share of time this machine's own /proc/pressure counted as stalled meanwhile."""
+    port = free_port()
+    argv = [NODE_EXPORTER, f"--web.listen-address=127.0.0.1:{port}"]
+    service = Service("node-exporter", argv, tmp_path / "node-exporter.log").start()
+    try:
+        service.wait_ready(lambda: accepts_tcp(port), 20)
+        before, started = _stalled_seconds(), time.monotonic()
+        scraped = _scrape_and_plan(
+            tmp_path, exporter_factory, {"kvm1": _node_xml(tmp_path, "kvm1", 2)},
+            {"kvm1": port}, {"quiet": CONFIG},
+        )  # fmt: skip
+        after, seconds = _stalled_seconds(), time.monotonic() - started
+    finally:
+        service.stop()
+    nodes = scraped.snapshot.nodes
+    for kind in ("cpu", "memory", "io"):
+        share = nodes.loc["kvm1", f"pressure_{kind}"]
+        assert 0.0 <= share <= 1.0, (kind, share)
+        assert share == pytest.approx((after[kind] - before[kind]) / seconds, abs=0.1), kind
+    plan, _ = scraped.plans["quiet"]
+    assert plan["nodes"][0]["pressure"]["cpu"] == pytest.approx(
+        nodes.loc["kvm1", "pressure_cpu"], abs=0.1
+    )
