@@ -142,3 +142,32 @@ def test_the_frontier_stops_asking_the_program_once_the_cluster_is_balanced(
     assert all(p.exact and p.imbalance <= EPSILON for p in frontier.points)
     assert all(len(p.moves) == 1 for p in frontier.points)
     assert asked == [1]
+
+
+def test_the_frontier_stops_asking_the_program_at_the_proven_floor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A whale and two small VMs on one of three like nodes: once the two small ones are off
+    # it, the whale's own NIC and disk share is the floor no number of migrations goes under.
+    vms = {"w": vm("pve1", net=0.8 * NIC, disk=0.8 * NIC, mem_gib=8)}
+    vms |= {name: vm("pve1", net=0.1 * NIC, disk=0.1 * NIC, mem_gib=8) for name in ("s1", "s2")}
+    snap = snapshot({"pve1": node(), "pve2": node(), "pve3": node()}, vms)
+    cfg = config()
+    asked: list[int] = []
+    real = LinearModel.lowest
+
+    def counted(self: LinearModel, weights: np.ndarray, migrations: int, **kw: Any) -> Any:
+        asked.append(migrations)
+        return real(self, weights, migrations, **kw)
+
+    monkeypatch.setattr(LinearModel, "lowest", counted)
+    frontier = plan_moves(snap, cfg).frontier
+    assert frontier is not None
+    assert asked == [1, 2]
+    truth = lowest_per_k(snap, cfg, frontier.points[-1].migrations)
+    assert [p.migrations for p in frontier.points] == sorted(truth)
+    assert len(truth) > 2
+    for point in frontier.points:
+        assert point.exact
+        assert point.imbalance == pytest.approx(truth[point.migrations], abs=1e-7)
+    assert all(len(p.moves) == 2 for p in frontier.points[1:])

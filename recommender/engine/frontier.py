@@ -48,8 +48,15 @@ def exact_frontier(
     size: int,
     start_overall: float | None,
 ) -> Frontier:
-    """The frontier by the exact program, from `start` (the snapshot's placement)."""
+    """The frontier by the exact program, from `start` (the snapshot's placement).
+
+    Once a point is at the proven lower bound for the largest k (`lower_bound` over the
+    program's units), no later k does better: the later points are that point, and their
+    programs are not run (as once a point balances the cluster)."""
     weights = ctx.problem.weights
+    modelled = np.zeros(len(ctx.problem.units), dtype=bool)
+    modelled[model.units] = True
+    floor = max(lower_bound(ctx.problem, start, modelled, size), 0.0)
     points: list[FrontierPoint] = []
     for k in range(1, size + 1):
         before = points[-1] if points else None
@@ -60,8 +67,8 @@ def exact_frontier(
         if point is None:
             continue
         points.append(point)
-        if point.imbalance <= EPSILON:
-            # No plan does better than a balanced cluster: every later point is this one.
+        if point.imbalance <= floor + EPSILON:
+            # No plan of up to `size` migrations does better: every later point is this one.
             points.extend(
                 FrontierPoint(
                     m, point.imbalance, point.imbalance, point.memory_bytes, True, point.moves
