@@ -22,11 +22,13 @@ U+2066–U+2069, zero-width characters, ...) and lone surrogates, which are not 
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import re
 import shlex
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 _ACTIVE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 # Plain ASCII that needs no quoting in bash (no glob, no expansion, no word splitting).
@@ -125,11 +127,94 @@ def promql_string(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+# Values longer than this are listed whole in a regex of alternatives, not factored (the
+# factoring recurses once per shared character).
+_FACTORED_LENGTH = 200
+
+
+def _re2_literal(value: str) -> str:
+    return "".join("\\" + c if c in _RE2_SPECIAL else c for c in value)
+
+
+def _alternatives(values: list[str]) -> tuple[list[str], bool]:
+    """RE2 alternatives matching exactly `values` (sorted, distinct), values that share a
+    first character written once with their common prefix (`vm-10(?:1|2)`), and whether
+    the empty string is one of them."""
+    out: list[str] = []
+    empty = False
+    for head, grouped in itertools.groupby(values, key=lambda v: v[:1]):
+        group = list(grouped)
+        if not head:
+            empty = True
+            continue
+        if len(group) == 1:
+            out.append(_re2_literal(group[0]))
+            continue
+        # Sorted: what the first and last share, all share.
+        first, last = group[0], group[-1]
+        shared = next(
+            (i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b), len(first)
+        )
+        prefix = first[:shared]
+        inner, optional = _alternatives([v[len(prefix) :] for v in group])
+        body = "|".join(inner)
+        tail = f"(?:{body})?" if optional else f"(?:{body})" if len(inner) > 1 else body
+        factored = _re2_literal(prefix) + tail
+        plain = [_re2_literal(v) for v in group]
+        # Written once only where that is shorter (a short prefix costs more than it saves).
+        if len(factored) < len("|".join(plain)):
+            out.append(factored)
+        else:
+            out.extend(plain)
+    return out, empty
+
+
 def promql_regex_alternatives(values: Iterable[str]) -> str:
     """A PromQL string literal for `label=~...` that matches exactly the given values (each
-    one literally, whatever it holds)."""
-    literal = "|".join("".join("\\" + c if c in _RE2_SPECIAL else c for c in v) for v in values)
-    return promql_string(literal)
+    one literally, whatever it holds; both servers anchor the regex at both ends). Values
+    sharing a prefix share it in the regex too, so a list of similar ids (`c07-vm01234`, ...)
+    takes about half the characters."""
+    distinct = sorted(set(values))
+    long = [v for v in distinct if len(v) > _FACTORED_LENGTH]
+    parts, empty = _alternatives([v for v in distinct if len(v) <= _FACTORED_LENGTH])
+    parts += [_re2_literal(v) for v in long]
+    return promql_string("|".join(["", *parts] if empty else parts))
+
+
+def regex_batches(values: Iterable[str], chars: int) -> Iterator[list[str]]:
+    """The sorted distinct `values` cut into runs whose `promql_regex_alternatives` is at most
+    `chars` long, each run as long as fits to within 2 % (a value too long on its own is a
+    run alone)."""
+    pending = sorted(set(values))
+    # Listed whole, a run [i, j) takes listed[j] - listed[i] + 1 characters, and the
+    # regex is never longer than that: the runs so listed that fit are the least.
+    listed = list(itertools.accumulate((len(promql_string(_re2_literal(v))) - 1 for v in pending),
+                                       initial=0))  # fmt: skip
+    start = 0
+    while start < len(pending):
+        fits = max(1, bisect.bisect_right(listed, listed[start] + chars - 1) - 1 - start)
+        # Doubling until a run does not fit (or all that is left does), then halving back.
+        beyond = 2 * fits
+        while start + fits < len(pending):
+            run = min(beyond, len(pending) - start)
+            if not _fits(pending[start : start + run], chars):
+                beyond = run
+                break
+            fits, beyond = run, 2 * run
+        else:
+            beyond = fits + 1
+        while beyond - fits > max(1, fits // 64):
+            middle = (fits + beyond) // 2
+            if _fits(pending[start : start + middle], chars):
+                fits = middle
+            else:
+                beyond = middle
+        yield pending[start : start + fits]
+        start += fits
+
+
+def _fits(values: list[str], chars: int) -> bool:
+    return len(promql_regex_alternatives(values)) <= chars
 
 
 __all__ = [
@@ -140,5 +225,6 @@ __all__ = [
     "json_text",
     "promql_regex_alternatives",
     "promql_string",
+    "regex_batches",
     "shell_word",
 ]

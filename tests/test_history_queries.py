@@ -3,17 +3,22 @@ that moved, finds exactly them on a real Prometheus and VictoriaMetrics, whateve
 
 from __future__ import annotations
 
+import json
 import math
+import random
+import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from devkit.servers import PrometheusServer, VictoriaMetricsServer, backfill
 from recommender.config import Config
-from recommender.quoting import promql_regex_alternatives, promql_string
+from recommender.quoting import promql_regex_alternatives, promql_string, regex_batches
 from recommender.source.cluster import first_samples, last_samples, unsettled
 from recommender.source.grid import GRID_QUERIES
 from recommender.source.prometheus import PrometheusSource
@@ -144,16 +149,49 @@ def test_only_the_vms_not_settled_have_their_first_sample_read(
     assert plan.arrivals([]) == []
 
 
+def _matcher(promql: str) -> re.Pattern[str]:
+    """The regex of the one `vm=~"..."` in `promql` (both servers anchor it at both ends)."""
+    (literal,) = re.findall(r'vm=~("(?:[^"\\\\]|\\\\.)*")', promql)
+    return re.compile(json.loads(literal))
+
+
 def test_departures_are_split_to_stay_under_the_query_length() -> None:
     plan = SnapshotQueries.for_config(Config())
     assert plan.departures([]) == []
-    many = [f"vm-{i:06d}" for i in range(5000)]
+    rng = random.Random(5)
+    many = sorted({f"c{rng.randrange(50):02d}-vm{rng.randrange(10**6):06d}" for _ in range(8000)})
     queries = plan.departures(many)
     assert len(queries) > 1
     assert all(len(q) < DEPARTURE_QUERY_CHARS + 200 for q in queries)
-    assert "".join(queries).count("vm-") == len(many)
+    matchers = [_matcher(q) for q in queries]
+    assert all(sum(bool(m.fullmatch(vm)) for m in matchers) == 1 for vm in many)
+    # Shared prefixes written once: far more ids per query than listed whole.
+    listed = len(promql_regex_alternatives(many[:1])) * len(many)
+    assert len(queries) < listed / DEPARTURE_QUERY_CHARS / 1.5
 
 
 def test_regex_alternatives_are_literal() -> None:
     assert promql_string('a"b\\c\nd') == '"a\\"b\\\\c\\nd"'
     assert promql_regex_alternatives(["a.b", "x|y"]) == '"a\\\\.b|x\\\\|y"'
+    assert promql_regex_alternatives(["vm-1001", "vm-1002", "vm-1003"]) == '"vm-100(?:1|2|3)"'
+
+
+NAME_CHARACTERS = st.sampled_from([*'ab1-.|()[]{}*+?^$\\"\n', "\u202e", "é"])
+NAMES = st.text(NAME_CHARACTERS, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sets(NAMES, max_size=25), st.sets(NAMES, max_size=25), st.integers(20, 400))
+def test_regex_batches_match_exactly_the_values_and_fit(
+    values: set[str], others: set[str], chars: int
+) -> None:
+    batches = list(regex_batches(values, chars))
+    assert [v for batch in batches for v in batch] == sorted(values)
+    for batch in batches:
+        literal = promql_regex_alternatives(batch)
+        assert len(literal) <= chars or len(batch) == 1
+        pattern = re.compile(json.loads(literal))
+        assert all(pattern.fullmatch(v) for v in batch)
+        assert not any(pattern.fullmatch(v) for v in others - set(batch))
+        whole = ("".join("\\" + c if c in "\\.+*?()|[]{}^$" else c for c in v) for v in batch)
+        assert len(literal) <= len(promql_string("|".join(whole)))

@@ -4,7 +4,9 @@ history backfilled into a real Prometheus (one server for the module)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import random
 import re
 import struct
 import time
@@ -43,7 +45,12 @@ from recommender.source.grid import GRID_QUERIES
 from recommender.source.history import ReportError, exact_loads, executed_of, moved_vms
 from recommender.source.http import SourceError
 from recommender.source.prometheus import PrometheusSource
-from recommender.source.queries import ReportQueries, SnapshotQueries, executed_queries
+from recommender.source.queries import (
+    MOVED_QUERY_CHARS,
+    ReportQueries,
+    SnapshotQueries,
+    executed_queries,
+)
 
 # --- pure parts ------------------------------------------------------------------------------
 
@@ -89,17 +96,26 @@ def test_queries_are_fixed_and_aggregated() -> None:
     # The VMs that moved: left out of the load queries, their counters read raw, one query
     # per counter however many moved; as many as fit in a query, the others keep increase().
     assert not queries.samples
-    for moved in (["101"], [str(vm) for vm in range(101, 5000)]):
+    rng = random.Random(3)
+    scattered = [f"vm-{rng.getrandbits(40):010x}" for _ in range(5000)]
+    numbered = [str(vm) for vm in range(101, 5000)]
+    for moved in (["101"], numbered, scattered):
         raw = ReportQueries.for_config(Config(), window, moved=moved)
         assert len(raw) == len(queries) + len(raw.samples) and len(raw.samples) == 7
         assert raw.moved == tuple(sorted(moved))[: len(raw.moved)]
         assert min(len(moved), 500) <= len(raw.moved)
         assert all(len(q) < 16_384 for q in raw.promql())
-        first = raw.moved[0]
-        assert f'vm!~"{first}|' in raw.ranges["load_disk_bytes"] or moved == ["101"]
+        (left_out,) = re.findall(r'vm!~("(?:[^"\\]|\\.)*")', raw.ranges["load_cpu"])
+        pattern = re.compile(json.loads(left_out))
+        assert all(pattern.fullmatch(vm) for vm in raw.moved)
+        assert not any(pattern.fullmatch(vm) for vm in set(moved) - set(raw.moved))
         for counter, promql in raw.samples.items():
-            assert promql.startswith(f'{counter}{{vm=~"{first}') and promql.endswith("[608400s]")
-        assert 'cluster="east"' in raw.for_cluster("east").samples[counter]
+            assert promql.startswith(f'{counter}{{vm=~"') and promql.endswith("[608400s]")
+    # Shared prefixes are written once: about twice as many numbered ids fit as listed whole.
+    listed = np.searchsorted(np.cumsum([len(v) + 1 for v in sorted(numbered)]), MOVED_QUERY_CHARS)
+    fitted = len(ReportQueries.for_config(Config(), window, moved=numbered).moved)
+    assert 1.8 * listed < fitted < len(numbered)
+    assert 'cluster="east"' in raw.for_cluster("east").samples[counter]
 
 
 def presence(rows: list[tuple[str, str, int, float]], step: float = 600.0) -> pd.DataFrame:
