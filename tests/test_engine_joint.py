@@ -16,7 +16,7 @@ from recommender.engine.rules.base import GroupRule
 from recommender.model import Snapshot
 from recommender.plan import build_plan
 from tests.engine_brute import placements
-from tests.test_engine import config, hot_nic_cluster, replay
+from tests.test_engine import config, hot_nic_cluster, node, replay, snapshot, vm
 
 pytestmark = pytest.mark.skipif(not exact_available(), reason="needs highspy")
 
@@ -77,6 +77,25 @@ def test_without_balancing_the_repair_is_the_cheapest_that_balances_no_worse() -
     assert result.overall_after <= separate.overall_after + EPSILON
     assert [m.kind for m in result.moves] == ["repair"]
     replay(snap, cfg, build_plan(snap, cfg, result))
+
+
+def test_a_rule_the_repair_first_cannot_place_is_repaired_by_moving_the_other_member() -> None:
+    """Repairing first keeps the costlier copy (`big`) and moves `small`, which no node has
+    the CPU for; moving `big` repairs the rule. The plan does that, never leaving it broken."""
+    vms = {"big": vm("pve1", mem_gib=64), "small": vm("pve1", mem_gib=4, cpu=20.0)}
+    vms |= {f"f{n}": vm(f"pve{n}", mem_gib=8, cpu=20.0) for n in (2, 3)}
+    snap = snapshot({"pve1": node(), "pve2": node(), "pve3": node()}, vms)
+    cfg = config(RuleSettings(anti_affinity=[GroupRule(name="pair", vms=["big", "small"])]))
+    separate = plan_moves(snap, cfg, exact=False)
+    assert [u.vm for u in separate.unplaceable] == ["small"] and not separate.moves
+    result = plan_moves(snap, cfg)
+    assert not result.unplaceable
+    assert [(m.vm, m.source, m.kind) for m in result.moves] == [("big", "pve1", "repair")]
+    fewest, _, _ = best_placements(snap, cfg)
+    assert result.migrations == fewest == 1
+    end = replay(snap, cfg, build_plan(snap, cfg, result))
+    pos = result.problem.vm_index()
+    assert end.vm_node[pos["big"]] != end.vm_node[pos["small"]]
 
 
 @pytest.mark.parametrize("seed", range(3))

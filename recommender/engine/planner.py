@@ -116,7 +116,9 @@ def plan_moves(snapshot: Snapshot, config: Config, *, exact: bool | None = None)
         plan, method = _balance(ctx, state, budget - state.migrations, use_exact, frontier_follows)
         plan, held = apply_gain_threshold(ctx, state, plan, budget - state.migrations)
     chosen = _Chosen(forced, state, plan, held, method)
-    if use_exact and forced.moves and not forced.unplaceable:
+    # Also where a forced unit has no place: the program may repair the rule by moving
+    # another member (the repair first takes the one it keeps as cheapest to leave).
+    if use_exact and (forced.moves or forced.unplaceable):
         together = _joint(ctx, start, frozen, forced, plan, triggered, budget, movable)
         if together is not None:
             chosen = _Chosen(*together, "exact")
@@ -217,7 +219,8 @@ def _joint(
     movable: np.ndarray,
 ) -> tuple[Forced, State, Candidate, list[HeldBack]] | None:
     """Repairs and balancing chosen together by the exact program, when that beats
-    repairing first (`recommender.engine.joint`); None when it does not."""
+    repairing first (`recommender.engine.joint`), or repairs what repairing first could
+    not place; None when it does not."""
     problem = ctx.problem
     every = movable | _forced_units(forced, len(movable))
     units = joint_units(problem, start, every, forced)
@@ -246,8 +249,9 @@ def _joint(
     if triggered and joint.moves:
         room = budget - parts.state.migrations
         joint, held = apply_gain_threshold(balance_ctx, parts.state, joint, room)
-    if _total_rank(joint, parts.forced, problem, ctx.target) >= _total_rank(
-        plan, forced, problem, ctx.target
+    # A plan that leaves a rule broken is never preferred to one that repairs it.
+    if not forced.unplaceable and _total_rank(joint, parts.forced, problem, ctx.target) >= (
+        _total_rank(plan, forced, problem, ctx.target)
     ):
         return None
     return parts.forced, parts.state, joint, held
