@@ -130,3 +130,24 @@ def test_heavy_tailed_instances_break_rules_and_the_plan_repairs_them(seed: int)
         assert end.vm_node[pos[group.vms[0]]] != end.vm_node[pos[group.vms[1]]]
     for group in broken_aff:
         assert end.vm_node[pos[group.vms[0]]] == end.vm_node[pos[group.vms[1]]]
+
+
+def test_a_repair_is_kept_where_the_programs_balancing_has_no_safe_order() -> None:
+    """Seed 58 of the frontier benchmark: repairing first has no place for the anti-affinity
+    member it moves, and the joint program's plan swaps VMs between full nodes, which no
+    order of migrations does without breaking a rule on the way. The program's repairs
+    stand, the search balances after them, and no rule is left broken."""
+    inst = heavy_tailed_cluster(58, HeavyShape(base=Shape(nodes=(3, 6), vms=(10, 30), skew=0.8)))
+    snap, cfg = inst.snapshot, inst.config
+    assert plan_moves(snap, cfg, exact=False).unplaceable
+    result = plan_moves(snap, cfg)
+    assert not result.unplaceable
+    assert any(m.kind == "repair" for m in result.moves)
+    end = replay(snap, cfg, build_plan(snap, cfg, result))
+    pos = result.problem.vm_index()
+    for group in cfg.rules.anti_affinity:
+        assert end.vm_node[pos[group.vms[0]]] != end.vm_node[pos[group.vms[1]]], group.name
+    for group in cfg.rules.affinity:
+        assert end.vm_node[pos[group.vms[0]]] == end.vm_node[pos[group.vms[1]]], group.name
+    assert result.frontier is not None
+    assert all(point.exact for point in result.frontier.points)

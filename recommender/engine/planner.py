@@ -242,7 +242,16 @@ def _joint(
     balance_ctx = replace(ctx, movable=_without(movable, parts.forced))
     joint = balance_ctx.replay(parts.state, parts.balance)
     if joint is None or violations(ctx.constraints, joint.state, final=True):
-        return None
+        # The program's balancing has no order that keeps every rule on the way (it swaps
+        # VMs between full nodes): its repairs, then the search's balancing from there.
+        room = budget - parts.state.migrations
+        joint = (
+            find_plan(balance_ctx, parts.state, room)
+            if triggered and room > 0
+            else balance_ctx.candidate(parts.state, (), 0.0)
+        )
+        if violations(ctx.constraints, joint.state, final=True):
+            return None
     if any(c.must_move(joint.state, frozen.vms) for c in ctx.constraints):
         return None
     held: list[HeldBack] = []
