@@ -11,6 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devkit.instances import HeavyShape, Shape, heavy_tailed_cluster, random_cluster
+from devkit.simulate import simulate_cluster
+from recommender.config import Config
 from recommender.engine.bound import _whale_floor, lower_bound, per_resource_bounds
 from recommender.engine.build import build_problem
 from recommender.engine.exact import available as exact_available
@@ -211,3 +213,48 @@ def test_the_whale_floor_is_the_heaviest_things_least_landing(
     ]
     found = _whale_floor(np.array(fixed), capacity, node, things)
     assert found == pytest.approx(max(utilisation), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.skipif(not exact_available(), reason="needs highspy")
+def test_whole_pieces_tighten_the_bound_where_a_fraction_would_stop_at_the_floor() -> None:
+    """pve1 carries a NIC whale (a), a small NIC VM, a disk whale (b) and a small disk VM.
+    No move brings either resource under its whale (0.5), so one migration buys 0.1 of one
+    resource at most: 0.35. The linear program sends a fifth of each whale away instead and
+    reaches both floors (0.30); with whole pieces the bound is the optimum."""
+    vms = {
+        "a": vm("pve1", net=0.5 * NIC),
+        "a2": vm("pve1", net=0.1 * NIC),
+        "b": vm("pve1", disk=0.5 * NIC),
+        "b2": vm("pve1", disk=0.1 * NIC),
+    }
+    nodes = {"pve1": node(), "pve2": node(), "pve3": node()}
+    problem = build_problem(snapshot(nodes, vms), config(weights={"network": 1, "disk_bytes": 1}))
+    state = State.initial(problem)
+    movable = np.ones(len(problem.units), dtype=bool)
+    truth = lowest(problem, state, movable, 1)
+    assert truth == pytest.approx(0.35, abs=1e-6)
+    assert lower_bound(problem, state, movable, 1, enough=0.0) == pytest.approx(0.30, abs=1e-6)
+    assert lower_bound(problem, state, movable, 1) == pytest.approx(truth, abs=1e-6)
+
+
+@pytest.mark.skipif(not exact_available(), reason="needs highspy")
+def test_the_large_frontier_is_no_worse_than_the_plans_own_first_moves() -> None:
+    """Every point of a fleet-sized cluster's frontier is at most what the chosen plan's
+    first moves reach with as many migrations (the beam keeps few plans a level; on this
+    cluster it kept worse ones for 8 and 9 migrations than the plan's first 8 and 9)."""
+    simulated = simulate_cluster(
+        1002, nodes=32, vms=1280, duration=14_400.0, step=60.0, end=1.8e9, migrations=25
+    )
+    result = plan_moves(simulated.truth_snapshot(), Config())
+    assert result.frontier is not None
+    problem = result.problem
+    scorer = Scorer(problem)
+    state = State.initial(problem)
+    checked = 0
+    for move in result.unit_moves:
+        state.move_unit(problem, move.unit, move.target)
+        point = result.frontier.at(state.migrations)
+        if point is not None:
+            assert point.imbalance <= scorer.view(state.node_load, 0.0).overall + 1e-9
+            checked += 1
+    assert checked >= 3

@@ -32,10 +32,16 @@ all. Where HiGHS is installed, a linear program shares them: piece i leaves a fr
 in [0, 1] with sum x <= k, M[r] >= (L[n,r] - sum_(i on n) x_i l[i,r]) / C[n,r] for every
 node, M[r] - U[r] at least the bound above; minimise sum_r w[r] M[r]. A plan's leaving units
 give a 0/1 x meeting every row (by the argument above), so the program's optimum, less the
-solver's tolerance, is a lower bound too, and never below the sum above.
+solver's tolerance, is a lower bound too, and never below the sum above. Where that bound is
+still short of what the caller needs (the frontier: within `BOUND_GAP` of its point), the
+same program with whole pieces (each leaves or stays, as a plan's pieces do) is solved to a
+node limit; the solver's proven dual bound holds wherever it stops, and is never below the
+linear one.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -43,25 +49,45 @@ from recommender.engine import exact
 from recommender.engine.measure import cluster_mean
 from recommender.engine.problem import SPLIT, Problem, State
 
+# Branch-and-bound nodes of the program with whole pieces (`_shared`, integral); its dual
+# bound holds wherever it stops.
+BOUND_MIP_NODES = 200
 
-def lower_bound(problem: Problem, state: State, movable: np.ndarray, k: int) -> float:
+
+def lower_bound(
+    problem: Problem, state: State, movable: np.ndarray, k: int, enough: float = math.inf
+) -> float:
     """A lower bound of the overall imbalance after at most `k` more VM migrations from
     `state`, moving only `movable` units (the module docstring has the proof); 0 where VMs
-    off the active nodes would change the cluster mean."""
+    off the active nodes would change the cluster mean. The program with whole pieces is
+    solved only where the linear one's bound is under `enough` (the bound a caller needs)."""
     resources = np.flatnonzero(problem.weights > 0)
     per = per_resource_bounds(problem, state, movable, k)
     w = problem.weights[resources]
     if not len(resources):
         return 0.0
     apart = float(per @ w / problem.weights.sum())
-    return max(apart, _shared(problem, state, movable, k, per))
+    linear = max(apart, _shared(problem, state, movable, k, per))
+    if linear >= enough:
+        return linear
+    return max(linear, _shared(problem, state, movable, k, per, integral=True))
 
 
-def _shared(problem: Problem, state: State, movable: np.ndarray, k: int, per: np.ndarray) -> float:
-    """The linear relaxation with one budget for every resource: piece i leaves its node a
+def _shared(
+    problem: Problem,
+    state: State,
+    movable: np.ndarray,
+    k: int,
+    per: np.ndarray,
+    *,
+    integral: bool = False,
+) -> float:
+    """The relaxation with one budget for every resource: piece i leaves its node a
     fraction x_i in [0, 1], sum x <= k, and M[r] >= u[n,r] - sum_(i on n) x_i l[i,r] / C[n,r]
     for every node; M[r] - U[r] is at least `per` (the bounds apart). Every plan gives a
-    0/1 x (its leaving units' pieces), so the optimum bounds the plan's imbalance."""
+    0/1 x (its leaving units' pieces), so the optimum bounds the plan's imbalance; with
+    `integral`, x is 0/1 (a piece leaves whole or stays), and the solver's proven dual bound
+    is taken where its node limit stops it first."""
     if not exact.available() or k <= 0 or not per.any():
         return 0.0
     active = problem.active
@@ -77,6 +103,10 @@ def _shared(problem: Problem, state: State, movable: np.ndarray, k: int, per: np
     lower = np.concatenate([np.zeros(n_pieces), mean + per])
     upper = np.concatenate([np.ones(n_pieces), np.full(n_res, np.inf)])
     highs.addVars(n_pieces + n_res, lower, upper)
+    if integral:
+        whole = np.arange(n_pieces, dtype=np.int32)
+        highs.changeColsIntegrality(n_pieces, whole, np.ones(n_pieces, dtype=np.uint8))
+        highs.setOptionValue("mip_max_nodes", BOUND_MIP_NODES)
     cols = np.arange(n_pieces + n_res, dtype=np.int32)
     highs.changeColsCost(len(cols), cols, np.concatenate([np.zeros(n_pieces), w]))
     rows = exact.Rows()
@@ -92,9 +122,15 @@ def _shared(problem: Problem, state: State, movable: np.ndarray, k: int, per: np
             rows.add(index, value, load[n, j] / c, np.inf)
     rows.flush(highs)
     highs.run()
-    if highs.getModelStatus() != exact.optimal_status():
+    if integral:
+        proven = float(highs.getInfo().mip_dual_bound)
+        if not np.isfinite(proven):
+            return 0.0
+    elif highs.getModelStatus() == exact.optimal_status():
+        proven = float(highs.getInfo().objective_function_value)
+    else:
         return 0.0
-    found = float(highs.getInfo().objective_function_value) - float(w @ mean)
+    found = proven - float(w @ mean)
     # Less the solver's tolerances, so that a rounding never lifts the bound over the truth.
     return max(found - 1e-7 * float(w.sum()), 0.0) / float(problem.weights.sum())
 

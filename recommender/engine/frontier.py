@@ -29,6 +29,7 @@ from recommender.engine.exact import ExactResult, Hint, LinearModel
 from recommender.engine.measure import EPSILON
 from recommender.engine.problem import Problem, State, UnitMove
 from recommender.engine.result import Frontier, FrontierPoint
+from recommender.engine.rules import violations
 
 # Most points of the frontier (k = 1 ... this, or the rule's migration budget if lower).
 FRONTIER_POINTS = 20
@@ -37,6 +38,9 @@ FRONTIER_POINTS = 20
 # bench_engine_frontier.py): 80 nodes 93.5 % of points within 2 % of the optimum, CPU p90
 # 1.9 s; 200 nodes 95.6 %, 2.3 s; 500 nodes 97.2 %, 2.4 s (max 5.8 s).
 FRONTIER_MAX_NODES = 500
+# Where the search's point is further than this share above the linear bound, the bound is
+# tightened with whole pieces (`recommender.engine.bound`).
+BOUND_GAP = 0.02
 
 
 def frontier_size(budget: int) -> int:
@@ -147,19 +151,38 @@ def search_frontier(
             k = child.state.migrations
             if k not in best or child.overall < best[k].overall - EPSILON:
                 best[k] = child
-    k_plan = plan.state.migrations
-    if plan.moves and (k_plan not in best or plan.overall < best[k_plan].overall - EPSILON):
-        best[k_plan] = plan
+    _add_prefixes(ctx, aim, start, plan, best)
     points: list[FrontierPoint] = []
     for k in range(1, size + 1):
         known = [c for m, c in best.items() if m <= k]
         if not known:
             continue
         top = min(known, key=lambda c: (round(c.overall, 9), c.memory))
-        bound = min(lower_bound(ctx.problem, start.state, ctx.movable, k - base), top.overall)
+        enough = (1.0 - BOUND_GAP) * top.overall
+        found = lower_bound(ctx.problem, start.state, ctx.movable, k - base, enough)
+        bound = min(found, top.overall)
         exact = bound >= top.overall - EPSILON
         points.append(FrontierPoint(k, top.overall, bound, top.memory, exact, top.moves))
     return _finish(ctx.problem, points, start_overall)
+
+
+def _add_prefixes(
+    ctx: SearchContext,
+    aim: SearchContext,
+    start: Candidate,
+    plan: Candidate,
+    best: dict[int, Candidate],
+) -> None:
+    """The chosen plan and each run of its first moves as points (where better): the beam
+    keeps few plans a level, and a longer plan's first moves often beat what it kept."""
+    prefix = start
+    for move in plan.moves:
+        prefix = aim.apply(prefix, move.unit, move.target)
+        k = prefix.state.migrations
+        if (k not in best or prefix.overall < best[k].overall - EPSILON) and not violations(
+            ctx.constraints, prefix.state, final=True
+        ):
+            best[k] = prefix
 
 
 def _picked(aim: SearchContext, found: Moves) -> np.ndarray:
