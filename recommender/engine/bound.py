@@ -42,6 +42,7 @@ linear one.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -61,78 +62,114 @@ def lower_bound(
     `state`, moving only `movable` units (the module docstring has the proof); 0 where VMs
     off the active nodes would change the cluster mean. The program with whole pieces is
     solved only where the linear one's bound is under `enough` (the bound a caller needs)."""
-    resources = np.flatnonzero(problem.weights > 0)
-    per = per_resource_bounds(problem, state, movable, k)
-    w = problem.weights[resources]
-    if not len(resources):
-        return 0.0
-    apart = float(per @ w / problem.weights.sum())
-    linear = max(apart, _shared(problem, state, movable, k, per))
-    if linear >= enough:
-        return linear
-    return max(linear, _shared(problem, state, movable, k, per, integral=True))
+    return LowerBounds(problem, state, movable, k).at(k, enough)
 
 
-def _shared(
-    problem: Problem,
-    state: State,
-    movable: np.ndarray,
-    k: int,
-    per: np.ndarray,
-    *,
-    integral: bool = False,
-) -> float:
+class LowerBounds:
+    """`lower_bound` for every k up to `most` from one state: the shared programs are built
+    once, and each k changes only their budget, the pieces too large for it and the
+    per-resource floors."""
+
+    def __init__(self, problem: Problem, state: State, movable: np.ndarray, most: int) -> None:
+        self.problem, self.state, self.movable = problem, state, movable
+        self.most = max(int(most), 0)
+        self._programs: dict[bool, _SharedProgram] = {}
+
+    def at(self, k: int, enough: float = math.inf) -> float:
+        """The bound after at most `k` (at most `most`) more migrations."""
+        problem = self.problem
+        resources = np.flatnonzero(problem.weights > 0)
+        if not len(resources):
+            return 0.0
+        per = per_resource_bounds(problem, self.state, self.movable, k)
+        apart = float(per @ problem.weights[resources] / problem.weights.sum())
+        linear = max(apart, self._program(integral=False).solve(k, per))
+        if linear >= enough:
+            return linear
+        return max(linear, self._program(integral=True).solve(k, per))
+
+    def _program(self, *, integral: bool) -> _SharedProgram:
+        if integral not in self._programs:
+            self._programs[integral] = _SharedProgram(
+                self.problem, self.state, self.movable, self.most, integral
+            )
+        return self._programs[integral]
+
+
+class _SharedProgram:
     """The relaxation with one budget for every resource: piece i leaves its node a
     fraction x_i in [0, 1], sum x <= k, and M[r] >= u[n,r] - sum_(i on n) x_i l[i,r] / C[n,r]
-    for every node; M[r] - U[r] is at least `per` (the bounds apart). Every plan gives a
-    0/1 x (its leaving units' pieces), so the optimum bounds the plan's imbalance; with
+    for every node; M[r] - U[r] is at least the per-resource bound. Every plan gives a 0/1 x
+    (its leaving units' pieces), so the optimum bounds the plan's imbalance; with
     `integral`, x is 0/1 (a piece leaves whole or stays), and the solver's proven dual bound
-    is taken where its node limit stops it first."""
-    if not exact.available() or k <= 0 or not per.any():
-        return 0.0
-    active = problem.active
-    if (state.vm_node >= 0)[~active[np.maximum(state.vm_node, 0)]].any():
-        return 0.0
-    resources = np.flatnonzero(problem.weights > 0)
-    positions, load, capacity, mean, where = _active(problem, state, resources)
-    piece_node, piece_load, _, _ = _pieces(problem, state, movable, k)
-    pos = where[piece_node]
-    n_pieces, n_res = len(pos), len(resources)
-    highs = exact.lp_solver()
-    w = problem.weights[resources]
-    lower = np.concatenate([np.zeros(n_pieces), mean + per])
-    upper = np.concatenate([np.ones(n_pieces), np.full(n_res, np.inf)])
-    highs.addVars(n_pieces + n_res, lower, upper)
-    if integral:
-        whole = np.arange(n_pieces, dtype=np.int32)
-        highs.changeColsIntegrality(n_pieces, whole, np.ones(n_pieces, dtype=np.uint8))
-        highs.setOptionValue("mip_max_nodes", BOUND_MIP_NODES)
-    cols = np.arange(n_pieces + n_res, dtype=np.int32)
-    highs.changeColsCost(len(cols), cols, np.concatenate([np.zeros(n_pieces), w]))
-    rows = exact.Rows()
-    rows.add(np.arange(n_pieces), np.ones(n_pieces), -np.inf, float(k))
-    for n in range(len(positions)):
-        own = np.flatnonzero(pos == n)
-        for j in range(n_res):
-            c = capacity[n, j]
-            if c <= 0:
-                continue
-            index = np.concatenate([[n_pieces + j], own])
-            value = np.concatenate([[1.0], piece_load[own, resources[j]] / c])
-            rows.add(index, value, load[n, j] / c, np.inf)
-    rows.flush(highs)
-    highs.run()
-    if integral:
-        proven = float(highs.getInfo().mip_dual_bound)
-        if not np.isfinite(proven):
+    is taken where its node limit stops it first. Built for budgets up to `most`: a piece of
+    a unit larger than the k asked for is held at 0."""
+
+    def __init__(
+        self, problem: Problem, state: State, movable: np.ndarray, most: int, integral: bool
+    ) -> None:
+        self.problem, self.integral = problem, integral
+        self.highs: Any = None
+        active = problem.active
+        if not exact.available() or most <= 0:
+            return
+        if (state.vm_node >= 0)[~active[np.maximum(state.vm_node, 0)]].any():
+            return
+        self.resources = resources = np.flatnonzero(problem.weights > 0)
+        positions, load, capacity, self.mean, where = _active(problem, state, resources)
+        piece_node, piece_load, _, _, self.sizes = _pieces(problem, state, movable, most)
+        pos = where[piece_node]
+        self.n_pieces, n_res = len(pos), len(resources)
+        highs = exact.lp_solver()
+        self.w = problem.weights[resources]
+        lower = np.concatenate([np.zeros(self.n_pieces), self.mean])
+        upper = np.concatenate([np.ones(self.n_pieces), np.full(n_res, np.inf)])
+        highs.addVars(self.n_pieces + n_res, lower, upper)
+        if integral:
+            whole = np.arange(self.n_pieces, dtype=np.int32)
+            highs.changeColsIntegrality(self.n_pieces, whole, np.ones(self.n_pieces, np.uint8))
+            highs.setOptionValue("mip_max_nodes", BOUND_MIP_NODES)
+        cols = np.arange(self.n_pieces + n_res, dtype=np.int32)
+        highs.changeColsCost(len(cols), cols, np.concatenate([np.zeros(self.n_pieces), self.w]))
+        rows = exact.Rows()
+        rows.add(np.arange(self.n_pieces), np.ones(self.n_pieces), -np.inf, float(most))
+        for n in range(len(positions)):
+            own = np.flatnonzero(pos == n)
+            for j in range(n_res):
+                c = capacity[n, j]
+                if c <= 0:
+                    continue
+                index = np.concatenate([[self.n_pieces + j], own])
+                value = np.concatenate([[1.0], piece_load[own, resources[j]] / c])
+                rows.add(index, value, load[n, j] / c, np.inf)
+        rows.flush(highs)
+        self.highs = highs
+
+    def solve(self, k: int, per: np.ndarray) -> float:
+        highs = self.highs
+        if highs is None or k <= 0 or not per.any():
             return 0.0
-    elif highs.getModelStatus() == exact.optimal_status():
-        proven = float(highs.getInfo().objective_function_value)
-    else:
-        return 0.0
-    found = proven - float(w @ mean)
-    # Less the solver's tolerances, so that a rounding never lifts the bound over the truth.
-    return max(found - 1e-7 * float(w.sum()), 0.0) / float(problem.weights.sum())
+        n, n_res = self.n_pieces, len(self.resources)
+        pieces = np.arange(n, dtype=np.int32)
+        upper = (self.sizes <= k).astype(float)
+        highs.changeColsBounds(n, pieces, np.zeros(n), upper)
+        levels = np.arange(n, n + n_res, dtype=np.int32)
+        floors = self.mean + per
+        highs.changeColsBounds(n_res, levels, floors, np.full(n_res, np.inf))
+        highs.changeRowBounds(0, -np.inf, float(k))  # the budget: row 0, coefficients 1
+        highs.run()
+        info = highs.getInfo()
+        if self.integral:
+            proven = float(info.mip_dual_bound)
+            if not np.isfinite(proven):
+                return 0.0
+        elif highs.getModelStatus() == exact.optimal_status():
+            proven = float(info.objective_function_value)
+        else:
+            return 0.0
+        found = proven - float(self.w @ self.mean)
+        # Less the solver's tolerances, so that a rounding never lifts the bound over the truth.
+        return max(found - 1e-7 * float(self.w.sum()), 0.0) / float(self.problem.weights.sum())
 
 
 def _active(
@@ -156,7 +193,7 @@ def per_resource_bounds(problem: Problem, state: State, movable: np.ndarray, k: 
         return np.zeros(len(resources))
     k = max(int(k), 0)
     positions, load, capacity, mean, where = _active(problem, state, resources)
-    piece_node, piece_load, whole_node, whole_load = _pieces(problem, state, movable, k)
+    piece_node, piece_load, whole_node, whole_load, _ = _pieces(problem, state, movable, k)
     piece_pos, whole_pos = where[piece_node], where[whole_node]
     per = np.zeros(len(resources))
     for j, r in enumerate(resources):
@@ -169,9 +206,10 @@ def per_resource_bounds(problem: Problem, state: State, movable: np.ndarray, k: 
 
 def _pieces(
     problem: Problem, state: State, movable: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(node, load) of every piece a migration can take off a node, and (node, load) of the
-    things that land somewhere whole (units on one node, VMs of split units)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(node, load) of every piece a migration can take off a node, (node, load) of the
+    things that land somewhere whole (units on one node, VMs of split units), and the size
+    of the unit each piece is of (1 for a split unit's VM)."""
     units = problem.units
     where = state.unit_node
     whole = np.flatnonzero(movable & (where >= 0) & (units.size <= k))
@@ -185,9 +223,10 @@ def _pieces(
     vms = vms[state.vm_node[vms] >= 0] if k > 0 else vms[:0]
     nodes = np.concatenate([piece_node, state.vm_node[vms]])
     loads = np.concatenate([piece_load, problem.load[vms]])
+    sizes = np.concatenate([units.size[piece_unit], np.ones(len(vms), dtype=np.int64)])
     whole_node = np.concatenate([where[whole], state.vm_node[vms]])
     whole_load = np.concatenate([units.load[whole], problem.load[vms]])
-    return nodes, loads, whole_node, whole_load
+    return nodes, loads, whole_node, whole_load, sizes
 
 
 def _threshold(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from recommender.engine import hysteresis
-from recommender.engine.bound import lower_bound
+from recommender.engine.bound import LowerBounds, lower_bound
 from recommender.engine.candidates import Candidate, Moves, SearchContext
 from recommender.engine.exact import ExactResult, Hint, LinearModel
 from recommender.engine.measure import EPSILON
@@ -153,13 +153,13 @@ def search_frontier(
                 best[k] = child
     _add_prefixes(ctx, aim, start, plan, best)
     points: list[FrontierPoint] = []
+    bounds = LowerBounds(ctx.problem, start.state, ctx.movable, size)
     for k in range(1, size + 1):
         known = [c for m, c in best.items() if m <= k]
         if not known:
             continue
         top = min(known, key=lambda c: (round(c.overall, 9), c.memory))
-        enough = (1.0 - BOUND_GAP) * top.overall
-        found = lower_bound(ctx.problem, start.state, ctx.movable, k - base, enough)
+        found = bounds.at(k - base, (1.0 - BOUND_GAP) * top.overall)
         bound = min(found, top.overall)
         exact = bound >= top.overall - EPSILON
         points.append(FrontierPoint(k, top.overall, bound, top.memory, exact, top.moves))
