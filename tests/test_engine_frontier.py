@@ -120,20 +120,26 @@ def test_the_knee_is_the_last_point_whose_gain_pays_for_the_copy() -> None:
     assert all(values[k - 1] - values[k] < 0.05 for k in values if k > dear.knee)
 
 
+@pytest.fixture
+def asked(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The budgets the frontier's exact programs are asked for, in order."""
+    seen: list[int] = []
+    real = LinearModel.lowest
+
+    def counted(self: LinearModel, weights: np.ndarray, migrations: int, **kw: Any) -> Any:
+        seen.append(migrations)
+        return real(self, weights, migrations, **kw)
+
+    monkeypatch.setattr(LinearModel, "lowest", counted)
+    return seen
+
+
 def test_the_frontier_stops_asking_the_program_once_the_cluster_is_balanced(
-    monkeypatch: pytest.MonkeyPatch,
+    asked: list[int],
 ) -> None:
     # Two like VMs on one of two like nodes: one migration balances every resource.
     twins = {name: vm("pve1", net=0.3 * NIC, disk=0.3 * NIC, mem_gib=8) for name in ("a", "b")}
     snap = snapshot({"pve1": node(), "pve2": node()}, twins)
-    asked: list[int] = []
-    real = LinearModel.lowest
-
-    def counted(self: LinearModel, weights: np.ndarray, migrations: int, **kw: Any) -> Any:
-        asked.append(migrations)
-        return real(self, weights, migrations, **kw)
-
-    monkeypatch.setattr(LinearModel, "lowest", counted)
     result = plan_moves(snap, config())
     frontier = result.frontier
     assert frontier is not None
@@ -144,23 +150,13 @@ def test_the_frontier_stops_asking_the_program_once_the_cluster_is_balanced(
     assert asked == [1]
 
 
-def test_the_frontier_stops_asking_the_program_at_the_proven_floor(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_the_frontier_stops_asking_the_program_at_the_proven_floor(asked: list[int]) -> None:
     # A whale and two small VMs on one of three like nodes: once the two small ones are off
     # it, the whale's own NIC and disk share is the floor no number of migrations goes under.
     vms = {"w": vm("pve1", net=0.8 * NIC, disk=0.8 * NIC, mem_gib=8)}
     vms |= {name: vm("pve1", net=0.1 * NIC, disk=0.1 * NIC, mem_gib=8) for name in ("s1", "s2")}
     snap = snapshot({"pve1": node(), "pve2": node(), "pve3": node()}, vms)
     cfg = config()
-    asked: list[int] = []
-    real = LinearModel.lowest
-
-    def counted(self: LinearModel, weights: np.ndarray, migrations: int, **kw: Any) -> Any:
-        asked.append(migrations)
-        return real(self, weights, migrations, **kw)
-
-    monkeypatch.setattr(LinearModel, "lowest", counted)
     frontier = plan_moves(snap, cfg).frontier
     assert frontier is not None
     assert asked == [1, 2]
