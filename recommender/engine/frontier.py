@@ -159,8 +159,8 @@ def search_frontier(
         if not known:
             continue
         top = min(known, key=lambda c: (round(c.overall, 9), c.memory))
-        found = bounds.at(k - base, (1.0 - BOUND_GAP) * top.overall)
-        bound = min(found, top.overall)
+        proven = bounds.at(k - base, (1.0 - BOUND_GAP) * top.overall)
+        bound = min(proven, top.overall)
         exact = bound >= top.overall - EPSILON
         points.append(FrontierPoint(k, top.overall, bound, top.memory, exact, top.moves))
     return _finish(ctx.problem, points, start_overall)

@@ -35,9 +35,10 @@ history: a subquery evaluates its expression at every step for every series, so
 the VMs seen on more than one node; their departures are then dated from the raw samples of
 those VMs alone (`SnapshotQueries.departures`: `vmbalance_vm_info{vm=~...}[24h]`, one more
 query; ids sharing a prefix share it in the regex, so 1,300 ids like `c07-vm01234` take 8 KB,
-and a second query comes only past about 2,000 VMs that moved), the last sample of each series being the last time
-the VM was on that node. Neither server steps through anything for it, and a series that a
-staleness marker ended is dated by its last real sample, not by the last step that saw it.
+and a second query comes only past about 2,000 VMs that moved), the last sample of each
+series being the last time the VM was on that node. Neither server steps through anything
+for it, and a series that a staleness marker ended is dated by its last real sample, not by
+the last step that saw it.
 The current node comes from the short window (a few steps). Only a VM younger than the window
 is scaled, so its first sample is read only where it can matter: `vm_settled` counts each
 (node, vm)'s samples in the window's first two minutes (one raw pass over a slot, no
