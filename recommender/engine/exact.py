@@ -166,6 +166,8 @@ class LinearModel:
         self.least_memory = False
         self.incumbent: dict[int, int] | None = None  # mover -> node of a known plan
         self.incumbent_levels = np.zeros(0)
+        # Plans the program may not answer again (`exclude`): their moves, not all at once.
+        self.excluded: list[tuple[UnitMove, ...]] = []
 
     def suggest(self, hint: Hint) -> None:
         """A known plan for the solver to start from."""
@@ -186,6 +188,11 @@ class LinearModel:
     def add_budget_row(self, limit: float) -> None:
         remaining = limit - self.start.migrations
         self.budget = remaining if self.budget is None else min(self.budget, remaining)
+
+    def exclude(self, moves: Sequence[UnitMove]) -> None:
+        """No answer makes every one of `moves` again (a plan that proved to have no order of
+        migrations keeping every rule on the way)."""
+        self.excluded.append(tuple(moves))
 
     def require_move(self, movers: np.ndarray) -> None:
         """The movers `movers` (bool, movers) may not stay where they are (a broken rule
@@ -242,6 +249,7 @@ class LinearModel:
         rows = Rows()
         self._assignment_rows(cols, rows)
         self._rule_rows(cols, rows)
+        self._excluded_rows(cols, rows)
         if self.budget is not None:
             rows.add(np.arange(cols.nv), cols.moved_count, -np.inf, self.budget)
         self._balance_rows(cols, rows)
@@ -296,6 +304,19 @@ class LinearModel:
                 coef = values[cols.mover[index]]
                 if np.any(coef != 0):
                     rows.add(index, coef, -np.inf, bound)
+
+    def _excluded_rows(self, cols: _Columns, rows: Rows) -> None:
+        """Per excluded plan: at most all but one of its moves' columns."""
+        position = {int(u): i for i, u in enumerate(self.units)}
+        for moves in self.excluded:
+            index = [
+                np.flatnonzero((cols.mover == position[m.unit]) & (cols.node == m.target))
+                for m in moves
+                if m.unit in position
+            ]
+            if index and all(len(i) for i in index):
+                taken = np.concatenate(index)
+                rows.add(taken, np.ones(len(taken)), -np.inf, float(len(taken) - 1))
 
     def _balance_rows(self, cols: _Columns, rows: Rows) -> None:
         """Utilisation of every active node under mean + z; the mean is that of the end

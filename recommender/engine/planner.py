@@ -38,7 +38,7 @@ from recommender.engine.candidates import (
     SearchLimits,
     plan_rank,
 )
-from recommender.engine.exact import Hint, solve_exact
+from recommender.engine.exact import Hint, LinearModel, solve_exact
 from recommender.engine.exact import available as exact_available
 from recommender.engine.forced import Forced, Frozen, forced_moves, frozen_vms
 from recommender.engine.frontier import exact_frontier, frontier_size, search_frontier
@@ -187,13 +187,54 @@ def _trade_off(
     point = frontier.at(frontier.knee)
     if ctx.reached(chosen.plan) or point is None:
         return frontier, chosen
-    parts = split_plan(problem, start, point.moves, Repairs.at_start(ctx.constraints, start))
-    knee_plan = replace(ctx, movable=_without(movable, parts.forced)).replay(
-        parts.state, parts.balance
-    )
-    if knee_plan is None or violations(ctx.constraints, knee_plan.state, final=True):
-        return frontier, chosen
-    return frontier, _Chosen(parts.forced, parts.state, knee_plan, [], "exact")
+    repairs = Repairs.at_start(ctx.constraints, start)
+    knee = _replayed(ctx, start, movable, repairs, point.moves)
+    if knee is not None:
+        return frontier, knee
+    return frontier, _executable_fewer(ctx, model, start, movable, repairs, chosen)
+
+
+# Plans the exact program may answer in turn where the ones before had no safe order.
+EXECUTABLE_TRIES = 3
+
+
+def _executable_fewer(
+    ctx: SearchContext,
+    model: LinearModel,
+    start: State,
+    movable: np.ndarray,
+    repairs: Repairs,
+    chosen: _Chosen,
+) -> _Chosen:
+    """Where the knee's plan has no order that keeps every rule on the way: the fewest
+    migrations reaching the chosen plan's imbalance among the program's plans that have one
+    (each that has none excluded in turn); the chosen plan where none of them is smaller."""
+    level = chosen.plan.overall + EPSILON
+    for _ in range(EXECUTABLE_TRIES):
+        found = model.solve(level, ctx.problem.weights, reach_only=True)
+        if not found.moves or found.migrations >= chosen.plan.state.migrations:
+            break
+        better = _replayed(ctx, start, movable, repairs, found.moves)
+        if better is not None:
+            return better
+        model.exclude(found.moves)
+    return chosen
+
+
+def _replayed(
+    ctx: SearchContext,
+    start: State,
+    movable: np.ndarray,
+    repairs: Repairs,
+    moves: tuple[UnitMove, ...],
+) -> _Chosen | None:
+    """A program's plan as repairs and ordered balancing moves; None where no order of them
+    keeps every rule on the way."""
+    parts = split_plan(ctx.problem, start, moves, repairs)
+    plan = replace(ctx, movable=_without(movable, parts.forced)).replay(parts.state, parts.balance)
+    if plan is None or violations(ctx.constraints, plan.state, final=True):
+        return None
+    return _Chosen(parts.forced, parts.state, plan, [], "exact")
 
 
 def _without(movable: np.ndarray, forced: Forced) -> np.ndarray:
