@@ -48,7 +48,14 @@ from recommender.engine.held_back import (
     leave_one_out_gains,
     merge_held_back,
 )
-from recommender.engine.joint import Repairs, joint_model, joint_units, solve_levels, split_plan
+from recommender.engine.joint import (
+    JointSplit,
+    Repairs,
+    joint_model,
+    joint_units,
+    solve_levels,
+    split_plan,
+)
 from recommender.engine.measure import EPSILON, reaches
 from recommender.engine.migration_cost import move_cost
 from recommender.engine.problem import SPLIT, Problem, State, UnitMove
@@ -231,10 +238,17 @@ def _replayed(
     """A program's plan as repairs and ordered balancing moves; None where no order of them
     keeps every rule on the way."""
     parts = split_plan(ctx.problem, start, moves, repairs)
+    plan = _ordered(ctx, movable, parts)
+    return None if plan is None else _Chosen(parts.forced, parts.state, plan, [], "exact")
+
+
+def _ordered(ctx: SearchContext, movable: np.ndarray, parts: JointSplit) -> Candidate | None:
+    """The balancing moves of a program's plan in an order that keeps every rule on the way,
+    after its repairs; None where there is none."""
     plan = replace(ctx, movable=_without(movable, parts.forced)).replay(parts.state, parts.balance)
     if plan is None or violations(ctx.constraints, plan.state, final=True):
         return None
-    return _Chosen(parts.forced, parts.state, plan, [], "exact")
+    return plan
 
 
 def _without(movable: np.ndarray, forced: Forced) -> np.ndarray:
@@ -281,11 +295,11 @@ def _joint(
     repairs = Repairs.at_start(ctx.constraints, start)
     parts = split_plan(problem, start, result.moves, repairs)
     balance_ctx = replace(ctx, movable=_without(movable, parts.forced))
-    joint = balance_ctx.replay(parts.state, parts.balance)
-    if joint is None or violations(ctx.constraints, joint.state, final=True):
+    room = budget - parts.state.migrations
+    joint = _ordered(ctx, movable, parts)
+    if joint is None:
         # The program's balancing has no order that keeps every rule on the way (it swaps
         # VMs between full nodes): its repairs, then the search's balancing from there.
-        room = budget - parts.state.migrations
         joint = (
             find_plan(balance_ctx, parts.state, room)
             if triggered and room > 0
@@ -297,7 +311,6 @@ def _joint(
         return None
     held: list[HeldBack] = []
     if triggered and joint.moves:
-        room = budget - parts.state.migrations
         joint, held = apply_gain_threshold(balance_ctx, parts.state, joint, room)
     # A plan that leaves a rule broken is never preferred to one that repairs it.
     if not forced.unplaceable and _total_rank(joint, parts.forced, problem, ctx.target) >= (

@@ -506,7 +506,10 @@ class ReportQueries:
 def _within(vms: Sequence[str], chars: int) -> tuple[str, ...]:
     """The first of the sorted `vms` whose regex of alternatives fits in `chars`."""
     first = next(regex_batches(vms, chars), [])
-    return tuple(first) if len(promql_regex_alternatives(first)) <= chars else ()
+    # A batch fits unless it is one value too long on its own.
+    if len(first) == 1 and len(promql_regex_alternatives(first)) > chars:
+        return ()
+    return tuple(first)
 
 
 __all__ = [
