@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -65,7 +66,7 @@ from recommender.engine.build import build_problem
 from recommender.engine.problem import SPLIT, Problem, State
 from recommender.engine.rules import prepare_constraints, violations
 from recommender.engine.rules.max_migrations import MaxMigrations
-from recommender.plan import build_plan
+from recommender.plan import Plan, build_plan
 
 SMALL = HeavyShape(base=Shape(nodes=(3, 3), vms=(10, 12), skew=0.8))
 # ProxLB's most aggressive solver profile weighs its load gap (in units of 1/10,000 of a
@@ -86,6 +87,8 @@ MEMORY_PLANS: dict[str, dict[str, float]] = {
     "vmbalance memory, 1 point a move": ONE_POINT,
 }
 PLANNERS = ("proxlb greedy", "proxlb solver", "vmbalance", *MEMORY_PLANS)
+# The memory-only plan whose frontier bounds what any rule-keeping plan can reach.
+FLOOR_PLAN = "vmbalance memory, aggressive"
 # Max utilisation columns: (label, VM column, node column).
 UTILISATION = (
     ("cpu", "cpu", "cpu"),
@@ -116,10 +119,49 @@ def memory_only(config: Config, overrides: dict[str, float], vms: int) -> Config
     return Config(balance=BalanceSettings(**settings), rules=config.rules)
 
 
-def vmbalance_moves(inst: Instance, config: Config) -> tuple[list[tuple[str, str]], float]:
+def vmbalance_plan(inst: Instance, config: Config) -> tuple[Plan, float]:
     started = time.perf_counter()
     plan = build_plan(inst.snapshot, config)
-    return [(m.vm, m.target) for m in plan.migrations], time.perf_counter() - started
+    return plan, time.perf_counter() - started
+
+
+def moves_of(plan: Plan) -> list[tuple[str, str]]:
+    return [(m.vm, m.target) for m in plan.migrations]
+
+
+def memory_floors(plan: Plan, judged: dict[str, Any]) -> list[tuple[int, float]] | None:
+    """(k, least max assigned-memory utilisation any plan of at most k migrations that ends
+    with every vmbalance rule kept can reach) from a memory-only plan's frontier: memory
+    alone, the overall imbalance is the max utilisation less the cluster mean, which no
+    migration between active nodes changes, so the mean is the plan's max less its
+    imbalance, and each point's proven lower bound plus the mean bounds the max. The last
+    entry is one migration past the frontier, at the mean (no plan gets below it). None
+    where the plan has no frontier (it did not plan)."""
+    if plan.frontier is None or not plan.frontier.points:
+        return None
+    mean = judged["utilisation"]["memory assigned"] - plan.overall_after
+    floors = [(p.migrations, p.lower_bound + mean) for p in plan.frontier.points]
+    if judged["before_kept_rules"]:
+        floors.insert(0, (0, judged["before_max"]))
+    floors.append((floors[-1][0] + 1, mean))
+    return floors
+
+
+def fewest_for_mean(floors: list[list[tuple[int, float]]], level: float) -> int | None:
+    """The fewest migrations in all over the clusters for which the mean of the clusters'
+    floors can be at most `level` (each cluster takes one of its (k, floor) options): a
+    lower bound of the migrations any set of rule-keeping plans needs for a mean max
+    utilisation of `level`. Dynamic programming over the total; None where no choice does."""
+    best = {0: 0.0}  # total migrations -> least sum of floors
+    for options in floors:
+        step: dict[int, float] = {}
+        for total, sum_floor in best.items():
+            for k, floor in options:
+                key = total + k
+                step[key] = min(step.get(key, math.inf), sum_floor + floor)
+        best = step
+    room = level * len(floors) + 1e-9
+    return min((total for total, value in best.items() if value <= room), default=None)
 
 
 def judge(inst: Instance, problem: Problem, moves: list[tuple[str, str]]) -> dict[str, Any]:
@@ -161,22 +203,31 @@ def evaluate(job: tuple[int, bool, str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-proxlb-") as tmp:
         work = Path(tmp)
         run = run_proxlb(Path(python), inst, work / "run", self_signed_tls(work))
-    default_moves, default_seconds = vmbalance_moves(inst, inst.config)
+    default_plan, default_seconds = vmbalance_plan(inst, inst.config)
     plans = {
         "proxlb greedy": list(run.greedy.moves),
         "proxlb solver": list(run.solver.moves),
-        "vmbalance": default_moves,
+        "vmbalance": moves_of(default_plan),
     }
-    memory_seconds = {}
+    memory_seconds, memory_plans = {}, {}
     for name, overrides in MEMORY_PLANS.items():
         config = memory_only(inst.config, overrides, len(inst.snapshot.vms))
-        plans[name], memory_seconds[name] = vmbalance_moves(inst, config)
+        memory_plans[name], memory_seconds[name] = vmbalance_plan(inst, config)
+        plans[name] = moves_of(memory_plans[name])
+    judged = {name: judge(inst, problem, moves) for name, moves in plans.items()}
+    before = judge(inst, problem, [])
+    floor_input = {
+        **judged[FLOOR_PLAN],
+        "before_kept_rules": not before["violations"] and not before["still_broken"],
+        "before_max": before["utilisation"]["memory assigned"],
+    }
     return {
         "seed": seed,
         "nodes": len(inst.snapshot.nodes),
         "vms": len(inst.snapshot.vms),
-        "before": judge(inst, problem, []),
-        **{name: judge(inst, problem, moves) for name, moves in plans.items()},
+        "before": before,
+        **judged,
+        "memory_floors": memory_floors(memory_plans[FLOOR_PLAN], floor_input),
         "solver_status": run.solver.status,
         "solver_seconds": run.solver.seconds,
         "proxlb_seconds": run.seconds,
@@ -233,6 +284,28 @@ def _target(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _floor_line(rows: list[dict[str, Any]]) -> str:
+    """What the memory half of the target needs at the least, by the frontiers' bounds."""
+    moves_s = sum(r["proxlb solver"]["migrations"] for r in rows)
+    floors = [r.get("memory_floors") for r in rows]
+    if not floors or any(f is None for f in floors):
+        return "The frontiers' bound: not measured (a memory-only plan without a frontier)."
+    need = fewest_for_mean(floors, _mean(rows, "proxlb solver", "memory assigned"))
+    verdict = (
+        "no choice of plans reaches it"
+        if need is None
+        else f"at least {need} migrations in all"
+        + (", more than" if 2 * need > moves_s else ", within")
+        + f" the {moves_s // 2} allowed (half the solver's {moves_s})"
+    )
+    return (
+        "The least any plans ending with every vmbalance rule kept need for the solver's "
+        "mean max assigned-memory utilisation, by the proven lower bounds of the frontiers "
+        f"of the {FLOOR_PLAN!r} plans (each cluster at its cheapest point, the mean "
+        f"taken over the clusters): {verdict}."
+    )
+
+
 def _seconds(values: list[float]) -> str:
     return f"median {statistics.median(values):.1f} s, max {max(values):.1f} s"
 
@@ -273,6 +346,8 @@ def summarise(rows: list[dict[str, Any]], seconds: float, version: str, small: b
         "| plan | migrations | max util: memory assigned | memory used | target |",
         "| --- | --- | --- | --- | --- |",
         *_target(rows),
+        "",
+        _floor_line(rows),
         "",
         "ProxLB solver status: "
         + ", ".join(f"{status} {count}" for status, count in sorted(statuses.items()))

@@ -6,7 +6,9 @@ and vmbalance's."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
+import random
 import ssl
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import pytest
 from devkit.fake_pve import FakePVE, self_signed_tls
 from devkit.instances import HeavyShape, Instance, Shape, heavy_tailed_cluster
 from devkit.proxlb_peer import SECRET, TOKEN_ID, USER, fake_cluster, installed_python, run_proxlb
+from recommender.engine.build import build_problem
 
 pytestmark = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 
@@ -210,3 +213,54 @@ def test_the_target_is_judged_on_assigned_memory_for_each_memory_plan() -> None:
     line = bench.progress(row)
     assert line.startswith("seed   3: 12 VMs")
     assert "vmbalance memory, aggressive 1 (0.250)" in line
+
+
+def test_the_fewest_migrations_for_a_mean_is_the_cheapest_choice_per_cluster() -> None:
+    bench = bench_module()
+    rng = random.Random(7)
+    for _ in range(200):
+        floors = []
+        for _ in range(rng.randint(1, 4)):
+            level, options = rng.uniform(0.3, 0.6), []
+            for k in range(rng.randint(0, 1), rng.randint(2, 5)):
+                level -= rng.uniform(0.0, 0.1)
+                options.append((k, level))
+            floors.append(options)
+        level = rng.uniform(0.0, 0.5)
+        brute = min(
+            (
+                sum(k for k, _ in pick)
+                for pick in itertools.product(*floors)
+                if sum(f for _, f in pick) <= level * len(floors) + 1e-9
+            ),
+            default=None,
+        )
+        assert bench.fewest_for_mean(floors, level) == brute
+    # A cluster below the level pays for one above it: 1 + 0 migrations, not 1 + 1.
+    assert bench.fewest_for_mean([[(0, 0.5), (1, 0.1)], [(0, 0.25), (1, 0.2)]], 0.2) == 1
+
+
+def test_memory_floors_read_the_frontiers_bounds_over_the_cluster_mean() -> None:
+    bench = bench_module()
+    inst = small_cluster(0)
+    vms = len(inst.snapshot.vms)
+    config = bench.memory_only(inst.config, bench.MEMORY_PLANS[bench.FLOOR_PLAN], vms)
+    plan, _ = bench.vmbalance_plan(inst, config)
+    problem = build_problem(inst.snapshot, inst.config)
+    judged = bench.judge(inst, problem, bench.moves_of(plan))
+    before = bench.judge(inst, problem, [])
+    assert before["still_broken"]  # the start breaks rules: no 0-migration option
+    floors = bench.memory_floors(plan, {**judged, "before_kept_rules": False, "before_max": 1.0})
+    assert floors is not None and plan.frontier is not None
+    assert [k for k, _ in floors] == [p.migrations for p in plan.frontier.points] + [
+        plan.frontier.points[-1].migrations + 1
+    ]
+    mean = judged["utilisation"]["memory assigned"] - plan.overall_after
+    loads = inst.snapshot.vms["memory_max_bytes"].sum()
+    up = ~inst.snapshot.nodes["maintenance"].to_numpy(bool)
+    assert mean == pytest.approx(loads / inst.snapshot.nodes["memory"][up].sum())
+    # Each bound is at most what that point's plan reaches, and never below the mean.
+    for (k, floor), point in zip(floors, plan.frontier.points, strict=False):
+        assert point.migrations == k
+        assert mean - 1e-9 <= floor <= point.imbalance + mean + 1e-9
+    assert floors[-1][1] == pytest.approx(mean)
