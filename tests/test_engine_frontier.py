@@ -11,6 +11,7 @@ import pytest
 
 from devkit.instances import Shape, random_cluster
 from recommender.config import Config
+from recommender.engine import frontier as frontier_module
 from recommender.engine.build import build_problem
 from recommender.engine.exact import LinearModel
 from recommender.engine.exact import available as exact_available
@@ -167,3 +168,32 @@ def test_the_frontier_stops_asking_the_program_at_the_proven_floor(asked: list[i
         assert point.exact
         assert point.imbalance == pytest.approx(truth[point.migrations], abs=1e-7)
     assert all(len(p.moves) == 2 for p in frontier.points[1:])
+
+
+def test_the_frontier_shares_one_node_budget_among_its_points(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A cluster whose later points the program does not prove within a few hundred nodes.
+    inst = random_cluster(45, Shape(nodes=(3, 6), vms=(10, 30)))
+    monkeypatch.setattr(frontier_module, "FRONTIER_MAX_NODES", 150)
+    monkeypatch.setattr(frontier_module, "FRONTIER_NODES", 400)
+    runs: list[tuple[int, int, str]] = []
+    real = LinearModel.lowest
+
+    def counted(self: LinearModel, weights: Any, migrations: int, **kw: Any) -> Any:
+        found = real(self, weights, migrations, **kw)
+        runs.append((kw["max_nodes"], found.nodes, found.status))
+        return found
+
+    monkeypatch.setattr(LinearModel, "lowest", counted)
+    frontier = plan_moves(inst.snapshot, inst.config).frontier
+    assert frontier is not None and len(runs) == len(frontier.points) > 5
+    left = 400
+    for asked, used, _ in runs:
+        assert asked == max(1, min(150, left))  # at most the point's share of what is left
+        assert used <= asked + 1
+        left -= used
+    assert sum(used for _, used, _ in runs) <= 400 + len(runs)
+    assert runs[0][2] == "optimal" and runs[0][1] < 150  # the first point leaves nodes over
+    assert runs[-1][0] == 1 and runs[-1][2] == "limit"  # the budget is spent by the end
+    assert all(p.lower_bound <= p.imbalance + EPSILON for p in frontier.points)

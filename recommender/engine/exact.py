@@ -94,6 +94,7 @@ class ExactResult:
     memory: float
     imbalance: float = float("nan")  # the overall imbalance the program's z bound
     bound: float = float("nan")  # proven lower bound of the objective (imbalance runs)
+    nodes: int = 0  # branch-and-bound nodes the run took
 
 
 @dataclass(frozen=True)
@@ -367,13 +368,14 @@ class LinearModel:
         self, highs: Any, cols: _Columns, objective: Objective, imbalance_cap: float | None
     ) -> ExactResult:
         status = highs.getModelStatus()
+        nodes = int(highs.getInfo().mip_node_count)
         if status == _highs().HighsModelStatus.kInfeasible:
-            return ExactResult("infeasible", (), False, 0, 0.0)
+            return ExactResult("infeasible", (), False, 0, 0.0, nodes=nodes)
         solution = np.asarray(highs.getSolution().col_value)
         # At a limit HiGHS may hand back values that are no feasible plan (none found yet).
         feasible = highs.getInfo().primal_solution_status == _FEASIBLE_SOLUTION
         if len(solution) != cols.nv + cols.nz or not feasible:
-            return ExactResult("limit", (), False, 0, 0.0)
+            return ExactResult("limit", (), False, 0, 0.0, nodes=nodes)
         optimal = status == _highs().HighsModelStatus.kOptimal
         label: ExactStatus = "optimal" if optimal else "limit"
         value = float(solution[cols.nv :] @ cols.z_weights / cols.weight_sum)
@@ -395,6 +397,7 @@ class LinearModel:
             float(cols.copy[chosen].sum()),
             value,
             bound if objective == "imbalance" else float("nan"),
+            nodes,
         )
 
 

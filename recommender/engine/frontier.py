@@ -7,7 +7,8 @@ rule (and repairs those broken at the start), with a proven lower bound:
 
 * On small clusters the exact program (`recommender.engine.exact`, the joint model of
   `recommender.engine.joint`) minimises the imbalance under a budget of k, once per k; its
-  answer is exact where HiGHS proves it within the node limit, and its dual bound otherwise.
+  answer is exact where HiGHS proves it within the nodes left to it (one budget for the
+  frontier, `FRONTIER_NODES`), and its dual bound otherwise.
 * On large clusters a beam search aimed at zero imbalance gives the best plan found per
   number of migrations, and the bound is `recommender.engine.bound`: a migration takes one
   VM off one node, so k migrations in all can bring every node under a utilisation t only
@@ -33,11 +34,16 @@ from recommender.engine.rules import violations
 
 # Most points of the frontier (k = 1 ... this, or the rule's migration budget if lower).
 FRONTIER_POINTS = 20
-# Branch-and-bound nodes per point of the exact frontier (without HiGHS's root restart, whose
-# second root cost more than these nodes). On 200 seeded small clusters (bench/
-# bench_engine_frontier.py): 80 nodes 93.5 % of points within 2 % of the optimum, CPU p90
-# 1.9 s; 200 nodes 95.6 %, 2.3 s; 500 nodes 97.2 %, 2.4 s (max 5.8 s).
-FRONTIER_MAX_NODES = 500
+# Branch-and-bound nodes of the exact frontier (without HiGHS's root restart, whose second
+# root cost more than these nodes): each point takes at most FRONTIER_MAX_NODES of what the
+# points before it left of FRONTIER_NODES, so a point proven early leaves its nodes to the
+# later, harder ones, and a frontier's cost has a ceiling. On 200 seeded small clusters
+# (bench/bench_engine_frontier.py), points within 2 % of the optimum and CPU p90 / max: 500
+# nodes a point, no shared limit, 97.8 %, 3.6 s / 8.6 s; 1,000 of 2,000, 98.3 %, 3.1 s /
+# 6.2 s; 700 of 1,500, 97.8 %, 3.5 s / 6.2 s (one machine, one session; side by side in
+# one process: p90 4.1, 4.0 and 3.9 s, max 8.7, 6.5 and 6.3 s).
+FRONTIER_MAX_NODES = 1000
+FRONTIER_NODES = 2000
 # Where the search's point is further than this share above the linear bound, the bound is
 # tightened with whole pieces (`recommender.engine.bound`).
 BOUND_GAP = 0.02
@@ -64,11 +70,14 @@ def exact_frontier(
     modelled[model.units] = True
     floor = max(lower_bound(ctx.problem, start, modelled, size), 0.0)
     points: list[FrontierPoint] = []
+    left = FRONTIER_NODES
     for k in range(1, size + 1):
         before = points[-1] if points else None
         if before is not None:
             model.suggest(_hint(ctx, start, before.moves))
-        found = model.lowest(weights, k, max_nodes=FRONTIER_MAX_NODES, restart=False)
+        nodes = max(1, min(FRONTIER_MAX_NODES, left))
+        found = model.lowest(weights, k, max_nodes=nodes, restart=False)
+        left -= found.nodes
         point = _point(ctx, start, k, found, before)
         if point is None:
             continue
