@@ -16,7 +16,8 @@ auto). Per instance:
   (repairs and balance together, `recommender.engine.joint`) asked for the fewest migrations
   at or under the plan's final imbalance;
 * plan time, wall clock and CPU time of the process (the machine is shared; CPU time is what
-  a quiet machine's wall clock would show), p50/p90/max per size.
+  a quiet machine's wall clock would show) and the branch-and-bound nodes of its programs
+  (the same on any machine), p50/p90/max per size.
 
     .venv/bin/python bench/bench_engine_frontier.py [--instances 200] [--large 4] [--jobs N]
         [--quick] [--no-docs]
@@ -43,7 +44,7 @@ from docs_section import replace_section
 
 from devkit.instances import HeavyShape, Shape, heavy_tailed_cluster, random_cluster
 from recommender.engine import exact
-from recommender.engine.exact import Hint, available
+from recommender.engine.exact import Hint, LinearModel, available
 from recommender.engine.forced import frozen_vms
 from recommender.engine.joint import joint_model
 from recommender.engine.planner import balance_movable, plan_moves
@@ -74,7 +75,8 @@ def evaluate(seed: int) -> dict[str, Any]:
     inst = instance(seed)
     snap, cfg = inst.snapshot, inst.config
     started, cpu = time.perf_counter(), time.process_time()
-    result = plan_moves(snap, cfg)
+    with _counted_nodes() as counted:
+        result = plan_moves(snap, cfg)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     problem = result.problem
     constraints = prepare_constraints(problem)
@@ -85,6 +87,7 @@ def evaluate(seed: int) -> dict[str, Any]:
         "vms": problem.n_vms,
         "time": seconds,
         "cpu": cpu,
+        "nodes": counted.total,
         "triggered": result.triggered,
         "moves": result.migrations,
         "repairs": sum(m.kind == "repair" for m in result.moves),
@@ -121,6 +124,27 @@ def _reference_model(problem: Any, constraints: Any, start: State, frozen: Any) 
         for unit in constraint.must_move(start, frozen.vms):
             chosen[unit] = start.unit_node[unit] != -1
     return joint_model(problem, constraints, start, np.flatnonzero(chosen), frozen)
+
+
+class _counted_nodes:
+    """The branch-and-bound nodes of every program the planner runs in a `with` block (a
+    machine's speed aside, what its time is made of)."""
+
+    def __enter__(self) -> _counted_nodes:
+        self.total = 0
+        self.kept = LinearModel._run
+        kept = self.kept
+
+        def counted(model: LinearModel, *args: Any, **kwargs: Any) -> Any:
+            found = kept(model, *args, **kwargs)
+            self.total += found.nodes
+            return found
+
+        LinearModel._run = counted  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        LinearModel._run = self.kept  # type: ignore[method-assign]
 
 
 class _reference_limit:
@@ -189,12 +213,20 @@ def _p(values: list[float], q: float) -> float:
 
 def _times(label: str, rows: list[dict[str, Any]]) -> str:
     if not rows:
-        return f"| {label} | 0 | - | - | - | - | - | - |"
+        return f"| {label} | 0 | - | - | - | - | - | - | - | - | - |"
     wall = [r["time"] for r in rows]
     cpu = [r["cpu"] for r in rows]
+    nodes = [float(r["nodes"]) for r in rows]
     cells = [statistics.median(cpu), _p(cpu, 0.9), max(cpu)]
     cells += [statistics.median(wall), _p(wall, 0.9), max(wall)]
-    return f"| {label} | {len(rows)} | " + " | ".join(f"{c:.2f} s" for c in cells) + " |"
+    counts = [statistics.median(nodes), _p(nodes, 0.9), max(nodes)]
+    return (
+        f"| {label} | {len(rows)} | "
+        + " | ".join(f"{c:.2f} s" for c in cells)
+        + " | "
+        + " | ".join(f"{c:,.0f}" for c in counts)
+        + " |"
+    )
 
 
 def _sizes(rows: list[dict[str, Any]]) -> list[str]:
@@ -246,10 +278,12 @@ def summarise(rows: list[dict[str, Any]], seconds: float, load: str) -> str:
         f"{_pct(sum(r['reached'] for r in planned), len(planned))} |",
         "",
         "Plan time (the default path: search, exact program, joint repairs, frontier), CPU "
-        "time of the planning process and wall clock:",
+        "time of the planning process and wall clock, and the branch-and-bound nodes of all "
+        "the plan's programs (HiGHS's count; the same on any machine):",
         "",
-        "| size | instances | CPU p50 | CPU p90 | CPU max | wall p50 | wall p90 | wall max |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| size | instances | CPU p50 | CPU p90 | CPU max | wall p50 | wall p90 | wall max | "
+        "nodes p50 | nodes p90 | nodes max |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *_sizes(rows),
         "",
         f"Run: `.venv/bin/python bench/bench_engine_frontier.py --instances {len(small)} "
