@@ -278,8 +278,9 @@ def summarise(rows: list[dict[str, Any]], seconds: float, load: str) -> str:
         f"{_pct(sum(r['reached'] for r in planned), len(planned))} |",
         "",
         "Plan time (the default path: search, exact program, joint repairs, frontier), CPU "
-        "time of the planning process and wall clock, and the branch-and-bound nodes of all "
-        "the plan's programs (HiGHS's count; the same on any machine):",
+        "time of the planning process and wall clock, and the branch-and-bound nodes of the "
+        "plan's exact programs (HiGHS's count, the same on any machine; the large clusters' "
+        "bound programs are not counted):",
         "",
         "| size | instances | CPU p50 | CPU p90 | CPU max | wall p50 | wall p90 | wall max | "
         "nodes p50 | nodes p90 | nodes max |",
