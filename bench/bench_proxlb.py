@@ -129,20 +129,24 @@ def moves_of(plan: Plan) -> list[tuple[str, str]]:
     return [(m.vm, m.target) for m in plan.migrations]
 
 
-def memory_floors(plan: Plan, judged: dict[str, Any]) -> list[tuple[int, float]] | None:
+def memory_floors(
+    plan: Plan, judged: dict[str, Any], before: dict[str, Any]
+) -> list[tuple[int, float]] | None:
     """(k, least max assigned-memory utilisation any plan of at most k migrations that ends
     with every vmbalance rule kept can reach) from a memory-only plan's frontier: memory
     alone, the overall imbalance is the max utilisation less the cluster mean, which no
     migration between active nodes changes, so the mean is the plan's max less its
-    imbalance, and each point's proven lower bound plus the mean bounds the max. The last
-    entry is one migration past the frontier, at the mean (no plan gets below it). None
-    where the plan has no frontier (it did not plan)."""
+    imbalance, and each point's proven lower bound plus the mean bounds the max. `judged`
+    and `before` are the judge's verdicts on the plan and on the start: no migration is an
+    option only where the start keeps every rule. The last entry is one migration past the
+    frontier, at the mean (no plan gets below it). None where the plan has no frontier (it
+    did not plan)."""
     if plan.frontier is None or not plan.frontier.points:
         return None
     mean = judged["utilisation"]["memory assigned"] - plan.overall_after
     floors = [(p.migrations, p.lower_bound + mean) for p in plan.frontier.points]
-    if judged["before_kept_rules"]:
-        floors.insert(0, (0, judged["before_max"]))
+    if not before["violations"] and not before["still_broken"]:
+        floors.insert(0, (0, before["utilisation"]["memory assigned"]))
     floors.append((floors[-1][0] + 1, mean))
     return floors
 
@@ -216,18 +220,13 @@ def evaluate(job: tuple[int, bool, str]) -> dict[str, Any]:
         plans[name] = moves_of(memory_plans[name])
     judged = {name: judge(inst, problem, moves) for name, moves in plans.items()}
     before = judge(inst, problem, [])
-    floor_input = {
-        **judged[FLOOR_PLAN],
-        "before_kept_rules": not before["violations"] and not before["still_broken"],
-        "before_max": before["utilisation"]["memory assigned"],
-    }
     return {
         "seed": seed,
         "nodes": len(inst.snapshot.nodes),
         "vms": len(inst.snapshot.vms),
         "before": before,
         **judged,
-        "memory_floors": memory_floors(memory_plans[FLOOR_PLAN], floor_input),
+        "memory_floors": memory_floors(memory_plans[FLOOR_PLAN], judged[FLOOR_PLAN], before),
         "solver_status": run.solver.status,
         "solver_seconds": run.solver.seconds,
         "proxlb_seconds": run.seconds,

@@ -250,7 +250,7 @@ def test_memory_floors_read_the_frontiers_bounds_over_the_cluster_mean() -> None
     judged = bench.judge(inst, problem, bench.moves_of(plan))
     before = bench.judge(inst, problem, [])
     assert before["still_broken"]  # the start breaks rules: no 0-migration option
-    floors = bench.memory_floors(plan, {**judged, "before_kept_rules": False, "before_max": 1.0})
+    floors = bench.memory_floors(plan, judged, before)
     assert floors is not None and plan.frontier is not None
     assert [k for k, _ in floors] == [p.migrations for p in plan.frontier.points] + [
         plan.frontier.points[-1].migrations + 1
