@@ -172,9 +172,9 @@ class LinearModel:
 
     def suggest(self, hint: Hint) -> None:
         """A known plan for the solver to start from."""
-        position = {int(u): i for i, u in enumerate(self.units)}
-        self.incumbent = {position[m.unit]: m.target for m in hint.moves if m.unit in position}
-        self.incumbent_levels = np.asarray(hint.per_resource, dtype=float)
+        found = self._incumbent(hint)
+        assert found is not None
+        self.incumbent, self.incumbent_levels = found
 
     # -- what rules call ---------------------------------------------------------------------
 
@@ -203,22 +203,33 @@ class LinearModel:
     # -- the program -------------------------------------------------------------------------
 
     def lowest(
-        self, weights: np.ndarray, migrations: int, *, max_nodes: int, restart: bool = True
+        self,
+        weights: np.ndarray,
+        migrations: int,
+        *,
+        max_nodes: int,
+        restart: bool = True,
+        hint: Hint | None = None,
     ) -> ExactResult:
         """The lowest imbalance with at most `migrations` VM migrations (and the rule's
-        budget), its plan and the proven lower bound; `max_nodes` limits the branching.
-        Without `restart`, HiGHS keeps its first root (no second presolve and root after
-        fixing columns at the root), which on these programs costs more than it saves."""
+        budget), its plan and the proven lower bound; `max_nodes` limits the branching, and
+        `hint` (else the suggested plan) is where the solver starts. Without `restart`,
+        HiGHS keeps its first root (no second presolve and root after fixing columns at the
+        root), which on these programs costs more than it saves. The model is only read, so
+        runs for different budgets may go on at once in threads (HiGHS lets go of the
+        interpreter while it solves)."""
         if highspy is None:
             return ExactResult("unavailable", (), False, 0, 0.0)
-        kept = self.budget
-        self.budget = migrations if kept is None else min(kept, migrations)
-        try:
-            return self._run(
-                0.0, weights, objective="imbalance", max_nodes=max_nodes, restart=restart
-            )
-        finally:
-            self.budget = kept
+        budget = migrations if self.budget is None else min(self.budget, migrations)
+        return self._run(
+            0.0,
+            weights,
+            objective="imbalance",
+            max_nodes=max_nodes,
+            restart=restart,
+            budget=budget,
+            hint=hint,
+        )
 
     def solve(self, target: float, weights: np.ndarray, *, reach_only: bool = False) -> ExactResult:
         """The fewest migrations reaching `target`; where none does, the lowest imbalance in
@@ -245,14 +256,19 @@ class LinearModel:
         imbalance_cap: float | None = None,
         max_nodes: int = 0,
         restart: bool = True,
+        budget: float | None = None,
+        hint: Hint | None = None,
     ) -> ExactResult:
+        """One program: `budget` (else the rules') caps the migrations, `hint` (else the
+        suggested plan) starts the solver."""
+        budget = self.budget if budget is None else budget
         cols = self._columns(weights)
         rows = Rows()
         self._assignment_rows(cols, rows)
         self._rule_rows(cols, rows)
         self._excluded_rows(cols, rows)
-        if self.budget is not None:
-            rows.add(np.arange(cols.nv), cols.moved_count, -np.inf, self.budget)
+        if budget is not None:
+            rows.add(np.arange(cols.nv), cols.moved_count, -np.inf, budget)
         self._balance_rows(cols, rows)
         z = cols.nv + np.arange(cols.nz)
         if objective == "cost" and imbalance_cap is None:
@@ -266,8 +282,9 @@ class LinearModel:
             highs.setOptionValue("mip_allow_restart", False)
         self._add_columns(highs, cols, objective)
         rows.flush(highs)
-        if self.incumbent is not None:
-            self._warm_start(highs, cols)
+        start = self._incumbent(hint)
+        if start is not None:
+            self._warm_start(highs, cols, *start)
         highs.run()
         return self._result(highs, cols, objective, imbalance_cap)
 
@@ -351,14 +368,25 @@ class LinearModel:
             cost = np.concatenate([np.zeros(nv), cols.z_weights / cols.weight_sum])
         highs.changeColsCost(nv + nz, np.arange(nv + nz, dtype=np.int32), cost)
 
-    def _warm_start(self, highs: Any, cols: _Columns) -> None:
-        assert self.incumbent is not None
+    def _incumbent(self, hint: Hint | None) -> tuple[dict[int, int], np.ndarray] | None:
+        """Mover -> node and the per-resource levels of the plan to start from, if any."""
+        if hint is None:
+            if self.incumbent is None:
+                return None
+            return self.incumbent, self.incumbent_levels
+        position = {int(u): i for i, u in enumerate(self.units)}
+        chosen = {position[m.unit]: m.target for m in hint.moves if m.unit in position}
+        return chosen, np.asarray(hint.per_resource, dtype=float)
+
+    def _warm_start(
+        self, highs: Any, cols: _Columns, incumbent: dict[int, int], levels: np.ndarray
+    ) -> None:
         start = np.zeros(cols.nv + cols.nz)
         start[: cols.nv] = cols.stays
-        for owner, node in self.incumbent.items():
+        for owner, node in incumbent.items():
             pick = np.flatnonzero(cols.mover == owner)
             start[pick] = cols.node[pick] == node
-        start[cols.nv :] = self.incumbent_levels
+        start[cols.nv :] = levels
         solution = _highs().HighsSolution()
         solution.col_value = start.tolist()
         solution.value_valid = True

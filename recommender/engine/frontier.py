@@ -21,6 +21,8 @@ is a count, so the frontier is a pure function of the snapshot and the config.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from recommender.engine import hysteresis
@@ -44,6 +46,11 @@ FRONTIER_POINTS = 20
 # one process: p90 4.1, 4.0 and 3.9 s, max 8.7, 6.5 and 6.3 s).
 FRONTIER_MAX_NODES = 1000
 FRONTIER_NODES = 2000
+# Points solved at once, each in its own thread: the same batches on any machine (on one
+# core they share it), so the same frontier. On 200 seeded small clusters, solved one plan
+# at a time on two cores, a batch of two took plan time p90 from 4.0 s to 2.6 s (wall),
+# CPU time the same, 98.0 % of points within 2 % of the optimum (one at a time: 98.3 %).
+FRONTIER_BATCH = 2
 # Where the search's point is further than this share above the linear bound, the bound is
 # tightened with whole pieces (`recommender.engine.bound`).
 BOUND_GAP = 0.02
@@ -62,6 +69,9 @@ def exact_frontier(
 ) -> Frontier:
     """The frontier by the exact program, from `start` (the snapshot's placement).
 
+    The points are solved FRONTIER_BATCH at a time, at once in threads, each program started
+    from the best point before its batch and given an equal share of the nodes left; which
+    program gets what depends only on the points before, never on which thread ends first.
     Once a point is at the proven lower bound for the largest k (`lower_bound` over the
     program's units), no later k does better: the later points are that point, and their
     programs are not run (as once a point balances the cluster)."""
@@ -71,26 +81,32 @@ def exact_frontier(
     floor = max(lower_bound(ctx.problem, start, modelled, size), 0.0)
     points: list[FrontierPoint] = []
     left = FRONTIER_NODES
-    for k in range(1, size + 1):
-        before = points[-1] if points else None
-        if before is not None:
-            model.suggest(_hint(ctx, start, before.moves))
-        nodes = max(1, min(FRONTIER_MAX_NODES, left))
-        found = model.lowest(weights, k, max_nodes=nodes, restart=False)
-        left -= found.nodes
-        point = _point(ctx, start, k, found, before)
-        if point is None:
-            continue
-        points.append(point)
-        if point.imbalance <= floor + EPSILON:
-            # No plan of up to `size` migrations does better: every later point is this one.
-            points.extend(
-                FrontierPoint(
-                    m, point.imbalance, point.imbalance, point.memory_bytes, True, point.moves
+    with ThreadPoolExecutor(max_workers=FRONTIER_BATCH) as pool:
+        for first in range(1, size + 1, FRONTIER_BATCH):
+            batch = range(first, min(first + FRONTIER_BATCH, size + 1))
+            before = points[-1] if points else None
+            hint = None if before is None else _hint(ctx, start, before.moves)
+            nodes = max(1, min(FRONTIER_MAX_NODES, left // len(batch)))
+            runs = [
+                pool.submit(model.lowest, weights, k, max_nodes=nodes, restart=False, hint=hint)
+                for k in batch
+            ]
+            for k, run in zip(batch, runs, strict=True):
+                found = run.result()
+                left -= found.nodes
+                point = _point(ctx, start, k, found, points[-1] if points else None)
+                if point is not None:
+                    points.append(point)
+            if points and points[-1].imbalance <= floor + EPSILON:
+                # No plan of up to `size` migrations does better: every later point is this one.
+                last = points[-1]
+                points.extend(
+                    FrontierPoint(
+                        m, last.imbalance, last.imbalance, last.memory_bytes, True, last.moves
+                    )
+                    for m in range(last.migrations + 1, size + 1)
                 )
-                for m in range(k + 1, size + 1)
-            )
-            break
+                break
     return _finish(ctx.problem, points, start_overall)
 
 
