@@ -38,18 +38,17 @@ from recommender.engine.rules import violations
 FRONTIER_POINTS = 20
 # Branch-and-bound nodes of the exact frontier (without HiGHS's root restart, whose second
 # root cost more than these nodes): each point takes at most FRONTIER_MAX_NODES of what the
-# points before it left of FRONTIER_NODES, so a point proven early leaves its nodes to the
-# later, harder ones, and a frontier's cost has a ceiling. On 200 seeded small clusters
-# (bench/bench_engine_frontier.py), points within 2 % of the optimum and CPU p90 / max: 500
-# nodes a point, no shared limit, 97.8 %, 3.6 s / 8.6 s; 1,000 of 2,000, 98.3 %, 3.1 s /
-# 6.2 s; 700 of 1,500, 97.8 %, 3.5 s / 6.2 s (one machine, one session; side by side in
-# one process: p90 4.1, 4.0 and 3.9 s, max 8.7, 6.5 and 6.3 s).
-FRONTIER_MAX_NODES = 1000
-FRONTIER_NODES = 2000
-# Points solved at once, each in its own thread: the same batches on any machine (on one
-# core they share it), so the same frontier. On 200 seeded small clusters, solved one plan
-# at a time on two cores, a batch of two took plan time p90 from 4.0 s to 2.6 s (wall),
-# CPU time the same, 98.0 % of points within 2 % of the optimum (one at a time: 98.3 %).
+# batches before it left of FRONTIER_NODES, so a point proven early leaves its nodes to the
+# later, harder ones, and a frontier's cost has a ceiling. Points solved at once, each in
+# its own thread: FRONTIER_BATCH, the same batches on any machine (on one core they share
+# it), so the same frontier. On 200 seeded small clusters (bench/bench_engine_frontier.py),
+# points within 2 % of the optimum: one point at a time, 500 nodes a point and no shared
+# limit 97.8 %, 1,000 of 2,000 98.3 %; two at a time, 1,000 of 2,000 98.0 %, 1,200 of 2,400
+# 98.2 %, 1,500 of 3,000 98.4 %. Plan time p90, each plan alone on two cores, one point at a
+# time and 1,000 of 2,000: wall 4.0 s; two at a time: 2.2 s, and with 1,500 of 3,000 2.5 s
+# (CPU time 3.4 and 3.9 s; one machine, side by side in one process).
+FRONTIER_MAX_NODES = 1500
+FRONTIER_NODES = 3000
 FRONTIER_BATCH = 2
 # Where the search's point is further than this share above the linear bound, the bound is
 # tightened with whole pieces (`recommender.engine.bound`).
