@@ -191,7 +191,7 @@ def _gap(model: Any, problem: Any, point: Any) -> tuple[float, bool]:
         with _reference_limit(seconds=REFERENCE_RETRY_SECONDS):
             retry = model.lowest(problem.weights, point.migrations, max_nodes=REFERENCE_RETRY_NODES)
         found = retry if retry.status in ("optimal", "limit") and retry.moves else found
-    model.incumbent = None
+    model.hint = None
     if found.status == "optimal":
         best = min(found.imbalance, point.imbalance)
         return (point.imbalance - best) / point.imbalance, True

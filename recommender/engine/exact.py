@@ -165,16 +165,13 @@ class LinearModel:
         self.budget: float | None = None
         # Break ties between plans of equal size by memory copied (much slower to prove).
         self.least_memory = False
-        self.incumbent: dict[int, int] | None = None  # mover -> node of a known plan
-        self.incumbent_levels = np.zeros(0)
+        self.hint: Hint | None = None  # a known plan to start from (`suggest`)
         # Plans the program may not answer again (`exclude`): their moves, not all at once.
         self.excluded: list[tuple[UnitMove, ...]] = []
 
     def suggest(self, hint: Hint) -> None:
         """A known plan for the solver to start from."""
-        found = self._incumbent(hint)
-        assert found is not None
-        self.incumbent, self.incumbent_levels = found
+        self.hint = hint
 
     # -- what rules call ---------------------------------------------------------------------
 
@@ -282,9 +279,9 @@ class LinearModel:
             highs.setOptionValue("mip_allow_restart", False)
         self._add_columns(highs, cols, objective)
         rows.flush(highs)
-        start = self._incumbent(hint)
-        if start is not None:
-            self._warm_start(highs, cols, *start)
+        hint = self.hint if hint is None else hint
+        if hint is not None:
+            self._warm_start(highs, cols, hint)
         highs.run()
         return self._result(highs, cols, objective, imbalance_cap)
 
@@ -368,25 +365,15 @@ class LinearModel:
             cost = np.concatenate([np.zeros(nv), cols.z_weights / cols.weight_sum])
         highs.changeColsCost(nv + nz, np.arange(nv + nz, dtype=np.int32), cost)
 
-    def _incumbent(self, hint: Hint | None) -> tuple[dict[int, int], np.ndarray] | None:
-        """Mover -> node and the per-resource levels of the plan to start from, if any."""
-        if hint is None:
-            if self.incumbent is None:
-                return None
-            return self.incumbent, self.incumbent_levels
+    def _warm_start(self, highs: Any, cols: _Columns, hint: Hint) -> None:
         position = {int(u): i for i, u in enumerate(self.units)}
-        chosen = {position[m.unit]: m.target for m in hint.moves if m.unit in position}
-        return chosen, np.asarray(hint.per_resource, dtype=float)
-
-    def _warm_start(
-        self, highs: Any, cols: _Columns, incumbent: dict[int, int], levels: np.ndarray
-    ) -> None:
         start = np.zeros(cols.nv + cols.nz)
         start[: cols.nv] = cols.stays
-        for owner, node in incumbent.items():
-            pick = np.flatnonzero(cols.mover == owner)
-            start[pick] = cols.node[pick] == node
-        start[cols.nv :] = levels
+        for move in hint.moves:
+            if move.unit in position:
+                pick = np.flatnonzero(cols.mover == position[move.unit])
+                start[pick] = cols.node[pick] == move.target
+        start[cols.nv :] = np.asarray(hint.per_resource, dtype=float)
         solution = _highs().HighsSolution()
         solution.col_value = start.tolist()
         solution.value_valid = True
