@@ -12,7 +12,7 @@ import numpy as np
 from recommender.config import Config
 from recommender.engine.build import build_problem
 from recommender.engine.forced import frozen_vms
-from recommender.engine.problem import State
+from recommender.engine.problem import Problem, State
 from recommender.engine.rules import prepare_constraints, violations
 from recommender.model import Snapshot
 
@@ -45,3 +45,32 @@ def placements(snap: Snapshot, cfg: Config, most: int | None = None) -> Iterator
         if any(c.must_move(state, stuck) for c in constraints):
             continue
         yield Placement(state.migrations, problem.imbalance(state.node_load).overall)
+
+
+def exchanges(
+    problem: Problem, start: State, movable: np.ndarray, plan: dict[int, int], most: int
+) -> Iterator[tuple[dict[int, int], State]]:
+    """Every plan one exchange from `plan` (unit -> node, from `start`): one of its moves
+    taken back, or none, and another move made (any movable unit placed whole at the start
+    that the rest leaves where it is, to any receivable node but its own), or none; with at
+    most `most` VM migrations. Rules are not checked."""
+    nodes = np.flatnonzero(problem.receivable)
+    for back in [None, *plan]:
+        kept = {u: t for u, t in plan.items() if u != back}
+        if back is not None:
+            yield from _within(problem, start, kept, most)
+        for unit in np.flatnonzero(movable & (start.unit_node >= 0)):
+            if int(unit) in kept:
+                continue
+            for target in nodes[nodes != start.unit_node[unit]]:
+                yield from _within(problem, start, {**kept, int(unit): int(target)}, most)
+
+
+def _within(
+    problem: Problem, start: State, plan: dict[int, int], most: int
+) -> Iterator[tuple[dict[int, int], State]]:
+    state = start.copy()
+    for unit, target in plan.items():
+        state.move_unit(problem, unit, target)
+    if state.migrations - start.migrations <= most:
+        yield plan, state

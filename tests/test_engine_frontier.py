@@ -11,19 +11,21 @@ from typing import Any
 import numpy as np
 import pytest
 
-from devkit.instances import Shape, random_cluster
+from devkit.instances import HeavyShape, Shape, heavy_tailed_cluster, random_cluster
 from recommender.config import Config
 from recommender.engine import frontier as frontier_module
+from recommender.engine import planner as planner_module
 from recommender.engine.build import build_problem
 from recommender.engine.exact import LinearModel
 from recommender.engine.exact import available as exact_available
 from recommender.engine.measure import EPSILON
 from recommender.engine.planner import plan_moves
 from recommender.engine.problem import State
-from recommender.engine.rules import RuleSettings
+from recommender.engine.rules import RuleSettings, violations
 from recommender.engine.rules.base import GroupRule
+from recommender.engine.scorer import Scorer
 from recommender.model import Snapshot
-from tests.engine_brute import placements
+from tests.engine_brute import exchanges, placements
 from tests.test_engine import NIC, config, hot_nic_cluster, node, snapshot, vm
 
 pytestmark = pytest.mark.skipif(not exact_available(), reason="needs highspy")
@@ -243,3 +245,61 @@ def test_the_frontier_does_not_depend_on_which_program_ends_first(
     reordered = plan_moves(inst.snapshot, inst.config)
     assert as_is.frontier is not None and reordered.frontier == as_is.frontier
     assert [m.vm for m in reordered.moves] == [m.vm for m in as_is.moves]
+
+
+def searched(monkeypatch: pytest.MonkeyPatch, seed: int, heavy: bool) -> tuple[Any, ...]:
+    """A small cluster's frontier by the search (exact mode off, as on large clusters), with
+    the state it starts from (after forced moves), the units it may move and the rules."""
+    if heavy:
+        base = Shape(nodes=(3, 5), vms=(10, 16), skew=0.8)
+        inst = heavy_tailed_cluster(seed, HeavyShape(base=base))
+    else:
+        inst = random_cluster(seed, Shape(nodes=(3, 5), vms=(10, 16)))
+    seen: dict[str, Any] = {}
+    real = planner_module.search_frontier
+
+    def spied(ctx: Any, start: Any, *args: Any) -> Any:
+        seen.update(start=start.state, movable=ctx.movable, constraints=ctx.constraints)
+        return real(ctx, start, *args)
+
+    monkeypatch.setattr(planner_module, "search_frontier", spied)
+    result = plan_moves(inst.snapshot, inst.config, exact=False)
+    assert result.frontier is not None and seen
+    return result, seen["start"], seen["movable"], seen["constraints"]
+
+
+SEARCHED = [(seed, True) for seed in range(4)] + [(seed, False) for seed in (0, 3, 4)]
+
+
+@pytest.mark.parametrize(("seed", "heavy"), SEARCHED)
+def test_no_single_exchange_improves_a_point_of_the_searched_frontier(
+    monkeypatch: pytest.MonkeyPatch, seed: int, heavy: bool
+) -> None:
+    result, start, movable, constraints = searched(monkeypatch, seed, heavy)
+    problem = result.problem
+    scorer = Scorer(problem)
+    for point in result.frontier.points:
+        plan = {m.unit: m.target for m in point.moves}
+        room = point.migrations - start.migrations
+        for other, state in exchanges(problem, start, movable, plan, room):
+            if scorer.view(state.node_load, 0.0).overall < point.imbalance - EPSILON:
+                assert violations(constraints, state, final=True), (point.migrations, other)
+
+
+@pytest.mark.parametrize(("seed", "heavy"), SEARCHED)
+def test_a_point_of_the_searched_frontier_beats_the_longer_plans_less_a_move(
+    monkeypatch: pytest.MonkeyPatch, seed: int, heavy: bool
+) -> None:
+    result, start, _, constraints = searched(monkeypatch, seed, heavy)
+    problem = result.problem
+    scorer = Scorer(problem)
+    points = result.frontier.points
+    for point in points:
+        for i in range(len(point.moves)):
+            state = start.copy()
+            for move in point.moves[:i] + point.moves[i + 1 :]:
+                state.move_unit(problem, move.unit, move.target)
+            at = next((p for p in points if p.migrations >= state.migrations), None)
+            if at is None or violations(constraints, state, final=True):
+                continue
+            assert at.imbalance <= scorer.view(state.node_load, 0.0).overall + EPSILON

@@ -10,9 +10,11 @@ rule (and repairs those broken at the start), with a proven lower bound:
   answer is exact where HiGHS proves it within the nodes left to it (one budget for the
   frontier, `FRONTIER_NODES`), and its dual bound otherwise.
 * On large clusters a beam search aimed at zero imbalance gives the best plan found per
-  number of migrations, and the bound is `recommender.engine.bound`: a migration takes one
-  VM off one node, so k migrations in all can bring every node under a utilisation t only
-  if the fewest VMs each node must shed to get there sum to at most k.
+  number of migrations, each improved by single exchanges and by the plans one move
+  shorter than the next (`recommender.engine.exchange`), and the bound is
+  `recommender.engine.bound`: a migration takes one VM off one node, so k migrations in all
+  can bring every node under a utilisation t only if the fewest VMs each node must shed to
+  get there sum to at most k.
 
 The knee is the last k whose marginal gain over the point before still pays for the memory a
 migration of that plan copies (`recommender.engine.hysteresis.gain_threshold`). Every limit
@@ -29,6 +31,7 @@ from recommender.engine import hysteresis
 from recommender.engine.bound import LowerBounds, lower_bound
 from recommender.engine.candidates import Candidate, Moves, SearchContext
 from recommender.engine.exact import ExactResult, Hint, LinearModel
+from recommender.engine.exchange import exchange, placed, shorter
 from recommender.engine.measure import EPSILON
 from recommender.engine.problem import Problem, State, UnitMove
 from recommender.engine.result import Frontier, FrontierPoint
@@ -53,6 +56,9 @@ FRONTIER_BATCH = 2
 # Where the search's point is further than this share above the linear bound, the bound is
 # tightened with whole pieces (`recommender.engine.bound`).
 BOUND_GAP = 0.02
+# Passes over the search's points (exchanges from the fewest migrations up, then the plans
+# one move shorter from the most down) while one improves a point.
+IMPROVE_PASSES = 3
 
 
 def frontier_size(budget: int) -> int:
@@ -176,18 +182,68 @@ def search_frontier(
             if k not in best or child.overall < best[k].overall - EPSILON:
                 best[k] = child
     _add_prefixes(ctx, aim, start, plan, best)
+    offered = _Offers(ctx, start.state, best)
+    _improve(offered, size)
     points: list[FrontierPoint] = []
     bounds = LowerBounds(ctx.problem, start.state, ctx.movable, size)
     for k in range(1, size + 1):
-        known = [c for m, c in best.items() if m <= k]
-        if not known:
+        top = offered.top(k)
+        if top is None:
             continue
-        top = min(known, key=lambda c: (round(c.overall, 9), c.memory))
         proven = bounds.at(k - base, (1.0 - BOUND_GAP) * top.overall)
         bound = min(proven, top.overall)
         exact = bound >= top.overall - EPSILON
         points.append(FrontierPoint(k, top.overall, bound, top.memory, exact, top.moves))
     return _finish(ctx.problem, points, start_overall)
+
+
+def _improve(offered: _Offers, size: int) -> None:
+    """The beam's best plan per number of migrations improved by exchanges, from the fewest
+    up so that a better plan for k is where k + 1 starts; then by the plans one move shorter
+    than each, from the most down."""
+    ctx, start, best = offered.ctx, offered.start, offered.best
+    for _ in range(IMPROVE_PASSES):
+        changed = False
+        for k in range(1, size + 1):
+            top = offered.top(k)
+            if top is not None:
+                changed |= offered.offer(k, exchange(ctx, start, k - start.migrations, top.moves))
+        for k in sorted(best, reverse=True):
+            for rest, state in shorter(ctx.problem, start, best[k].moves):
+                changed |= offered.offer(state.migrations, rest, state)
+        if not changed:
+            break
+
+
+class _Offers:
+    """The best plan known per number of migrations (`best`, keyed by the migrations of the
+    state, forced ones included), and plans offered for at most k: kept where they keep
+    every rule and beat every plan known with at most k."""
+
+    def __init__(self, ctx: SearchContext, start: State, best: dict[int, Candidate]) -> None:
+        self.ctx, self.start, self.best = ctx, start, best
+
+    def top(self, k: int) -> Candidate | None:
+        """The best plan known with at most `k` migrations."""
+        known = [c for m, c in self.best.items() if m <= k]
+        return min(known, key=lambda c: (round(c.overall, 9), c.memory)) if known else None
+
+    def offer(self, k: int, moves: tuple[UnitMove, ...], state: State | None = None) -> bool:
+        """Whether the plan of `moves` (ending in `state`) is kept for at most `k`."""
+        ctx = self.ctx
+        if state is None:
+            state = placed(ctx.problem, self.start, {m.unit: m.target for m in moves})
+        if state.migrations > k:
+            return False
+        copy = float(sum(ctx.problem.units.copy_bytes[m.unit] for m in moves))
+        plan = ctx.candidate(state, moves, copy)
+        known = self.top(k)
+        if known is not None and plan.overall >= known.overall - EPSILON:
+            return False
+        if violations(ctx.constraints, state, final=True):
+            return False
+        self.best[state.migrations] = plan
+        return True
 
 
 def _add_prefixes(
