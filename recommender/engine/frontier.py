@@ -56,9 +56,6 @@ FRONTIER_BATCH = 2
 # Where the search's point is further than this share above the linear bound, the bound is
 # tightened with whole pieces (`recommender.engine.bound`).
 BOUND_GAP = 0.02
-# Passes over the search's points (exchanges from the fewest migrations up, then the plans
-# one move shorter from the most down) while one improves a point.
-IMPROVE_PASSES = 3
 
 
 def frontier_size(budget: int) -> int:
@@ -199,10 +196,11 @@ def search_frontier(
 
 def _improve(offered: _Offers, size: int) -> None:
     """The beam's best plan per number of migrations improved by exchanges, from the fewest
-    up so that a better plan for k is where k + 1 starts; then by the plans one move shorter
-    than each, from the most down."""
+    up so that a better plan for k is where k + 1 starts, then by the plans one move shorter
+    than each, from the most down; passes of both (`SearchLimits.frontier_passes`) while one
+    improves a point."""
     ctx, start, best = offered.ctx, offered.start, offered.best
-    for _ in range(IMPROVE_PASSES):
+    for _ in range(ctx.limits.frontier_passes):
         changed = False
         for k in range(1, size + 1):
             top = offered.top(k)
