@@ -200,12 +200,15 @@ def _improve(offered: _Offers, size: int) -> None:
     than each, from the most down; passes of both (`SearchLimits.frontier_passes`) while one
     improves a point."""
     ctx, start, best = offered.ctx, offered.start, offered.best
+    exchanged: set[tuple[int, tuple[UnitMove, ...]]] = set()  # what a pass before did
     for _ in range(ctx.limits.frontier_passes):
         changed = False
         for k in range(1, size + 1):
             top = offered.top(k)
-            if top is not None:
-                changed |= offered.offer(k, exchange(ctx, start, k - start.migrations, top.moves))
+            if top is None or (k, top.moves) in exchanged:
+                continue
+            exchanged.add((k, top.moves))
+            changed |= offered.offer(k, exchange(ctx, start, k - start.migrations, top.moves))
         for k in sorted(best, reverse=True):
             for rest, state in shorter(ctx.problem, start, best[k].moves):
                 changed |= offered.offer(state.migrations, rest, state)
