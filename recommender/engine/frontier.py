@@ -23,6 +23,7 @@ is a count, so the frontier is a pure function of the snapshot and the config.
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -180,9 +181,9 @@ def search_frontier(
                 best[k] = child
     _add_prefixes(ctx, aim, start, plan, best)
     offered = _Offers(ctx, start.state, best)
-    _improve(offered, size)
-    points: list[FrontierPoint] = []
     bounds = LowerBounds(ctx.problem, start.state, ctx.movable, size)
+    _improve(offered, bounds, size)
+    points: list[FrontierPoint] = []
     for k in range(1, size + 1):
         top = offered.top(k)
         if top is None:
@@ -194,18 +195,22 @@ def search_frontier(
     return _finish(ctx.problem, points, start_overall)
 
 
-def _improve(offered: _Offers, size: int) -> None:
+def _improve(offered: _Offers, bounds: LowerBounds, size: int) -> None:
     """The beam's best plan per number of migrations improved by exchanges, from the fewest
     up so that a better plan for k is where k + 1 starts, then by the plans one move shorter
     than each, from the most down; passes of both (`SearchLimits.frontier_passes`) while one
-    improves a point."""
+    improves a point. A point within BOUND_GAP of the linear bound is not exchanged: its
+    exchanges could gain little, and cost as much as a search step per move of it."""
     ctx, start, best = offered.ctx, offered.start, offered.best
+    linear = {k: bounds.at(k - start.migrations, -math.inf) for k in range(1, size + 1)}
     exchanged: set[tuple[int, tuple[UnitMove, ...]]] = set()  # what a pass before did
     for _ in range(ctx.limits.frontier_passes):
         changed = False
         for k in range(1, size + 1):
             top = offered.top(k)
             if top is None or (k, top.moves) in exchanged:
+                continue
+            if top.overall * (1.0 - BOUND_GAP) <= linear[k] + EPSILON:
                 continue
             exchanged.add((k, top.moves))
             changed |= offered.offer(k, exchange(ctx, start, k - start.migrations, top.moves))
