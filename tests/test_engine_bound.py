@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from devkit.instances import HeavyShape, Shape, heavy_tailed_cluster, random_cluster
 from devkit.simulate import simulate_cluster
 from recommender.config import Config
-from recommender.engine.bound import _whale_floor, lower_bound, per_resource_bounds
+from recommender.engine.bound import LowerBounds, _whale_floor, lower_bound, per_resource_bounds
 from recommender.engine.build import build_problem
+from recommender.engine.candidates import SearchLimits
 from recommender.engine.exact import available as exact_available
 from recommender.engine.measure import cluster_mean
 from recommender.engine.planner import balance_movable, plan_moves
@@ -235,6 +236,19 @@ def test_whole_pieces_tighten_the_bound_where_a_fraction_would_stop_at_the_floor
     assert truth == pytest.approx(0.35, abs=1e-6)
     assert lower_bound(problem, state, movable, 1, enough=0.0) == pytest.approx(0.30, abs=1e-6)
     assert lower_bound(problem, state, movable, 1) == pytest.approx(truth, abs=1e-6)
+    # The largest clusters' frontier asks for the linear program's bound alone.
+    linear = LowerBounds(problem, state, movable, 1, whole_pieces=False)
+    assert linear.at(1) == pytest.approx(0.30, abs=1e-6)
+    assert LowerBounds(problem, state, movable, 1).at(1) == pytest.approx(truth, abs=1e-6)
+
+
+def test_the_largest_clusters_search_and_bound_their_frontier_with_less() -> None:
+    """Above 3,000 movable units the frontier's points stay as the search found them and
+    its bound is the linear program's: both cost more than the plan itself there."""
+    small = SearchLimits.for_size(1_000, 20)
+    largest = SearchLimits.for_size(10_000, 200)
+    assert small.frontier_passes > 0 and small.whole_piece_bound
+    assert largest.frontier_passes == 0 and not largest.whole_piece_bound
 
 
 @pytest.mark.skipif(not exact_available(), reason="needs highspy")

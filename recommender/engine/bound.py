@@ -70,9 +70,19 @@ class LowerBounds:
     once, and each k changes only their budget, the pieces too large for it and the
     per-resource floors."""
 
-    def __init__(self, problem: Problem, state: State, movable: np.ndarray, most: int) -> None:
+    def __init__(
+        self,
+        problem: Problem,
+        state: State,
+        movable: np.ndarray,
+        most: int,
+        *,
+        whole_pieces: bool = True,
+    ) -> None:
         self.problem, self.state, self.movable = problem, state, movable
         self.most = max(int(most), 0)
+        # Without `whole_pieces` the bound is the linear program's alone.
+        self.whole_pieces = whole_pieces
         self._programs: dict[bool, _SharedProgram] = {}
 
     def at(self, k: int, enough: float = math.inf) -> float:
@@ -84,7 +94,7 @@ class LowerBounds:
         per = per_resource_bounds(problem, self.state, self.movable, k)
         apart = float(per @ problem.weights[resources] / problem.weights.sum())
         linear = max(apart, self._program(integral=False).solve(k, per))
-        if linear >= enough:
+        if linear >= enough or not self.whole_pieces:
             return linear
         return max(linear, self._program(integral=True).solve(k, per))
 

@@ -60,8 +60,10 @@ class SearchLimits:
     memory_rounds: int = 4  # swaps for less memory, per move of the plan
     overshoot: float = 0.0  # also prune back a plan made for target x overshoot (0: no)
     guide: Literal["distance", "overall"] = "distance"  # what ranks moves first
-    # Passes improving the searched frontier's points (`recommender.engine.exchange`).
+    # Passes improving the searched frontier's points (`recommender.engine.exchange`), and
+    # whether its bound may solve the program with whole pieces (`recommender.engine.bound`).
     frontier_passes: int = 3
+    whole_piece_bound: bool = True
 
     def before_exact(self) -> SearchLimits:
         """Where the exact program follows, the search only seeds it (a warm start) and the
@@ -76,8 +78,10 @@ class SearchLimits:
     @classmethod
     def for_size(cls, movable_units: int, active_nodes: int) -> SearchLimits:
         """Wide beams and many exchanges on small clusters, greedy with a bounded number of
-        exchanges on the largest (and there the frontier's points as the search found them:
-        an exchange scores every move of thousands of VMs again, per move of the point)."""
+        exchanges on the largest; there the frontier's points are as the search found them
+        (an exchange scores every move of thousands of VMs again, per move of the point) and
+        their bound the linear program's (the root of the program with whole pieces took
+        4.7 s of a 10,000-VM plan's 5.4 s, bench/bench_engine_speed.py)."""
         if movable_units <= 120 and active_nodes <= 32:
             return cls(
                 width=6, branch=6, pilot_breadth=4, repair_steps=30, shrink_tries=3, overshoot=0.5
@@ -95,6 +99,7 @@ class SearchLimits:
             reconstruct=False,
             memory_rounds=1,
             frontier_passes=0,
+            whole_piece_bound=False,
         )
 
 

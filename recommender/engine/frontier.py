@@ -181,7 +181,9 @@ def search_frontier(
                 best[k] = child
     _add_prefixes(ctx, aim, start, plan, best)
     offered = _Offers(ctx, start.state, best)
-    bounds = LowerBounds(ctx.problem, start.state, ctx.movable, size)
+    bounds = LowerBounds(
+        ctx.problem, start.state, ctx.movable, size, whole_pieces=ctx.limits.whole_piece_bound
+    )
     _improve(offered, bounds, size)
     points: list[FrontierPoint] = []
     for k in range(1, size + 1):
@@ -202,6 +204,8 @@ def _improve(offered: _Offers, bounds: LowerBounds, size: int) -> None:
     improves a point. A point within BOUND_GAP of the linear bound is not exchanged: its
     exchanges could gain little, and cost as much as a search step per move of it."""
     ctx, start, best = offered.ctx, offered.start, offered.best
+    if ctx.limits.frontier_passes <= 0:
+        return
     linear = {k: bounds.at(k - start.migrations, -math.inf) for k in range(1, size + 1)}
     exchanged: set[tuple[int, tuple[UnitMove, ...]]] = set()  # what a pass before did
     for _ in range(ctx.limits.frontier_passes):
