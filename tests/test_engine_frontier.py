@@ -249,7 +249,8 @@ def test_the_frontier_does_not_depend_on_which_program_ends_first(
 
 def searched(monkeypatch: pytest.MonkeyPatch, seed: int, heavy: bool) -> tuple[Any, ...]:
     """A small cluster's frontier by the search (exact mode off, as on large clusters), with
-    the state it starts from (after forced moves), the units it may move and the rules."""
+    the state it starts from (after forced moves), the units it may move, the rules and a
+    scorer."""
     if heavy:
         base = Shape(nodes=(3, 5), vms=(10, 16), skew=0.8)
         inst = heavy_tailed_cluster(seed, HeavyShape(base=base))
@@ -265,7 +266,7 @@ def searched(monkeypatch: pytest.MonkeyPatch, seed: int, heavy: bool) -> tuple[A
     monkeypatch.setattr(planner_module, "search_frontier", spied)
     result = plan_moves(inst.snapshot, inst.config, exact=False)
     assert result.frontier is not None and seen
-    return result, seen["start"], seen["movable"], seen["constraints"]
+    return result, seen["start"], seen["movable"], seen["constraints"], Scorer(result.problem)
 
 
 SEARCHED = [(seed, True) for seed in range(4)] + [(seed, False) for seed in (0, 3, 4)]
@@ -275,13 +276,11 @@ SEARCHED = [(seed, True) for seed in range(4)] + [(seed, False) for seed in (0, 
 def test_no_single_exchange_improves_a_point_of_the_searched_frontier(
     monkeypatch: pytest.MonkeyPatch, seed: int, heavy: bool
 ) -> None:
-    result, start, movable, constraints = searched(monkeypatch, seed, heavy)
-    problem = result.problem
-    scorer = Scorer(problem)
+    result, start, movable, constraints, scorer = searched(monkeypatch, seed, heavy)
     for point in result.frontier.points:
         plan = {m.unit: m.target for m in point.moves}
         room = point.migrations - start.migrations
-        for other, state in exchanges(problem, start, movable, plan, room):
+        for other, state in exchanges(result.problem, start, movable, plan, room):
             if scorer.view(state.node_load, 0.0).overall < point.imbalance - EPSILON:
                 assert violations(constraints, state, final=True), (point.migrations, other)
 
@@ -290,15 +289,13 @@ def test_no_single_exchange_improves_a_point_of_the_searched_frontier(
 def test_a_point_of_the_searched_frontier_beats_the_longer_plans_less_a_move(
     monkeypatch: pytest.MonkeyPatch, seed: int, heavy: bool
 ) -> None:
-    result, start, _, constraints = searched(monkeypatch, seed, heavy)
-    problem = result.problem
-    scorer = Scorer(problem)
+    result, start, _, constraints, scorer = searched(monkeypatch, seed, heavy)
     points = result.frontier.points
     for point in points:
         for i in range(len(point.moves)):
             state = start.copy()
             for move in point.moves[:i] + point.moves[i + 1 :]:
-                state.move_unit(problem, move.unit, move.target)
+                state.move_unit(result.problem, move.unit, move.target)
             at = next((p for p in points if p.migrations >= state.migrations), None)
             if at is None or violations(constraints, state, final=True):
                 continue
