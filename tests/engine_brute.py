@@ -1,5 +1,6 @@
 """Every end placement of a small cluster that keeps every rule, by enumeration: the truth
-the exact program and the frontier are checked against."""
+the exact program and the frontier are checked against; and every plan one exchange from a
+plan, the neighbourhood the frontier's exchanges are checked against."""
 
 from __future__ import annotations
 
