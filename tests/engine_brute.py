@@ -12,6 +12,7 @@ import numpy as np
 
 from recommender.config import Config
 from recommender.engine.build import build_problem
+from recommender.engine.exchange import placed
 from recommender.engine.forced import frozen_vms
 from recommender.engine.problem import Problem, State
 from recommender.engine.rules import prepare_constraints, violations
@@ -70,8 +71,6 @@ def exchanges(
 def _within(
     problem: Problem, start: State, plan: dict[int, int], most: int
 ) -> Iterator[tuple[dict[int, int], State]]:
-    state = start.copy()
-    for unit, target in plan.items():
-        state.move_unit(problem, unit, target)
+    state = placed(problem, start, plan)
     if state.migrations - start.migrations <= most:
         yield plan, state

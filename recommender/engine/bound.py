@@ -84,19 +84,28 @@ class LowerBounds:
         # Without `whole_pieces` the bound is the linear program's alone.
         self.whole_pieces = whole_pieces
         self._programs: dict[bool, _SharedProgram] = {}
+        self._linear: dict[int, tuple[float, np.ndarray]] = {}  # k -> (bound, per resource)
 
     def at(self, k: int, enough: float = math.inf) -> float:
         """The bound after at most `k` (at most `most`) more migrations."""
         problem = self.problem
-        resources = np.flatnonzero(problem.weights > 0)
-        if not len(resources):
+        if not (problem.weights > 0).any():
             return 0.0
-        per = per_resource_bounds(problem, self.state, self.movable, k)
-        apart = float(per @ problem.weights[resources] / problem.weights.sum())
-        linear = max(apart, self._program(integral=False).solve(k, per))
+        linear, per = self._linear_at(k)
         if linear >= enough or not self.whole_pieces:
             return linear
         return max(linear, self._program(integral=True).solve(k, per))
+
+    def _linear_at(self, k: int) -> tuple[float, np.ndarray]:
+        """The linear bound for `k` and the per-resource bounds under it, once per k."""
+        if k not in self._linear:
+            problem = self.problem
+            resources = np.flatnonzero(problem.weights > 0)
+            per = per_resource_bounds(problem, self.state, self.movable, k)
+            apart = float(per @ problem.weights[resources] / problem.weights.sum())
+            linear = max(apart, self._program(integral=False).solve(k, per))
+            self._linear[k] = linear, per
+        return self._linear[k]
 
     def _program(self, *, integral: bool) -> _SharedProgram:
         if integral not in self._programs:

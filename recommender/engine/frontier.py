@@ -137,16 +137,12 @@ def _point(
 
 
 def _overall(ctx: SearchContext, start: State, moves: tuple[UnitMove, ...]) -> float:
-    state = start.copy()
-    for move in moves:
-        state.move_unit(ctx.problem, move.unit, move.target)
+    state = placed(ctx.problem, start, {m.unit: m.target for m in moves})
     return ctx.scorer.view(state.node_load, ctx.target).overall
 
 
 def _hint(ctx: SearchContext, start: State, moves: tuple[UnitMove, ...]) -> Hint:
-    state = start.copy()
-    for move in moves:
-        state.move_unit(ctx.problem, move.unit, move.target)
+    state = placed(ctx.problem, start, {m.unit: m.target for m in moves})
     return Hint(moves, ctx.scorer.view(state.node_load, ctx.target).per_resource)
 
 
