@@ -147,7 +147,7 @@ class _SharedProgram:
         if integral:
             whole = np.arange(self.n_pieces, dtype=np.int32)
             highs.changeColsIntegrality(self.n_pieces, whole, np.ones(self.n_pieces, np.uint8))
-            highs.setOptionValue("mip_max_nodes", BOUND_MIP_NODES)
+            exact.set_option(highs, "mip_max_nodes", BOUND_MIP_NODES)
         cols = np.arange(self.n_pieces + n_res, dtype=np.int32)
         highs.changeColsCost(len(cols), cols, np.concatenate([np.zeros(self.n_pieces), self.w]))
         rows = exact.Rows()

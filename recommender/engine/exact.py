@@ -31,6 +31,7 @@ import numpy as np
 from recommender.engine.measure import cluster_mean
 from recommender.engine.problem import Problem, State, UnitMove
 from recommender.engine.rules import Constraint, Movers
+from recommender.errors import CommandError
 
 
 def _load_highspy() -> ModuleType | None:
@@ -68,6 +69,10 @@ def _highs() -> ModuleType:
         raise RuntimeError("highspy is not installed")
     return highspy
 
+
+# The first highspy release that has every option `_solver` sets (the older ones refuse
+# mip_allow_cut_separation_at_nodes, and before 1.11 the RINS and RENS switches).
+HIGHSPY_NEEDED = "1.13"
 
 # HighsInfo.primal_solution_status of a feasible solution (kSolutionStatusFeasible).
 _FEASIBLE_SOLUTION = 2
@@ -274,9 +279,9 @@ class LinearModel:
             rows.add(z, cols.z_weights / cols.weight_sum, -np.inf, imbalance_cap)
         highs = _solver()
         if max_nodes:
-            highs.setOptionValue("mip_max_nodes", max_nodes)
+            set_option(highs, "mip_max_nodes", max_nodes)
         if not restart:
-            highs.setOptionValue("mip_allow_restart", False)
+            set_option(highs, "mip_allow_restart", False)
         self._add_columns(highs, cols, objective)
         rows.flush(highs)
         hint = self.hint if hint is None else hint
@@ -416,30 +421,41 @@ class LinearModel:
         )
 
 
+def set_option(highs: Any, name: str, value: bool | int | float | str) -> None:
+    """One HiGHS option, refused loudly: HiGHS answers an option it does not know (an older
+    release) with an error status and goes on without it, which would plan with other limits
+    and heuristics than the ones the product is measured with."""
+    if highs.setOptionValue(name, value) != _highs().HighsStatus.kOk:
+        raise CommandError(
+            f"the installed highspy refuses the HiGHS option {name}={value!r}: "
+            f"exact plans need highspy {HIGHSPY_NEEDED} or newer"
+        )
+
+
 def _solver() -> Any:
     highs = _highs().Highs()
-    highs.setOptionValue("output_flag", False)
-    highs.setOptionValue("random_seed", 0)
-    highs.setOptionValue("threads", 1)
-    highs.setOptionValue("mip_rel_gap", 1e-9)
-    highs.setOptionValue("mip_abs_gap", 1e-9)
-    highs.setOptionValue("mip_max_nodes", MAX_NODES)
-    highs.setOptionValue("time_limit", TIME_LIMIT)
+    set_option(highs, "output_flag", False)
+    set_option(highs, "random_seed", 0)
+    set_option(highs, "threads", 1)
+    set_option(highs, "mip_rel_gap", 1e-9)
+    set_option(highs, "mip_abs_gap", 1e-9)
+    set_option(highs, "mip_max_nodes", MAX_NODES)
+    set_option(highs, "time_limit", TIME_LIMIT)
     # On these small programs HiGHS's sub-MIP heuristics and cut rounds at every node cost
     # more than the branching they save; the search's plan is a warm start instead.
-    highs.setOptionValue("mip_heuristic_run_rins", False)
-    highs.setOptionValue("mip_heuristic_run_rens", False)
-    highs.setOptionValue("mip_allow_cut_separation_at_nodes", False)
+    set_option(highs, "mip_heuristic_run_rins", False)
+    set_option(highs, "mip_heuristic_run_rens", False)
+    set_option(highs, "mip_allow_cut_separation_at_nodes", False)
     return highs
 
 
 def lp_solver() -> Any:
     """A quiet, single-threaded, deterministic HiGHS for a linear program."""
     highs = _highs().Highs()
-    highs.setOptionValue("output_flag", False)
-    highs.setOptionValue("random_seed", 0)
-    highs.setOptionValue("threads", 1)
-    highs.setOptionValue("time_limit", TIME_LIMIT)
+    set_option(highs, "output_flag", False)
+    set_option(highs, "random_seed", 0)
+    set_option(highs, "threads", 1)
+    set_option(highs, "time_limit", TIME_LIMIT)
     return highs
 
 
