@@ -14,6 +14,7 @@ import pytest
 
 from devkit.instances import HeavyShape, Shape, heavy_tailed_cluster, random_cluster
 from recommender.config import Config
+from recommender.engine import exact as exact_module
 from recommender.engine import frontier as frontier_module
 from recommender.engine import planner as planner_module
 from recommender.engine.bound import LowerBounds
@@ -247,6 +248,22 @@ def test_the_frontier_does_not_depend_on_which_program_ends_first(
     reordered = plan_moves(inst.snapshot, inst.config)
     assert as_is.frontier is not None and reordered.frontier == as_is.frontier
     assert [m.vm for m in reordered.moves] == [m.vm for m in as_is.moves]
+
+
+def test_a_target_the_frontier_reaches_is_reached_where_the_plans_program_stops_short(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The plan's own fewest-migrations program stopped at one node finds nothing; the
+    # frontier's programs (their own node limits) find plans at or under the target.
+    monkeypatch.setattr(exact_module, "MAX_NODES", 1)
+    inst = random_cluster(187, Shape(nodes=(3, 6), vms=(10, 30)))
+    result = plan_moves(inst.snapshot, inst.config)
+    assert result.frontier is not None
+    target = inst.config.balance.target
+    first = next(p for p in result.frontier.points if p.imbalance <= target + EPSILON)
+    assert result.target_reached
+    assert result.migrations == first.migrations
+    assert result.overall_after == pytest.approx(first.imbalance, abs=1e-9)
 
 
 def searched(monkeypatch: pytest.MonkeyPatch, seed: int, heavy: bool) -> tuple[Any, ...]:

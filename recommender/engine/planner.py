@@ -179,7 +179,10 @@ def _trade_off(
     budget: int,
     use_exact: bool,
 ) -> tuple[Frontier, _Chosen]:
-    """The frontier, and where the plan misses its target, the plan at its knee."""
+    """The frontier, and where the plan misses its target, the frontier's fewest migrations
+    that reach it where the gain threshold held back none of the plan's moves (the plan's
+    own program may stop at its node limit before it finds them), else the plan at its
+    knee."""
     problem = ctx.problem
     size = frontier_size(budget)
     forced = chosen.forced
@@ -191,41 +194,54 @@ def _trade_off(
     units = joint_units(problem, start, movable | _forced_units(forced, len(movable)), forced)
     model = joint_model(problem, ctx.constraints, start, units, frozen)
     frontier = exact_frontier(model, ctx, start, size, start_overall)
-    point = frontier.at(frontier.knee)
-    if ctx.reached(chosen.plan) or point is None:
+    if ctx.reached(chosen.plan):
         return frontier, chosen
     repairs = Repairs.at_start(ctx.constraints, start)
+    reaching = (p for p in frontier.points if reaches(p.imbalance, ctx.target) and p.moves)
+    target = next(reaching, None)
+    # Only where no move was held back for its gain: `min_gain` may stop a plan short.
+    if target is not None and not chosen.held:
+        reached = _replayed(ctx, start, movable, repairs, target.moves) or _executable(
+            ctx, model, start, movable, repairs, ctx.target, None
+        )
+        if reached is not None:
+            return frontier, reached
+    point = frontier.at(frontier.knee)
+    if point is None:
+        return frontier, chosen
     knee = _replayed(ctx, start, movable, repairs, point.moves)
     if knee is not None:
         return frontier, knee
-    return frontier, _executable_fewer(ctx, model, start, movable, repairs, chosen)
+    level = chosen.plan.overall + EPSILON
+    fewer = _executable(ctx, model, start, movable, repairs, level, chosen.plan.state.migrations)
+    return frontier, fewer or chosen
 
 
 # Plans the exact program may answer in turn where the ones before had no safe order.
 EXECUTABLE_TRIES = 3
 
 
-def _executable_fewer(
+def _executable(
     ctx: SearchContext,
     model: LinearModel,
     start: State,
     movable: np.ndarray,
     repairs: Repairs,
-    chosen: _Chosen,
-) -> _Chosen:
-    """Where the knee's plan has no order that keeps every rule on the way: the fewest
-    migrations reaching the chosen plan's imbalance among the program's plans that have one
-    (each that has none excluded in turn); the chosen plan where none of them is smaller."""
-    level = chosen.plan.overall + EPSILON
+    level: float,
+    fewer_than: int | None,
+) -> _Chosen | None:
+    """Where a frontier point's plan has no order that keeps every rule on the way: the
+    fewest migrations reaching `level` among the program's plans that have one (each that
+    has none excluded in turn), if fewer than `fewer_than`; None where none is found."""
     for _ in range(EXECUTABLE_TRIES):
         found = model.solve(level, ctx.problem.weights, reach_only=True)
-        if not found.moves or found.migrations >= chosen.plan.state.migrations:
+        if not found.moves or (fewer_than is not None and found.migrations >= fewer_than):
             break
         better = _replayed(ctx, start, movable, repairs, found.moves)
         if better is not None:
             return better
         model.exclude(found.moves)
-    return chosen
+    return None
 
 
 def _replayed(
