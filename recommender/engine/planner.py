@@ -190,7 +190,8 @@ def _trade_off(
     if not (use_exact and not forced.unplaceable):
         base = ctx.candidate(chosen.state, (), 0.0)
         search = replace(ctx, movable=_without(movable, forced))
-        return search_frontier(search, base, size, chosen.plan, start_overall), chosen
+        frontier = search_frontier(search, base, size, chosen.plan, start_overall)
+        return frontier, _searched_knee(search, frontier, chosen)
     units = joint_units(problem, start, movable | _forced_units(forced, len(movable)), forced)
     model = joint_model(problem, ctx.constraints, start, units, frozen)
     frontier = exact_frontier(model, ctx, start, size, start_overall)
@@ -215,6 +216,25 @@ def _trade_off(
     level = chosen.plan.overall + EPSILON
     fewer = _executable(ctx, model, start, movable, repairs, level, chosen.plan.state.migrations)
     return frontier, fewer or chosen
+
+
+def _searched_knee(search: SearchContext, frontier: Frontier, chosen: _Chosen) -> _Chosen:
+    """Where the plan misses its target and the searched frontier balances better: its knee
+    where that is lower in imbalance than the plan (a knee further than the plan is where
+    more migrations still pay for their copy), else its point at the plan's migrations where
+    that is lower; each only in an order that keeps every rule on the way. The plan stays
+    where it reaches the target, and where a knee with fewer migrations balances worse: each
+    of the plan's moves passed the gain threshold as it was made."""
+    plan = chosen.plan
+    if search.reached(plan):
+        return chosen
+    for point in (frontier.at(frontier.knee), frontier.at(plan.state.migrations)):
+        if point is None or not point.moves or point.imbalance >= plan.overall - EPSILON:
+            continue
+        better = search.replay(chosen.state, point.moves)
+        if better is not None and not violations(search.constraints, better.state, final=True):
+            return _Chosen(chosen.forced, chosen.state, better, [], chosen.method)
+    return chosen
 
 
 # Plans the exact program may answer in turn where the ones before had no safe order.
