@@ -66,7 +66,10 @@ def test_terminal_and_markdown_show_the_frontier_table() -> None:
         assert cells[0] == str(point.migrations)
         assert cells[1] == f"{point.imbalance:.3f}"
         assert ("knee" in cells[3]) is (point.migrations == plan.frontier.knee)
+        assert ("plan" in cells[3]) is (point.migrations == len(plan.migrations))
         assert f"{point.imbalance:.3f}" in text
+    assert f"this plan makes {len(plan.migrations)}." in section
+    assert len([line for line in text.splitlines() if " plan" in line and "knee" in line]) == 1
 
 
 def test_serve_publishes_the_frontier_by_migrations() -> None:

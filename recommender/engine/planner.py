@@ -182,7 +182,8 @@ def _trade_off(
     """The frontier, and where the plan misses its target, the frontier's fewest migrations
     that reach it where the gain threshold held back none of the plan's moves (the plan's
     own program may stop at its node limit before it finds them), else the plan at its
-    knee."""
+    knee; past the exact program's limit, the searched frontier's knee or point where that
+    balances better than the search's plan (`_searched_knee`)."""
     problem = ctx.problem
     size = frontier_size(budget)
     forced = chosen.forced

@@ -126,7 +126,7 @@ def _held_back_table(plan: Plan) -> Table:
 
 
 def _frontier_table(plan: Plan) -> Table | None:
-    """What k migrations could reach, with the knee the plan stops at."""
+    """What k migrations could reach, with the plan's row and the knee."""
     frontier = plan.frontier
     if frontier is None or not frontier.points:
         return None
@@ -134,8 +134,10 @@ def _frontier_table(plan: Plan) -> Table | None:
     for column in ("migrations", "imbalance", "lower bound", ""):
         table.add_column(column, justify="left" if column == "" else "right")
     for p in frontier.points:
-        notes = (["knee"] if p.migrations == frontier.knee else []) + (
-            ["optimal"] if p.exact else []
+        notes = (
+            (["plan"] if p.migrations == len(plan.migrations) else [])
+            + (["knee"] if p.migrations == frontier.knee else [])
+            + (["optimal"] if p.exact else [])
         )
         table.add_row(
             str(p.migrations), f"{p.imbalance:.3f}", f"{p.lower_bound:.3f}", ", ".join(notes)
