@@ -196,11 +196,17 @@ def _trade_off(
     units = joint_units(problem, start, movable | _forced_units(forced, len(movable)), forced)
     model = joint_model(problem, ctx.constraints, start, units, frozen)
     frontier = exact_frontier(model, ctx, start, size, start_overall)
-    if ctx.reached(chosen.plan):
-        return frontier, chosen
     repairs = Repairs.at_start(ctx.constraints, start)
     reaching = (p for p in frontier.points if reaches(p.imbalance, ctx.target) and p.moves)
     target = next(reaching, None)
+    if ctx.reached(chosen.plan):
+        # The plan's own program may stop at its node limit above the fewest migrations
+        # that reach the target, where the frontier's program for that k proves them.
+        if target is not None and target.migrations < chosen.plan.state.migrations:
+            fewer = _replayed(ctx, start, movable, repairs, target.moves)
+            if fewer is not None and ctx.reached(fewer.plan):
+                return frontier, fewer
+        return frontier, chosen
     # Only where no move was held back for its gain: `min_gain` may stop a plan short.
     if target is not None and not chosen.held:
         reached = _replayed(ctx, start, movable, repairs, target.moves) or _executable(
