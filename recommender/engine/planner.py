@@ -179,10 +179,11 @@ def _trade_off(
     budget: int,
     use_exact: bool,
 ) -> tuple[Frontier, _Chosen]:
-    """The frontier, and where the plan misses its target, the frontier's fewest migrations
-    that reach it where the gain threshold held back none of the plan's moves (the plan's
-    own program may stop at its node limit before it finds them), else the plan at its
-    knee; past the exact program's limit, the searched frontier's knee or point where that
+    """The frontier, and the plan taken from it: where the plan reaches its target, the
+    frontier's fewest migrations that reach it where they are fewer; where the plan misses
+    it, those where the gain threshold held back none of the plan's moves (the plan's own
+    program may stop at its node limit before it finds them), else the plan at its knee;
+    past the exact program's limit, the searched frontier's knee or point where that
     balances better than the search's plan (`_searched_knee`)."""
     problem = ctx.problem
     size = frontier_size(budget)
