@@ -32,12 +32,10 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import threading
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
-from docs_section import replace_section
+from docs_section import replace_section, run_line
 
 from devkit.instances import HeavyShape, Shape, heavy_tailed_cluster, random_cluster
 from recommender.engine import exact, planner
@@ -389,10 +387,12 @@ def summarise(rows: list[dict[str, Any]], seconds: float, load: str) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *_sizes(rows),
         "",
-        f"Run: `.venv/bin/python bench/bench_engine_frontier.py --instances {len(small)} "
-        f"--large {len(large)}` on {date.today().isoformat()}, {platform.machine()}, 2 cores "
-        f"shared with other work (load average {load} at the start), Python "
-        f"{platform.python_version()}; {seconds / 60:.0f} min in total.",
+        run_line(
+            f".venv/bin/python bench/bench_engine_frontier.py --instances {len(small)} "
+            f"--large {len(large)}",
+            load,
+            seconds,
+        ),
     ]
     return "\n".join(lines)
 

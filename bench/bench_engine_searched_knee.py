@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_engine_frontier import LARGE_SEED
 from bench_engine_frontier import instance as large_instance
-from docs_section import replace_section
+from docs_section import replace_section, run_line
 
 from devkit.instances import HeavyShape, Shape, heavy_tailed_cluster, random_cluster
 from recommender.engine import planner
@@ -161,10 +159,12 @@ def summarise(rows: list[dict[str, Any]], seconds: float, load: str, small: int,
         lines.append(_line("500-2,000 VMs, 20-40 nodes", big))
     lines += [
         "",
-        f"Run: `.venv/bin/python bench/bench_engine_searched_knee.py --instances {small} "
-        f"--large {large}` on {date.today().isoformat()}, {platform.machine()}, 2 cores shared "
-        f"with other work (load average {load} at the start), Python "
-        f"{platform.python_version()}; {seconds / 60:.0f} min in total.",
+        run_line(
+            f".venv/bin/python bench/bench_engine_searched_knee.py --instances {small} "
+            f"--large {large}",
+            load,
+            seconds,
+        ),
     ]
     return "\n".join(lines)
 

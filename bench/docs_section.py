@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+from datetime import date
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -25,3 +27,13 @@ def replace_section(heading: str, body: str, path: Path = DOCS) -> None:
             lines.append("")
         lines.extend(section)
     path.write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
+def run_line(command: str, load: str, seconds: float) -> str:
+    """The line under a benchmark's table: the command, the day, the machine, its load at the
+    start and the run's length."""
+    return (
+        f"Run: `{command}` on {date.today().isoformat()}, {platform.machine()}, 2 cores shared "
+        f"with other work (load average {load} at the start), Python "
+        f"{platform.python_version()}; {seconds / 60:.0f} min in total."
+    )
