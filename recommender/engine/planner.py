@@ -239,8 +239,8 @@ def _searched_knee(search: SearchContext, frontier: Frontier, chosen: _Chosen) -
     for point in (frontier.at(frontier.knee), frontier.at(plan.state.migrations)):
         if point is None or not point.moves or point.imbalance >= plan.overall - EPSILON:
             continue
-        better = search.replay(chosen.state, point.moves)
-        if better is not None and not violations(search.constraints, better.state, final=True):
+        better = _in_order(search, chosen.state, point.moves)
+        if better is not None:
             return _Chosen(chosen.forced, chosen.state, better, [], chosen.method)
     return chosen
 
@@ -289,7 +289,15 @@ def _replayed(
 def _ordered(ctx: SearchContext, movable: np.ndarray, parts: JointSplit) -> Candidate | None:
     """The balancing moves of a program's plan in an order that keeps every rule on the way,
     after its repairs; None where there is none."""
-    plan = replace(ctx, movable=_without(movable, parts.forced)).replay(parts.state, parts.balance)
+    return _in_order(
+        replace(ctx, movable=_without(movable, parts.forced)), parts.state, parts.balance
+    )
+
+
+def _in_order(ctx: SearchContext, state: State, moves: Sequence[UnitMove]) -> Candidate | None:
+    """The plan of `moves` from `state` in an order that keeps every rule on the way and at
+    its end; None where there is none."""
+    plan = ctx.replay(state, moves)
     if plan is None or violations(ctx.constraints, plan.state, final=True):
         return None
     return plan

@@ -161,7 +161,7 @@ def _held_back_entries(plan: Plan) -> list[dict[str, Any]]:
 
 def frontier_document(plan: Plan) -> dict[str, Any] | None:
     """The trade-off frontier: per number of migrations the lowest overall imbalance known,
-    its proven lower bound, and the knee the plan stops at; null when balancing did not run."""
+    its proven lower bound, and the knee; null when balancing did not run."""
     frontier = plan.frontier
     if frontier is None:
         return None

@@ -27,6 +27,15 @@ def basis(plan: Plan) -> str:
     )
 
 
+def frontier_notes(migrations: int, exact: bool, knee: int, planned: int) -> str:
+    """The notes of a trade-off row: `plan` (the plan makes that many migrations), `knee`,
+    `optimal` (its imbalance is proven the lowest for that many)."""
+    notes = ["plan"] if migrations == planned else []
+    notes += ["knee"] if migrations == knee else []
+    notes += ["optimal"] if exact else []
+    return ", ".join(notes)
+
+
 def held_kind(held: HeldBack) -> str:
     return "rule" if held.by_rule else "hysteresis"
 

@@ -20,7 +20,7 @@ from recommender.config import Config
 from recommender.model import RESOURCE_UNITS, finite_or_none
 from recommender.outputs.commands import commands_refusal, plan_commands, render_commands
 from recommender.outputs.document import plan_document
-from recommender.outputs.explain import SHOWN_HELD_BACK, basis, pressure_cell
+from recommender.outputs.explain import SHOWN_HELD_BACK, basis, frontier_notes, pressure_cell
 from recommender.plan import Plan
 from recommender.quoting import display
 from recommender.text import in_duration
@@ -79,6 +79,7 @@ def environment() -> jinja2.Environment:
     env.filters.update(md_text=md_text, md_cell=md_cell, md_fenced=md_fenced, md_alt=md_alt)
     env.filters["percent"] = percent
     env.filters["duration"] = in_duration
+    env.globals["frontier_notes"] = frontier_notes
     return env
 
 

@@ -15,6 +15,7 @@ from recommender.model import finite_or_none
 from recommender.outputs.explain import (
     SHOWN_HELD_BACK,
     basis,
+    frontier_notes,
     held_kind,
     needed_text,
     no_migration_reason,
@@ -134,14 +135,8 @@ def _frontier_table(plan: Plan) -> Table | None:
     for column in ("migrations", "imbalance", "lower bound", ""):
         table.add_column(column, justify="left" if column == "" else "right")
     for p in frontier.points:
-        notes = (
-            (["plan"] if p.migrations == len(plan.migrations) else [])
-            + (["knee"] if p.migrations == frontier.knee else [])
-            + (["optimal"] if p.exact else [])
-        )
-        table.add_row(
-            str(p.migrations), f"{p.imbalance:.3f}", f"{p.lower_bound:.3f}", ", ".join(notes)
-        )
+        notes = frontier_notes(p.migrations, p.exact, frontier.knee, len(plan.migrations))
+        table.add_row(str(p.migrations), f"{p.imbalance:.3f}", f"{p.lower_bound:.3f}", notes)
     return table
 
 
